@@ -6,6 +6,7 @@
 //! - [`kv`]: the cache formats, one file each, in one table.
 
 pub mod error;
+pub mod eval;
 pub mod gguf;
 pub mod kv;
 pub mod model;

@@ -1,8 +1,10 @@
 //! Quantized KV caches: the formats, one file each under `formats/`, listed in one table.
 
+pub mod cache;
 pub mod format;
 pub mod formats;
 
+pub use cache::{BlockTokens, CacheConfig, KvCache, MemoryReport, Modality, Rows};
 pub use format::{
     Applies, BlockSize, Format, FormatId, FormatInfo, HEAD_DIMS, QuantParams, Role, Shape,
 };

@@ -1,0 +1,41 @@
+//! Argument parsing and dispatch; each subcommand lives in its own file.
+
+mod eval;
+mod inspect;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "kvbits",
+    version,
+    about = "1-2 bit KV caches for multimodal LLMs in GGUF runtimes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show a GGUF model's KV shape and the KV-cache size of every cache type.
+    Inspect(inspect::Args),
+    /// Measure fidelity and memory of every cache type on synthetic or dumped KV.
+    Eval(eval::Args),
+}
+
+/// Run the command line; the process exit code (errors go to stderr, exit 1).
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect(args) => inspect::run(args),
+        Command::Eval(args) => eval::run(args),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("kvbits: error: {e}");
+            1
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! `kvbits eval`: fidelity and memory of cache types (being written).
