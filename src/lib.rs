@@ -10,5 +10,6 @@ pub mod eval;
 pub mod gguf;
 pub mod kv;
 pub mod model;
+pub mod rng;
 
 pub use error::Error;
