@@ -1,1 +1,544 @@
-//! `kvbits eval`: fidelity and memory of cache types (being written).
+//! `kvbits eval`: fidelity and memory of cache types on synthetic ([`synth`]) or dumped
+//! ([`npy`]) KV, against the f16 cache.
+//!
+//! Each layer is evaluated in its own one-layer cache: a [`CacheConfig`] treats every layer
+//! alike and the cache stores layers independently, so this measures the same as one cache
+//! of `n_layer` layers, while layers are generated on demand and run in parallel.
+
+pub mod metrics;
+pub mod npy;
+pub mod plot;
+pub mod synth;
+
+use std::borrow::Cow;
+use std::path::Path;
+
+use half::f16;
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::Error;
+use crate::kv::{Applies, BlockTokens, CacheConfig, FormatId, HEAD_DIMS, KvCache, Modality, Rows};
+use metrics::Nmse;
+
+/// The presets evaluated by default, after the cache types.
+pub const PRESETS: [&str; 4] = ["calibquant", "vidkv", "akvq", "kivi2"];
+
+/// Attention overlap is measured on this many top tokens.
+pub const TOP_K: usize = 32;
+
+/// Shape of the data to evaluate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dims {
+    pub n_layer: usize,
+    /// Query heads (GQA: a multiple of `n_head_kv`).
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub n_tokens: usize,
+    pub n_query: usize,
+}
+
+/// Tokens appended to the cache in one call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span {
+    pub start: usize,
+    pub len: usize,
+    pub modality: Modality,
+}
+
+/// One layer's data: `k` and `v` `[n_tokens][n_head_kv][head_dim]`, `q`
+/// `[n_query][n_head][head_dim]`, all after RoPE, as a runtime would hand them over.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerKv {
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+    pub q: Vec<f32>,
+}
+
+/// Where the KV to evaluate comes from.
+pub trait KvSource: Sync {
+    fn dims(&self) -> Dims;
+    /// Append calls in order, covering `0..n_tokens`.
+    fn spans(&self) -> &[Span];
+    fn layer(&self, layer: usize) -> Cow<'_, LayerKv>;
+    /// One line saying what the data is, for the table header.
+    fn describe(&self) -> String;
+}
+
+/// One row of the evaluation: a cache type pair or a preset.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RowSpec {
+    /// The same K and V type for every token, everything quantized (the residual flushed),
+    /// so the row measures the types' own cost.
+    Pair { k: FormatId, v: FormatId },
+    /// A preset as deployed, f16 residual included.
+    Preset(String),
+}
+
+impl RowSpec {
+    /// A type on its own: for both roles, or paired with f16 on the role it does not handle.
+    pub fn for_type(f: FormatId) -> RowSpec {
+        match f.info().applies {
+            Applies::Both => RowSpec::Pair { k: f, v: f },
+            Applies::Keys => RowSpec::Pair {
+                k: f,
+                v: FormatId::F16,
+            },
+            Applies::Values => RowSpec::Pair {
+                k: FormatId::F16,
+                v: f,
+            },
+        }
+    }
+
+    /// Every cache type, then every preset.
+    pub fn all() -> Vec<RowSpec> {
+        let types = FormatId::ALL.into_iter().map(RowSpec::for_type);
+        let presets = PRESETS.iter().map(|p| RowSpec::Preset(p.to_string()));
+        types.chain(presets).collect()
+    }
+
+    /// `q4_0`, `k1_5_mix/f16` (K type / V type when they differ), `preset:vidkv`.
+    pub fn name(&self) -> String {
+        match self {
+            RowSpec::Pair { k, v } if k == v => k.name().to_string(),
+            RowSpec::Pair { k, v } => format!("{k}/{v}"),
+            RowSpec::Preset(p) => format!("preset:{p}"),
+        }
+    }
+
+    fn config(&self, d: &Dims, block_tokens: Option<BlockTokens>) -> Result<CacheConfig, Error> {
+        let mut cfg = match self {
+            RowSpec::Pair { k, v } => {
+                for (f, role, other) in [(k, Applies::Values, "-ctv"), (v, Applies::Keys, "-ctk")] {
+                    if f.info().applies == role {
+                        return Err(Error::InvalidArgument(format!(
+                            "{f} is for {} only (use it with {other})",
+                            if role == Applies::Keys {
+                                "keys"
+                            } else {
+                                "values"
+                            }
+                        )));
+                    }
+                }
+                CacheConfig::pair(*k, *v, 1, d.n_head_kv, d.head_dim)
+            }
+            RowSpec::Preset(p) => CacheConfig::preset(p, 1, d.n_head_kv, d.head_dim)?,
+        };
+        if let Some(b) = block_tokens {
+            cfg.block_tokens = b;
+        }
+        Ok(cfg)
+    }
+}
+
+/// One row of the results; the field names are those of `--json`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Row {
+    pub name: String,
+    /// Effective bits per K value: all K bytes stored over K values stored.
+    pub bits_k: f64,
+    pub bits_v: f64,
+    /// Reconstruction `Σ(a-b)²/Σb²` per layer and KV head, averaged.
+    pub nmse_k: f64,
+    pub nmse_v: f64,
+    /// Decode-attention output against the f16 cache's, per query and head, averaged.
+    pub nmse_out: f64,
+    /// `KL(p_f16 || p)` of the attention distributions, averaged.
+    pub kl: f64,
+    /// `|top32(p_f16) ∩ top32(p)| / 32`, averaged.
+    pub top32: f64,
+}
+
+/// The saliency handed to the cache with each visual span: a token's key L2 norm averaged
+/// over KV heads. A runtime has it at append time without extra work, a dump without the
+/// prompt's queries has it too, and large keys are the ones that draw large scores.
+pub fn saliency(k: &[f32], n_head_kv: usize, head_dim: usize) -> Vec<f32> {
+    k.chunks_exact(n_head_kv * head_dim)
+        .map(|tok| {
+            let norms: f32 = tok
+                .chunks_exact(head_dim)
+                .map(|h| h.iter().map(|x| x * x).sum::<f32>().sqrt())
+                .sum();
+            norms / n_head_kv as f32
+        })
+        .collect()
+}
+
+/// Evaluate `specs` on every layer of `src`; `block_tokens` overrides the configs' own.
+pub fn evaluate(
+    src: &dyn KvSource,
+    specs: &[RowSpec],
+    block_tokens: Option<BlockTokens>,
+) -> Result<Vec<Row>, Error> {
+    let d = src.dims();
+    check_dims(&d)?;
+    // Reject a bad row before spending time on the data.
+    for s in specs {
+        s.config(&d, block_tokens)?;
+    }
+    let per_layer = (0..d.n_layer)
+        .into_par_iter()
+        .map(|l| eval_layer(src, l, specs, block_tokens))
+        .collect::<Result<Vec<_>, Error>>()?;
+    Ok(specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let mut sum = Acc::default();
+            per_layer.iter().for_each(|l| sum.merge(&l[i]));
+            sum.row(s.name(), d.n_layer)
+        })
+        .collect())
+}
+
+fn check_dims(d: &Dims) -> Result<(), Error> {
+    if !HEAD_DIMS.contains(&d.head_dim) {
+        return Err(Error::Unsupported(format!(
+            "head dim {} (supported: {HEAD_DIMS:?})",
+            d.head_dim
+        )));
+    }
+    if d.n_head_kv == 0 || d.n_head % d.n_head_kv != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "{} query heads are not a multiple of {} KV heads",
+            d.n_head, d.n_head_kv
+        )));
+    }
+    if d.n_layer == 0 || d.n_tokens == 0 || d.n_query == 0 {
+        return Err(Error::InvalidArgument(
+            "nothing to evaluate: no layers, tokens or queries".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Sums over layers (bits), layer-heads (reconstruction) and layer-query-heads (attention).
+#[derive(Clone, Copy, Debug, Default)]
+struct Acc {
+    bits_k: f64,
+    bits_v: f64,
+    nmse_k: f64,
+    nmse_v: f64,
+    n_kv: usize,
+    nmse_out: f64,
+    kl: f64,
+    top: f64,
+    n_att: usize,
+}
+
+impl Acc {
+    fn merge(&mut self, o: &Acc) {
+        self.bits_k += o.bits_k;
+        self.bits_v += o.bits_v;
+        self.nmse_k += o.nmse_k;
+        self.nmse_v += o.nmse_v;
+        self.n_kv += o.n_kv;
+        self.nmse_out += o.nmse_out;
+        self.kl += o.kl;
+        self.top += o.top;
+        self.n_att += o.n_att;
+    }
+
+    /// Every layer holds the same number of values, so the mean of the layers' bits is the
+    /// bits of the whole cache.
+    fn row(self, name: String, n_layer: usize) -> Row {
+        let (kv, att) = (self.n_kv as f64, self.n_att as f64);
+        Row {
+            name,
+            bits_k: self.bits_k / n_layer as f64,
+            bits_v: self.bits_v / n_layer as f64,
+            nmse_k: self.nmse_k / kv,
+            nmse_v: self.nmse_v / kv,
+            nmse_out: self.nmse_out / att,
+            kl: self.kl / att,
+            top32: self.top / att,
+        }
+    }
+}
+
+/// The f16 cache's attention for every query and head of one layer.
+struct Reference {
+    out: Vec<f32>,
+    log_p: Vec<Vec<f64>>,
+    top: Vec<Vec<usize>>,
+}
+
+fn eval_layer(
+    src: &dyn KvSource,
+    layer: usize,
+    specs: &[RowSpec],
+    block_tokens: Option<BlockTokens>,
+) -> Result<Vec<Acc>, Error> {
+    let d = src.dims();
+    let data = src.layer(layer);
+    let sal = saliency(&data.k, d.n_head_kv, d.head_dim);
+    let build = |spec: &RowSpec| -> Result<KvCache, Error> {
+        let mut cache = KvCache::new(spec.config(&d, block_tokens)?)?;
+        let row = d.n_head_kv * d.head_dim;
+        for s in src.spans() {
+            let r = s.start * row..(s.start + s.len) * row;
+            let sal = (s.modality == Modality::Visual).then(|| &sal[s.start..s.start + s.len]);
+            cache.append(
+                0,
+                Rows::F32(&data.k[r.clone()]),
+                Rows::F32(&data.v[r]),
+                s.len,
+                s.modality,
+                sal,
+            )?;
+        }
+        if let RowSpec::Pair { .. } = spec {
+            // TEMP cache.flush();
+        }
+        Ok(cache)
+    };
+    let f16_spec = RowSpec::Pair {
+        k: FormatId::F16,
+        v: FormatId::F16,
+    };
+    let reference = {
+        let cache = build(&f16_spec)?;
+        let (mut out, mut log_p, mut top) = (Vec::new(), Vec::new(), Vec::new());
+        for q in data.q.chunks_exact(d.n_head * d.head_dim) {
+            let (o, scores) = attend(&cache, q, &d)?;
+            out.extend(o);
+            for s in scores.chunks_exact(d.n_tokens) {
+                log_p.push(metrics::log_softmax(s));
+                top.push(metrics::top_k(s, TOP_K));
+            }
+        }
+        Reference { out, log_p, top }
+    };
+    specs
+        .iter()
+        .map(|spec| measure(&build(spec)?, &data, &reference, &d))
+        .collect()
+}
+
+/// Decode output `[n_head][head_dim]` and scores `[n_head][n_tokens]` of one query.
+fn attend(cache: &KvCache, q: &[f32], d: &Dims) -> Result<(Vec<f32>, Vec<f32>), Error> {
+    let scale = 1.0 / (d.head_dim as f32).sqrt();
+    let mut out = vec![0f32; d.n_head * d.head_dim];
+    cache.attention_decode(0, q, d.n_head, &mut out, scale)?;
+    let scores = cache.attention_scores(0, q, d.n_head, scale)?;
+    Ok((out, scores))
+}
+
+fn measure(cache: &KvCache, data: &LayerKv, r: &Reference, d: &Dims) -> Result<Acc, Error> {
+    let mem = cache.memory();
+    let mut acc = Acc {
+        bits_k: mem.bits_k,
+        bits_v: mem.bits_v,
+        n_kv: d.n_head_kv,
+        ..Acc::default()
+    };
+    let n = d.n_tokens * d.n_head_kv * d.head_dim;
+    let (mut k, mut v) = (vec![f16::ZERO; n], vec![f16::ZERO; n]);
+    cache.dequantize(0, 0, d.n_tokens, &mut k, &mut v)?;
+    for h in 0..d.n_head_kv {
+        let (mut ek, mut ev) = (Nmse::default(), Nmse::default());
+        for t in 0..d.n_tokens {
+            let o = (t * d.n_head_kv + h) * d.head_dim;
+            for i in o..o + d.head_dim {
+                ek.add(k[i].to_f32(), data.k[i]);
+                ev.add(v[i].to_f32(), data.v[i]);
+            }
+        }
+        acc.nmse_k += ek.value();
+        acc.nmse_v += ev.value();
+    }
+    let hd = d.head_dim;
+    for (i, q) in data.q.chunks_exact(d.n_head * hd).enumerate() {
+        let (out, scores) = attend(cache, q, d)?;
+        for h in 0..d.n_head {
+            let j = i * d.n_head + h;
+            acc.nmse_out += metrics::nmse(&out[h * hd..][..hd], &r.out[j * hd..][..hd]);
+            let s = &scores[h * d.n_tokens..][..d.n_tokens];
+            acc.kl += metrics::kl(&r.log_p[j], &metrics::log_softmax(s));
+            let top = metrics::overlap(&metrics::top_k(s, TOP_K), &r.top[j]);
+            acc.top += top as f64 / r.top[j].len() as f64;
+            acc.n_att += 1;
+        }
+    }
+    Ok(acc)
+}
+
+/// Dumped KV of one layer: `K.npy` and `V.npy` `[T][n_head_kv][D]`, `Q.npy`
+/// `[n_q][n_head][D]`; tokens `visual` are visual, the rest text.
+pub struct NpySource {
+    dims: Dims,
+    spans: Vec<Span>,
+    data: LayerKv,
+    what: String,
+}
+
+impl NpySource {
+    pub fn open(
+        k: &Path,
+        v: &Path,
+        q: &Path,
+        visual: Option<(usize, usize)>,
+    ) -> Result<NpySource, Error> {
+        let (ka, va, qa) = (npy::read(k)?, npy::read(v)?, npy::read(q)?);
+        let bad = |m: String| Err(Error::InvalidArgument(m));
+        for (p, a, what) in [
+            (k, &ka, "[T][n_head_kv][D]"),
+            (v, &va, "[T][n_head_kv][D]"),
+            (q, &qa, "[n_q][n_head][D]"),
+        ] {
+            if a.shape.len() != 3 || a.shape.contains(&0) {
+                return bad(format!(
+                    "{}: shape {:?}, expected three non-zero dimensions {what}",
+                    p.display(),
+                    a.shape
+                ));
+            }
+        }
+        if ka.shape != va.shape {
+            return bad(format!(
+                "{} has shape {:?} but {} has {:?}: K and V must match",
+                k.display(),
+                ka.shape,
+                v.display(),
+                va.shape
+            ));
+        }
+        let (t, hkv, hd) = (ka.shape[0], ka.shape[1], ka.shape[2]);
+        let (n_q, n_head, qd) = (qa.shape[0], qa.shape[1], qa.shape[2]);
+        if qd != hd {
+            return bad(format!(
+                "{} has head dim {qd} but {} has {hd}",
+                q.display(),
+                k.display()
+            ));
+        }
+        if !HEAD_DIMS.contains(&hd) {
+            return Err(Error::Unsupported(format!(
+                "{}: head dim {hd} (supported: {HEAD_DIMS:?})",
+                k.display()
+            )));
+        }
+        if n_head % hkv != 0 {
+            return bad(format!(
+                "{} has {n_head} query heads, not a multiple of the {hkv} KV heads of {}",
+                q.display(),
+                k.display()
+            ));
+        }
+        let (a, b) = visual.unwrap_or((0, t));
+        if a >= b || b > t {
+            return bad(format!(
+                "--visual {a}:{b} must satisfy START < END <= T = {t} (tokens of {})",
+                k.display()
+            ));
+        }
+        let span = |start, end, modality| Span {
+            start,
+            len: end - start,
+            modality,
+        };
+        let spans: Vec<Span> = [
+            span(0, a, Modality::Text),
+            span(a, b, Modality::Visual),
+            span(b, t, Modality::Text),
+        ]
+        .into_iter()
+        .filter(|s| s.len > 0)
+        .collect();
+        let what = format!(
+            "{}, {}, {}: {t} tokens ({} visual), {n_head} query / {hkv} KV heads, D {hd}; \
+             {n_q} queries",
+            k.display(),
+            v.display(),
+            q.display(),
+            b - a
+        );
+        Ok(NpySource {
+            dims: Dims {
+                n_layer: 1,
+                n_head,
+                n_head_kv: hkv,
+                head_dim: hd,
+                n_tokens: t,
+                n_query: n_q,
+            },
+            spans,
+            data: LayerKv {
+                k: ka.data,
+                v: va.data,
+                q: qa.data,
+            },
+            what,
+        })
+    }
+}
+
+impl KvSource for NpySource {
+    fn dims(&self) -> Dims {
+        self.dims
+    }
+
+    fn spans(&self) -> &[Span] {
+        &self.spans
+    }
+
+    fn layer(&self, _layer: usize) -> Cow<'_, LayerKv> {
+        Cow::Borrowed(&self.data)
+    }
+
+    fn describe(&self) -> String {
+        self.what.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    #[test]
+    fn row_names_and_default_rows() {
+        let rows = RowSpec::all();
+        let names: Vec<String> = rows.iter().map(RowSpec::name).collect();
+        assert_eq!(
+            names,
+            [
+                "f16",
+                "q8_0",
+                "q4_0",
+                "kivi2",
+                "q1_calib",
+                "k1_5_mix/f16",
+                "f16/v1_58_tern",
+                "q2_had",
+                "q4_had",
+                "preset:calibquant",
+                "preset:vidkv",
+                "preset:akvq",
+                "preset:kivi2"
+            ]
+        );
+    }
+
+    #[test]
+    fn saliency_is_mean_head_key_norm() {
+        let seed = Rng::fresh_seed();
+        println!("seed {seed}");
+        let mut rng = Rng::new(seed);
+        let (t, hkv, hd) = (5, 3, 64);
+        let k = rng.normals(t * hkv * hd);
+        let s = saliency(&k, hkv, hd);
+        for (tok, &st) in s.iter().enumerate() {
+            let mut want = 0f64;
+            for h in 0..hkv {
+                let x = &k[(tok * hkv + h) * hd..][..hd];
+                want += x.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt();
+            }
+            want /= hkv as f64;
+            assert!((st as f64 - want).abs() < 1e-5 * want, "{st} {want}");
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! `--plot`: decode-output error against effective bits per value, one labelled point per
+//! row, as SVG: the trade-off a user looks at when choosing a cache type.
+
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use super::Row;
+use crate::Error;
+
+/// Where a row with zero error (the f16 reference) is drawn on the log axis: one decade
+/// under the smallest non-zero error.
+fn points(rows: &[Row]) -> (Vec<(f64, f64, String)>, f64, f64) {
+    let positive = rows.iter().map(|r| r.nmse_out).filter(|&e| e > 0.0);
+    let lo = positive.clone().fold(f64::INFINITY, f64::min);
+    let hi = positive.fold(0.0, f64::max);
+    let (lo, hi) = if lo.is_finite() {
+        (lo, hi)
+    } else {
+        (1e-3, 1.0)
+    };
+    let floor = lo / 10.0;
+    let pts = rows
+        .iter()
+        .map(|r| {
+            let x = (r.bits_k + r.bits_v) / 2.0;
+            if r.nmse_out > 0.0 {
+                (x, r.nmse_out, r.name.clone())
+            } else {
+                (x, floor, format!("{} (0)", r.name))
+            }
+        })
+        .collect();
+    // Whole decades around the points.
+    let y0 = 10f64.powf((floor.log10() - 0.2).floor());
+    let y1 = 10f64.powf((hi.log10() + 0.2).ceil());
+    (pts, y0, y1)
+}
+
+/// Write the plot of `rows` to `path`, with `title` on top.
+pub fn plot(rows: &[Row], title: &str, path: &Path) -> Result<(), Error> {
+    let err = |e: &dyn std::fmt::Display| Error::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    };
+    let (pts, y0, y1) = points(rows);
+    let xs = pts.iter().map(|p| p.0);
+    let x0 = xs.clone().fold(f64::INFINITY, f64::min).min(16.0);
+    let x1 = xs.fold(0.0, f64::max).max(1.0);
+    let root = SVGBackend::new(path, (960, 640)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(24)
+        .x_label_area_size(44)
+        .y_label_area_size(80)
+        // Room on the right for the labels of the widest types.
+        .build_cartesian_2d((x0 * 0.9).max(0.0)..x1 * 1.15, (y0..y1).log_scale())
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("effective bits per value (mean of K and V)")
+        .y_desc("decode output NMSE vs f16")
+        .y_label_formatter(&|y| format!("{y:.0e}"))
+        .draw()
+        .map_err(|e| err(&e))?;
+    chart
+        .draw_series(pts.iter().map(|(x, y, name)| {
+            EmptyElement::at((*x, *y))
+                + Circle::new((0, 0), 4, BLUE.filled())
+                + Text::new(name.clone(), (7, -7), ("sans-serif", 13))
+        }))
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(name: &str, bits: f64, nmse_out: f64) -> Row {
+        Row {
+            name: name.into(),
+            bits_k: bits,
+            bits_v: bits,
+            nmse_k: 0.0,
+            nmse_v: 0.0,
+            nmse_out,
+            kl: 0.0,
+            top32: 1.0,
+        }
+    }
+
+    #[test]
+    fn zero_error_sits_a_decade_below_the_rest() {
+        let rows = [
+            row("f16", 16.0, 0.0),
+            row("q4_0", 4.5, 2e-3),
+            row("k", 1.2, 0.3),
+        ];
+        let (pts, y0, y1) = points(&rows);
+        assert_eq!(pts[0].1, 2e-4);
+        assert_eq!(pts[0].2, "f16 (0)");
+        assert_eq!(pts[2], (1.2, 0.3, "k".to_string()));
+        assert!(y0 <= 2e-4 && y1 >= 0.3, "{y0} {y1}");
+    }
+
+    #[test]
+    fn writes_an_svg_with_every_label() {
+        let rows = [
+            row("f16", 16.0, 0.0),
+            row("q8_0", 8.5, 1e-5),
+            row("k1_5_mix/f16", 8.8, 0.02),
+            row("preset:vidkv", 1.7, 0.1),
+        ];
+        let path = std::env::temp_dir().join(format!("kvbits-plot-{}.svg", std::process::id()));
+        plot(&rows, "test data", &path).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(80)]);
+        for label in [
+            "f16 (0)",
+            "q8_0",
+            "k1_5_mix/f16",
+            "preset:vidkv",
+            "test data",
+        ] {
+            assert!(svg.contains(label), "no '{label}' in the SVG");
+        }
+        let e = plot(&rows, "x", Path::new("/nonexistent/dir/p.svg")).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/dir/p.svg"), "{e}");
+    }
+}
