@@ -44,6 +44,9 @@ pub struct Args {
     /// Seed of the synthetic KV.
     #[arg(long, default_value_t = 0, conflicts_with = "k")]
     seed: u64,
+    /// Evaluate only the first N layers of the synthetic model (a quicker look).
+    #[arg(long, value_name = "N", conflicts_with = "k", value_parser = clap::value_parser!(u32).range(1..=28))]
+    layers: Option<u32>,
     /// Dumped keys `[T][n_head_kv][D]` (f32 or f16 .npy, after RoPE) instead of synthetic KV.
     #[arg(long, value_name = "K.npy", requires_all = ["v", "q"])]
     k: Option<PathBuf>,
@@ -125,7 +128,11 @@ pub fn run(args: Args) -> Result<(), Error> {
     let specs = row_specs(&args)?;
     let src: Box<dyn KvSource> = match (&args.k, &args.v, &args.q) {
         (Some(k), Some(v), Some(q)) => Box::new(NpySource::open(k, v, q, args.visual)?),
-        _ => Box::new(Synth::new(SynthConfig::qwen2_5_vl_7b(args.seed))?),
+        _ => {
+            let full = SynthConfig::qwen2_5_vl_7b(args.seed);
+            let n_layer = args.layers.map_or(full.n_layer, |n| n as usize);
+            Box::new(Synth::new(SynthConfig { n_layer, ..full })?)
+        }
     };
     let rows = eval::evaluate(src.as_ref(), &specs, args.block_tokens)?;
     let blocks = match args.block_tokens {

@@ -327,14 +327,15 @@ impl KvSource for Synth {
 
     fn describe(&self) -> String {
         let c = &self.cfg;
+        let q = SynthConfig::qwen2_5_vl_7b(c.seed);
+        let like = if (c.n_head, c.n_head_kv, c.head_dim) == (q.n_head, q.n_head_kv, q.head_dim) {
+            "Qwen2.5-VL-7B-shaped "
+        } else {
+            ""
+        };
         format!(
-            "synthetic {}KV (seed {}): {} layers, {} query / {} KV heads, D {}; \
+            "synthetic {like}KV (seed {}): {} layers, {} query / {} KV heads, D {}; \
              {} text + {} frames x {} visual + {} text tokens; {} queries",
-            if *c == SynthConfig::qwen2_5_vl_7b(c.seed) {
-                "Qwen2.5-VL-7B "
-            } else {
-                ""
-            },
             c.seed,
             c.n_layer,
             c.n_head,
@@ -571,9 +572,17 @@ mod tests {
 
     #[test]
     fn same_seed_same_data() {
-        let a = Synth::new(small(7)).unwrap();
-        let b = Synth::new(small(7)).unwrap();
-        let c = Synth::new(small(8)).unwrap();
+        let tiny = |seed| SynthConfig {
+            n_prompt: 8,
+            n_frames: 2,
+            grid: 4,
+            n_after: 3,
+            n_query: 2,
+            ..small(seed)
+        };
+        let a = Synth::new(tiny(7)).unwrap();
+        let b = Synth::new(tiny(7)).unwrap();
+        let c = Synth::new(tiny(8)).unwrap();
         assert_eq!(a.generate(1).k, b.generate(1).k);
         assert_ne!(a.generate(1).k, c.generate(1).k);
         assert_ne!(a.generate(0).k, a.generate(1).k);
