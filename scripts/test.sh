@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Every test that runs without a GPU. Installs what the tests need first (gguf-py in .venv).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup-python.sh
+KVBITS_REQUIRE_GGUF_PY=1 cargo test --release "$@"
