@@ -68,11 +68,16 @@ fn top32(log_p: &[f64]) -> Vec<usize> {
     idx
 }
 
-/// The row of a K/V type pair computed directly from the formulas of the issue.
-fn direct(src: &dyn KvSource, k: FormatId, v: FormatId, bt: Option<BlockTokens>) -> Row {
+/// The row of a K/V type pair computed the plain way from the issue's formulas: one cache of
+/// every layer, its own `attention_decode` and `attention_scores`, against attention in f64
+/// over the f16-rounded data (what the f16 cache holds).
+fn direct(src: &dyn KvSource, spec: &RowSpec, bt: Option<BlockTokens>) -> Row {
     let dm = src.dims();
-    let (hkv, d, t) = (dm.n_head_kv, dm.head_dim, dm.n_tokens);
-    let mut cfg = CacheConfig::pair(k, v, dm.n_layer, hkv, d);
+    let (hkv, d, t, nh) = (dm.n_head_kv, dm.head_dim, dm.n_tokens, dm.n_head);
+    let mut cfg = match spec {
+        RowSpec::Pair { k, v } => CacheConfig::pair(*k, *v, dm.n_layer, hkv, d),
+        RowSpec::Preset(p) => CacheConfig::preset(p, dm.n_layer, hkv, d).unwrap(),
+    };
     if let Some(b) = bt {
         cfg.block_tokens = b;
     }
@@ -87,24 +92,30 @@ fn direct(src: &dyn KvSource, k: FormatId, v: FormatId, bt: Option<BlockTokens>)
             cache.append(l, kr, vr, s.len, s.modality, sal).unwrap();
         }
     }
-    cache.flush();
+    // Type rows store every token in the type; presets keep their f16 residual.
+    if let RowSpec::Pair { .. } = spec {
+        cache.flush();
+    }
     let mem = cache.memory();
     let (mut nk, mut nv, mut out_err, mut kl, mut top) = (0.0, 0.0, 0.0, 0.0, 0.0);
     let (mut n_kv, mut n_att) = (0.0, 0.0);
-    let to64 = |x: &[f16]| x.iter().map(|h| h.to_f64()).collect::<Vec<f64>>();
-    let round = |x: &[f32]| x.iter().map(|&a| f16::from_f32(a).to_f64()).collect::<Vec<f64>>();
+    let round = |x: &[f32]| {
+        x.iter()
+            .map(|&a| f16::from_f32(a).to_f64())
+            .collect::<Vec<f64>>()
+    };
+    let scale = 1.0 / (d as f32).sqrt();
     for (l, data) in layers.iter().enumerate() {
-        let (mut kh, mut vh) = (vec![f16::ZERO; t * hkv * d], vec![f16::ZERO; t * hkv * d]);
-        cache.dequantize(l, 0, t, &mut kh, &mut vh).unwrap();
-        let (kq, vq) = (to64(&kh), to64(&vh));
+        let (mut kh, mut vh) = (vec![0f32; t * hkv * d], vec![0f32; t * hkv * d]);
+        cache.dequantize_f32(l, 0, t, &mut kh, &mut vh).unwrap();
         for g in 0..hkv {
             let (mut ek, mut sk, mut ev, mut sv) = (0.0, 0.0, 0.0, 0.0);
             for tok in 0..t {
                 for c in 0..d {
                     let i = (tok * hkv + g) * d + c;
-                    ek += (kq[i] - data.k[i] as f64).powi(2);
+                    ek += (kh[i] as f64 - data.k[i] as f64).powi(2);
                     sk += (data.k[i] as f64).powi(2);
-                    ev += (vq[i] - data.v[i] as f64).powi(2);
+                    ev += (vh[i] as f64 - data.v[i] as f64).powi(2);
                     sv += (data.v[i] as f64).powi(2);
                 }
             }
@@ -114,13 +125,23 @@ fn direct(src: &dyn KvSource, k: FormatId, v: FormatId, bt: Option<BlockTokens>)
         }
         let (kr, vr) = (round(&data.k), round(&data.v));
         for qi in 0..dm.n_query {
-            for h in 0..dm.n_head {
-                let q = &data.q[(qi * dm.n_head + h) * d..][..d];
-                let g = h / (dm.n_head / hkv);
-                let (o_ref, lp_ref) = attend(q, &kr, &vr, g, hkv, d);
-                let (o, lp) = attend(q, &kq, &vq, g, hkv, d);
-                let e: f64 = o.iter().zip(&o_ref).map(|(a, b)| (a - b).powi(2)).sum();
+            let qs = &data.q[qi * nh * d..][..nh * d];
+            let mut out = vec![0f32; nh * d];
+            cache.attention_decode(l, qs, nh, &mut out, scale).unwrap();
+            let scores = cache.attention_scores(l, qs, nh, scale).unwrap();
+            for h in 0..nh {
+                let (o_ref, lp_ref) = attend(&qs[h * d..][..d], &kr, &vr, h / (nh / hkv), hkv, d);
+                let o = &out[h * d..][..d];
+                let e: f64 = o
+                    .iter()
+                    .zip(&o_ref)
+                    .map(|(&a, b)| (a as f64 - b).powi(2))
+                    .sum();
                 out_err += e / o_ref.iter().map(|b| b * b).sum::<f64>();
+                let s = &scores[h * t..][..t];
+                let max = s.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+                let lse = max + s.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+                let lp: Vec<f64> = s.iter().map(|&x| x as f64 - lse).collect();
                 kl += lp_ref
                     .iter()
                     .zip(&lp)
@@ -146,7 +167,7 @@ fn direct(src: &dyn KvSource, k: FormatId, v: FormatId, bt: Option<BlockTokens>)
 
 fn close(got: f64, want: f64, rel: f64, what: &str) {
     assert!(
-        (got - want).abs() <= rel * want.abs() + 1e-12,
+        (got - want).abs() <= rel * want.abs() + 1e-9,
         "{what}: got {got:e}, want {want:e}"
     );
 }
@@ -159,24 +180,21 @@ fn assert_rows_match(got: &Row, want: &Row) {
     close(got.nmse_v, want.nmse_v, 1e-6, &format!("{n} nmse_v"));
     close(got.nmse_out, want.nmse_out, 1e-3, &format!("{n} nmse_out"));
     close(got.kl, want.kl, 1e-2, &format!("{n} kl"));
-    assert!((got.top32 - want.top32).abs() < 0.02, "{n} top32: {got:?} {want:?}");
+    assert!(
+        (got.top32 - want.top32).abs() < 0.02,
+        "{n} top32: {got:?} {want:?}"
+    );
 }
-
-const TYPES: [(FormatId, FormatId); 3] = [
-    (FormatId::F16, FormatId::F16),
-    (FormatId::Q4_0, FormatId::Q4_0),
-    (FormatId::Kivi2, FormatId::Kivi2),
-];
 
 #[test]
 fn rows_match_a_direct_computation() {
     let src = Synth::new(tiny(seed())).unwrap();
+    let specs = RowSpec::all();
     for bt in [None, Some(BlockTokens::Fixed(32))] {
-        let specs: Vec<RowSpec> = TYPES.iter().map(|&(k, v)| pair(k, v)).collect();
         let rows = eval::evaluate(&src, &specs, bt).unwrap();
-        for (row, &(k, v)) in rows.iter().zip(&TYPES) {
-            assert_eq!(row.name, k.name());
-            assert_rows_match(row, &direct(&src, k, v, bt));
+        for (row, spec) in rows.iter().zip(&specs) {
+            assert_eq!(row.name, spec.name());
+            assert_rows_match(row, &direct(&src, spec, bt));
         }
         // The reference against itself.
         let f = &rows[0];
@@ -264,8 +282,15 @@ fn npy_dumps_evaluate_like_the_data_they_hold() {
         let (a, b) = (cfg.n_prompt, cfg.n_prompt + cfg.n_visual());
         let dump = NpySource::open(&k, &v, &q, Some((a, b))).unwrap();
         let dm = dump.dims();
-        assert_eq!((dm.n_layer, dm.n_tokens, dm.n_head, dm.n_head_kv), (1, t, nh, hkv));
-        let spans: Vec<_> = dump.spans().iter().map(|s| (s.start, s.len, s.modality)).collect();
+        assert_eq!(
+            (dm.n_layer, dm.n_tokens, dm.n_head, dm.n_head_kv),
+            (1, t, nh, hkv)
+        );
+        let spans: Vec<_> = dump
+            .spans()
+            .iter()
+            .map(|s| (s.start, s.len, s.modality))
+            .collect();
         assert_eq!(
             spans,
             [
@@ -286,10 +311,14 @@ fn npy_dumps_evaluate_like_the_data_they_hold() {
         assert_eq!(held.v, round(&data.v));
         assert_eq!(held.q, round(&data.q));
         assert!(dump.describe().contains("k.npy"));
-        let specs: Vec<RowSpec> = TYPES.iter().map(|&(k, v)| pair(k, v)).collect();
+        let specs = [
+            RowSpec::for_type(FormatId::Q4_0),
+            RowSpec::for_type(FormatId::V1_58Tern),
+            RowSpec::Preset("vidkv".into()),
+        ];
         let rows = eval::evaluate(&dump, &specs, None).unwrap();
-        for (row, &(k, v)) in rows.iter().zip(&TYPES) {
-            assert_rows_match(row, &direct(&dump, k, v, None));
+        for (row, spec) in rows.iter().zip(&specs) {
+            assert_rows_match(row, &direct(&dump, spec, None));
         }
     }
     // Without --visual every token is visual, in one span.
@@ -324,14 +353,20 @@ fn npy_errors_name_the_file_and_the_problem() {
     assert!(NpySource::open(&k, &v, &q, None).is_ok());
     let v_t = write("v_t.npy", &[9, 2, 64], &mut rng);
     let e = open(&k, &v_t, &q, None);
-    assert!(e.contains("v_t.npy") && e.contains("[9, 2, 64]") && e.contains("must match"), "{e}");
+    assert!(
+        e.contains("v_t.npy") && e.contains("[9, 2, 64]") && e.contains("must match"),
+        "{e}"
+    );
     let q_d = write("q_d.npy", &[3, 4, 128], &mut rng);
     let e = open(&k, &v, &q_d, None);
     assert!(e.contains("q_d.npy") && e.contains("head dim 128"), "{e}");
     let q_h = write("q_h.npy", &[3, 3, 64], &mut rng);
     let e = open(&k, &v, &q_h, None);
     assert!(e.contains("q_h.npy") && e.contains("not a multiple"), "{e}");
-    let (k_d, v_d) = (write("k_d.npy", &[10, 2, 100], &mut rng), write("v_d.npy", &[10, 2, 100], &mut rng));
+    let (k_d, v_d) = (
+        write("k_d.npy", &[10, 2, 100], &mut rng),
+        write("v_d.npy", &[10, 2, 100], &mut rng),
+    );
     let q_dd = write("q_dd.npy", &[3, 4, 100], &mut rng);
     let e = open(&k_d, &v_d, &q_dd, None);
     assert!(e.contains("k_d.npy") && e.contains("head dim 100"), "{e}");
@@ -355,12 +390,12 @@ fn npy_errors_name_the_file_and_the_problem() {
 
 // ----- the issue's thresholds -----
 
-/// Two of Qwen2.5-VL-7B's 28 layers, at its full shape and prompt: enough for stable means,
-/// and the whole model would take minutes in a debug build.
-fn builtin() -> Synth {
+fn builtin(n_layer: usize, n_query: usize) -> Synth {
+    let seed = seed();
     Synth::new(SynthConfig {
-        n_layer: 2,
-        ..SynthConfig::qwen2_5_vl_7b(seed())
+        n_layer,
+        n_query,
+        ..SynthConfig::qwen2_5_vl_7b(seed)
     })
     .unwrap()
 }
@@ -374,19 +409,29 @@ fn print(rows: &[Row]) {
     }
 }
 
+/// The whole built-in model, as `kvbits eval` runs it. A debug build needs minutes for it
+/// (even one Qwen-sized layer takes some 15 s), and fewer layers make the q4_0/kivi2 gap
+/// depend on which layers' outliers were drawn, so this runs in release builds
+/// (`scripts/test.sh`) or with `--ignored`.
 #[test]
-fn issue_output_error_order_and_bit_caps() {
-    let src = builtin();
+#[cfg_attr(debug_assertions, ignore = "full-size eval: run in release")]
+fn issue_output_error_order() {
     let order = [FormatId::Q8_0, FormatId::Q4_0, FormatId::Kivi2];
     let specs: Vec<RowSpec> = order.iter().map(|&f| RowSpec::for_type(f)).collect();
-    let rows = eval::evaluate(&src, &specs, None).unwrap();
+    let rows = eval::evaluate(&builtin(28, 16), &specs, None).unwrap();
     print(&rows);
     assert!(
         rows[0].nmse_out < rows[1].nmse_out && rows[1].nmse_out < rows[2].nmse_out,
         "output error must order q8_0 < q4_0 < kivi2"
     );
-    // Caps at block 128: (type, cap on K bits, cap on V bits); a role the type does not
-    // store is f16 and not capped.
+}
+
+/// Bits depend on the spans and the formats, not on the layer or the queries: four layers
+/// and one query measure them as well as the whole model.
+#[test]
+#[cfg_attr(debug_assertions, ignore = "Qwen-sized layers: run in release")]
+fn issue_bit_caps_at_block_128() {
+    // (type, cap on K bits, cap on V bits); the role a type does not store is f16, uncapped.
     let caps = [
         (FormatId::Q1Calib, 1.30, 1.30),
         (FormatId::K1_5Mix, 1.75, 16.0),
@@ -394,9 +439,15 @@ fn issue_output_error_order_and_bit_caps() {
         (FormatId::Q2Had, 2.60, 2.60),
     ];
     let specs: Vec<RowSpec> = caps.iter().map(|c| RowSpec::for_type(c.0)).collect();
-    let rows = eval::evaluate(&src, &specs, Some(BlockTokens::Fixed(128))).unwrap();
+    let rows = eval::evaluate(&builtin(4, 1), &specs, Some(BlockTokens::Fixed(128))).unwrap();
     print(&rows);
     for (r, &(_, ck, cv)) in rows.iter().zip(&caps) {
-        assert!(r.bits_k <= ck && r.bits_v <= cv, "{}: {} {}", r.name, r.bits_k, r.bits_v);
+        assert!(
+            r.bits_k <= ck && r.bits_v <= cv,
+            "{}: {} {}",
+            r.name,
+            r.bits_k,
+            r.bits_v
+        );
     }
 }

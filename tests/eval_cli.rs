@@ -94,10 +94,22 @@ fn run_ok(args: &[String]) -> String {
 fn json_rows_equal_the_library_and_the_plot_labels_them() {
     let d = Dumps::new("json");
     let svg = d.dir.join("plot.svg");
-    let mut args: Vec<String> = ["eval", "--json", "--ctk", "q8_0,k1_5_mix", "--ctv", "q8_0,f16"]
-        .map(String::from)
-        .to_vec();
-    args.extend(["--preset".into(), "kivi2".into(), "--visual".into(), "16:144".into()]);
+    let mut args: Vec<String> = [
+        "eval",
+        "--json",
+        "--ctk",
+        "q8_0,k1_5_mix",
+        "--ctv",
+        "q8_0,f16",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend([
+        "--preset".into(),
+        "kivi2".into(),
+        "--visual".into(),
+        "16:144".into(),
+    ]);
     args.extend(["--plot".into(), svg.display().to_string()]);
     args.extend(d.args());
     let stdout = run_ok(&args);
@@ -125,7 +137,9 @@ fn json_rows_equal_the_library_and_the_plot_labels_them() {
     ];
     let want = eval::evaluate(&src, &specs, None).unwrap();
     assert_eq!(rows.len(), want.len());
-    let fields = ["name", "bits_k", "bits_v", "nmse_k", "nmse_v", "nmse_out", "kl", "top32"];
+    let fields = [
+        "name", "bits_k", "bits_v", "nmse_k", "nmse_v", "nmse_out", "kl", "top32",
+    ];
     for (got, want) in rows.iter().zip(&want) {
         let obj = got.as_object().unwrap();
         let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
@@ -134,9 +148,22 @@ fn json_rows_equal_the_library_and_the_plot_labels_them() {
         expected.sort_unstable();
         assert_eq!(keys, expected);
         assert_eq!(got["name"], want.name.as_str());
-        assert_eq!(got["bits_k"].as_f64(), Some(want.bits_k));
-        assert_eq!(got["nmse_out"].as_f64(), Some(want.nmse_out));
-        assert_eq!(got["top32"].as_f64(), Some(want.top32));
+        // serde_json parses floats to within an ulp.
+        let same = |key: &str, w: f64| {
+            let g = got[key].as_f64().unwrap();
+            assert!((g - w).abs() <= 1e-14 * w.abs(), "{key}: {g} vs {w}");
+        };
+        for (key, w) in [
+            ("bits_k", want.bits_k),
+            ("bits_v", want.bits_v),
+            ("nmse_k", want.nmse_k),
+            ("nmse_v", want.nmse_v),
+            ("nmse_out", want.nmse_out),
+            ("kl", want.kl),
+            ("top32", want.top32),
+        ] {
+            same(key, w);
+        }
     }
     let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["q8_0", "k1_5_mix/f16", "preset:kivi2"]);
@@ -155,10 +182,17 @@ fn table_has_a_header_and_aligned_columns() {
     args.extend(d.args());
     let out = run_ok(&args);
     let lines: Vec<&str> = out.lines().collect();
-    assert!(lines[0].contains("k.npy") && lines[0].contains("148 tokens"), "{out}");
+    assert!(
+        lines[0].contains("k.npy") && lines[0].contains("148 tokens"),
+        "{out}"
+    );
     assert!(lines[0].contains("8 query / 2 KV heads, D 64"), "{out}");
     assert!(lines[1].contains("one per span"), "{out}");
-    let table: Vec<&str> = lines.iter().skip_while(|l| !l.starts_with("type")).cloned().collect();
+    let table: Vec<&str> = lines
+        .iter()
+        .skip_while(|l| !l.starts_with("type"))
+        .cloned()
+        .collect();
     assert_eq!(table.len(), 2, "{out}");
     assert!(table[1].starts_with("q4_0/f16 "), "{out}");
     assert_eq!(table[0].len(), table[1].len(), "{out}");
@@ -181,12 +215,28 @@ fn bad_arguments_fail_with_a_message() {
     fails(&["eval", "--ctk", "q3_x"], 1, "unknown cache type 'q3_x'");
     fails(&["eval", "--preset", "fast"], 1, "fast");
     fails(&["eval", "--ctv", "k1_5_mix"], 1, "keys only");
-    fails(&["eval", "--ctk", "q8_0,q4_0", "--ctv", "f16,q4_0,q8_0"], 1, "2 K types and 3 V types");
-    fails(&["eval", "--block-tokens", "many"], 2, "neither a token count nor 'all'");
+    fails(
+        &["eval", "--ctk", "q8_0,q4_0", "--ctv", "f16,q4_0,q8_0"],
+        1,
+        "2 K types and 3 V types",
+    );
+    fails(
+        &["eval", "--block-tokens", "many"],
+        2,
+        "neither a token count nor 'all'",
+    );
     fails(&["eval", "--k", "k.npy"], 2, "--v");
     fails(&["eval", "--layers", "0"], 2, "--layers");
     fails(
-        &["eval", "--k", "/nonexistent/k.npy", "--v", "v.npy", "--q", "q.npy"],
+        &[
+            "eval",
+            "--k",
+            "/nonexistent/k.npy",
+            "--v",
+            "v.npy",
+            "--q",
+            "q.npy",
+        ],
         1,
         "/nonexistent/k.npy",
     );

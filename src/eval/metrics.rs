@@ -34,20 +34,31 @@ pub fn nmse(a: &[f32], b: &[f32]) -> f64 {
     acc.value()
 }
 
-/// `log softmax(s)`, shifted by the maximum so that large logits do not overflow.
-pub fn log_softmax(s: &[f32]) -> Vec<f64> {
-    let max = s.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
-    let lse = max + s.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
-    s.iter().map(|&x| x as f64 - lse).collect()
+/// `softmax(s)` as probabilities and log-probabilities, with one `exp` per element.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Softmax {
+    pub p: Vec<f32>,
+    pub log_p: Vec<f64>,
 }
 
-/// `KL(p || q) = Σ p log(p/q)` from log-probabilities.
-pub fn kl(log_p: &[f64], log_q: &[f64]) -> f64 {
-    debug_assert_eq!(log_p.len(), log_q.len());
-    log_p
-        .iter()
-        .zip(log_q)
-        .map(|(&lp, &lq)| lp.exp() * (lp - lq))
+/// Softmax of `s`, shifted by the maximum so that large logits do not overflow.
+pub fn softmax(s: &[f32]) -> Softmax {
+    let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let e: Vec<f32> = s.iter().map(|&x| (x - max).exp()).collect();
+    let sum: f64 = e.iter().map(|&x| x as f64).sum();
+    let lse = max as f64 + sum.ln();
+    Softmax {
+        p: e.iter().map(|&x| (x as f64 / sum) as f32).collect(),
+        log_p: s.iter().map(|&x| x as f64 - lse).collect(),
+    }
+}
+
+/// `KL(a || b) = Σ a log(a/b)`.
+pub fn kl(a: &Softmax, b: &Softmax) -> f64 {
+    debug_assert_eq!(a.p.len(), b.p.len());
+    a.p.iter()
+        .zip(a.log_p.iter().zip(&b.log_p))
+        .map(|(&p, (&la, &lb))| p as f64 * (la - lb))
         .sum::<f64>()
         // Rounding can leave a tiny negative sum where the distributions agree.
         .max(0.0)
@@ -55,15 +66,30 @@ pub fn kl(log_p: &[f64], log_q: &[f64]) -> f64 {
 
 /// Indices of the `k` largest scores (ties to the lower index), ascending by index.
 pub fn top_k(s: &[f32], k: usize) -> Vec<usize> {
-    let k = k.min(s.len());
-    let mut idx: Vec<usize> = (0..s.len()).collect();
-    if k < s.len() {
-        // Descending score, then ascending index: a total order, so the choice is deterministic.
-        idx.select_nth_unstable_by(k, |&i, &j| s[j].total_cmp(&s[i]).then(i.cmp(&j)));
-        idx.truncate(k);
+    if k == 0 {
+        return Vec::new();
     }
-    idx.sort_unstable();
-    idx
+    if k >= s.len() {
+        return (0..s.len()).collect();
+    }
+    // The k-th largest value, then everything above it and, in index order, enough of the
+    // values equal to it.
+    let mut v = s.to_vec();
+    let (_, &mut kth, _) = v.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+    let above = s.iter().filter(|x| x.total_cmp(&kth).is_gt()).count();
+    let mut ties = k - above;
+    s.iter()
+        .enumerate()
+        .filter(|&(_, x)| match x.total_cmp(&kth) {
+            std::cmp::Ordering::Greater => true,
+            std::cmp::Ordering::Equal if ties > 0 => {
+                ties -= 1;
+                true
+            }
+            _ => false,
+        })
+        .map(|(i, _)| i)
+        .collect()
 }
 
 /// `|a ∩ b|` of two ascending index lists.
@@ -111,27 +137,29 @@ mod tests {
     }
 
     #[test]
-    fn log_softmax_hand_case() {
+    fn softmax_hand_case() {
         // softmax([0, ln 3]) = [1/4, 3/4].
-        let l = log_softmax(&[0.0, 3f32.ln()]);
-        assert!((l[0] - 0.25f64.ln()).abs() < 1e-7);
-        assert!((l[1] - 0.75f64.ln()).abs() < 1e-7);
+        let s = softmax(&[0.0, 3f32.ln()]);
+        assert!((s.log_p[0] - 0.25f64.ln()).abs() < 1e-7);
+        assert!((s.log_p[1] - 0.75f64.ln()).abs() < 1e-7);
+        assert!((s.p[0] - 0.25).abs() < 1e-7 && (s.p[1] - 0.75).abs() < 1e-7);
         // Shift invariance and no overflow on large logits.
-        let l = log_softmax(&[1000.0, 1000.0 + 3f32.ln()]);
-        assert!((l[0] - 0.25f64.ln()).abs() < 1e-4);
+        let s = softmax(&[1000.0, 1000.0 + 3f32.ln()]);
+        assert!((s.log_p[0] - 0.25f64.ln()).abs() < 1e-4);
+        assert!((s.p[1] - 0.75).abs() < 1e-4);
     }
 
     #[test]
     fn kl_hand_case() {
         // KL([1/2, 1/2] || [1/4, 3/4]) = 1/2 ln 2 + 1/2 ln(2/3).
-        let p = [0.5f64.ln(), 0.5f64.ln()];
-        let q = [0.25f64.ln(), 0.75f64.ln()];
+        let p = softmax(&[0.0, 0.0]);
+        let q = softmax(&[0.0, 3f32.ln()]);
         let want = 0.5 * 2f64.ln() + 0.5 * (2.0f64 / 3.0).ln();
-        assert!((kl(&p, &q) - want).abs() < 1e-15);
+        assert!((kl(&p, &q) - want).abs() < 1e-7);
         assert_eq!(kl(&p, &p), 0.0);
         // Asymmetric: KL(q || p) = 1/4 ln(1/2) + 3/4 ln(3/2).
         let want = 0.25 * 0.5f64.ln() + 0.75 * 1.5f64.ln();
-        assert!((kl(&q, &p) - want).abs() < 1e-15);
+        assert!((kl(&q, &p) - want).abs() < 1e-7);
     }
 
     #[test]
@@ -149,6 +177,8 @@ mod tests {
         }
         // Ties go to the lower index.
         assert_eq!(top_k(&[1.0, 2.0, 2.0, 2.0], 2), vec![1, 2]);
+        assert_eq!(top_k(&[3.0, 2.0, 5.0, 2.0, 2.0], 3), vec![0, 1, 2]);
+        assert_eq!(top_k(&[1.0, 2.0], 0), Vec::<usize>::new());
     }
 
     #[test]

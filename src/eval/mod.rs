@@ -13,7 +13,6 @@ pub mod synth;
 use std::borrow::Cow;
 use std::path::Path;
 
-use half::f16;
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -262,7 +261,7 @@ impl Acc {
 /// The f16 cache's attention for every query and head of one layer.
 struct Reference {
     out: Vec<f32>,
-    log_p: Vec<Vec<f64>>,
+    dist: Vec<metrics::Softmax>,
     top: Vec<Vec<usize>>,
 }
 
@@ -291,42 +290,104 @@ fn eval_layer(
             )?;
         }
         if let RowSpec::Pair { .. } = spec {
-            // TEMP cache.flush();
+            cache.flush();
         }
         Ok(cache)
     };
-    let f16_spec = RowSpec::Pair {
-        k: FormatId::F16,
-        v: FormatId::F16,
-    };
-    let reference = {
-        let cache = build(&f16_spec)?;
-        let (mut out, mut log_p, mut top) = (Vec::new(), Vec::new(), Vec::new());
-        for q in data.q.chunks_exact(d.n_head * d.head_dim) {
-            let (o, scores) = attend(&cache, q, &d)?;
-            out.extend(o);
-            for s in scores.chunks_exact(d.n_tokens) {
-                log_p.push(metrics::log_softmax(s));
-                top.push(metrics::top_k(s, TOP_K));
-            }
+    let f16 = Stored::new(&build(&RowSpec::for_type(FormatId::F16))?, &d)?;
+    let (mut out, mut dist, mut top) = (Vec::new(), Vec::new(), Vec::new());
+    for q in data.q.chunks_exact(d.n_head * d.head_dim) {
+        let scores = f16.scores(q, &d);
+        for (h, s) in scores.chunks_exact(d.n_tokens).enumerate() {
+            let sm = metrics::softmax(s);
+            out.extend(f16.output(&sm.p, h / (d.n_head / d.n_head_kv), &d));
+            dist.push(sm);
+            top.push(metrics::top_k(s, TOP_K));
         }
-        Reference { out, log_p, top }
-    };
+    }
+    let reference = Reference { out, dist, top };
     specs
         .iter()
         .map(|spec| measure(&build(spec)?, &data, &reference, &d))
         .collect()
 }
 
-/// Decode output `[n_head][head_dim]` and scores `[n_head][n_tokens]` of one query.
-fn attend(cache: &KvCache, q: &[f32], d: &Dims) -> Result<(Vec<f32>, Vec<f32>), Error> {
-    let scale = 1.0 / (d.head_dim as f32).sqrt();
-    let mut out = vec![0f32; d.n_head * d.head_dim];
-    cache.attention_decode(0, q, d.n_head, &mut out, scale)?;
-    let scores = cache.attention_scores(0, q, d.n_head, scale)?;
-    Ok((out, scores))
+/// K and V exactly as a cache holds them (`dequantize_f32`), per KV head `[n_tokens][head_dim]`.
+struct Stored {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
 }
 
+impl Stored {
+    fn new(cache: &KvCache, d: &Dims) -> Result<Stored, Error> {
+        let n = d.n_tokens * d.n_head_kv * d.head_dim;
+        let (mut k, mut v) = (vec![0f32; n], vec![0f32; n]);
+        cache.dequantize_f32(0, 0, d.n_tokens, &mut k, &mut v)?;
+        let per_head =
+            |x: &[f32]| -> Vec<Vec<f32>> { (0..d.n_head_kv).map(|g| head_rows(x, g, d)).collect() };
+        Ok(Stored {
+            k: per_head(&k),
+            v: per_head(&v),
+        })
+    }
+
+    /// `scale · q·k̂_t` of one query `[n_head][head_dim]`, `[n_head][n_tokens]`: what every
+    /// format's `scores` computes from its codes.
+    fn scores(&self, q: &[f32], d: &Dims) -> Vec<f32> {
+        let scale = 1.0 / (d.head_dim as f32).sqrt();
+        let group = d.n_head / d.n_head_kv;
+        let mut s = Vec::with_capacity(d.n_head * d.n_tokens);
+        for (h, qh) in q.chunks_exact(d.head_dim).enumerate() {
+            let k = &self.k[h / group];
+            s.extend(k.chunks_exact(d.head_dim).map(|kt| scale * dot(qh, kt)));
+        }
+        s
+    }
+
+    /// Attention output `Σ_t p_t v̂_t` of one head over KV head `g`.
+    fn output(&self, p: &[f32], g: usize, d: &Dims) -> Vec<f32> {
+        let mut out = vec![0f32; d.head_dim];
+        for (&pt, vt) in p.iter().zip(self.v[g].chunks_exact(d.head_dim)) {
+            out.iter_mut().zip(vt).for_each(|(o, &x)| *o += pt * x);
+        }
+        out
+    }
+}
+
+/// The rows of KV head `g` of `[n_tokens][n_head_kv][head_dim]` data, `[n_tokens][head_dim]`.
+fn head_rows(x: &[f32], g: usize, d: &Dims) -> Vec<f32> {
+    let mut out = Vec::with_capacity(d.n_tokens * d.head_dim);
+    for t in x.chunks_exact(d.n_head_kv * d.head_dim) {
+        out.extend_from_slice(&t[g * d.head_dim..][..d.head_dim]);
+    }
+    out
+}
+
+/// A dot product in eight independent lanes, so that it vectorizes.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// One row on one layer.
+///
+/// Scores are `q·k̂` over the stored keys, what each format's `scores` returns from its codes
+/// by the [`crate::kv::Format`] contract, computed in one vectorized pass; where the config
+/// calibrates scores (CalibQuant), the cache's own `attention_scores` are used instead. The
+/// decode output is softmax of those scores times the stored values: what
+/// `attention_decode` returns.
 fn measure(cache: &KvCache, data: &LayerKv, r: &Reference, d: &Dims) -> Result<Acc, Error> {
     let mem = cache.memory();
     let mut acc = Acc {
@@ -335,29 +396,31 @@ fn measure(cache: &KvCache, data: &LayerKv, r: &Reference, d: &Dims) -> Result<A
         n_kv: d.n_head_kv,
         ..Acc::default()
     };
-    let n = d.n_tokens * d.n_head_kv * d.head_dim;
-    let (mut k, mut v) = (vec![f16::ZERO; n], vec![f16::ZERO; n]);
-    cache.dequantize(0, 0, d.n_tokens, &mut k, &mut v)?;
-    for h in 0..d.n_head_kv {
+    let st = Stored::new(cache, d)?;
+    let hd = d.head_dim;
+    for g in 0..d.n_head_kv {
         let (mut ek, mut ev) = (Nmse::default(), Nmse::default());
-        for t in 0..d.n_tokens {
-            let o = (t * d.n_head_kv + h) * d.head_dim;
-            for i in o..o + d.head_dim {
-                ek.add(k[i].to_f32(), data.k[i]);
-                ev.add(v[i].to_f32(), data.v[i]);
-            }
-        }
+        let (k, v) = (head_rows(&data.k, g, d), head_rows(&data.v, g, d));
+        k.iter().zip(&st.k[g]).for_each(|(&b, &a)| ek.add(a, b));
+        v.iter().zip(&st.v[g]).for_each(|(&b, &a)| ev.add(a, b));
         acc.nmse_k += ek.value();
         acc.nmse_v += ev.value();
     }
-    let hd = d.head_dim;
+    let calibrated = cache.config().calibrate;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let group = d.n_head / d.n_head_kv;
     for (i, q) in data.q.chunks_exact(d.n_head * hd).enumerate() {
-        let (out, scores) = attend(cache, q, d)?;
-        for h in 0..d.n_head {
+        let scores = if calibrated {
+            cache.attention_scores(0, q, d.n_head, scale)?
+        } else {
+            st.scores(q, d)
+        };
+        for (h, s) in scores.chunks_exact(d.n_tokens).enumerate() {
             let j = i * d.n_head + h;
-            acc.nmse_out += metrics::nmse(&out[h * hd..][..hd], &r.out[j * hd..][..hd]);
-            let s = &scores[h * d.n_tokens..][..d.n_tokens];
-            acc.kl += metrics::kl(&r.log_p[j], &metrics::log_softmax(s));
+            let sm = metrics::softmax(s);
+            let out = st.output(&sm.p, h / group, d);
+            acc.nmse_out += metrics::nmse(&out, &r.out[j * hd..][..hd]);
+            acc.kl += metrics::kl(&r.dist[j], &sm);
             let top = metrics::overlap(&metrics::top_k(s, TOP_K), &r.top[j]);
             acc.top += top as f64 / r.top[j].len() as f64;
             acc.n_att += 1;
