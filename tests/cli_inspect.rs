@@ -326,6 +326,19 @@ fn random_model(rng: &mut Rng, uniform_kv: bool) -> Model {
     }
 }
 
+/// The metadata of `bytes` (no tensors) with `key` set to `value`, or removed when `None`.
+fn rewritten(bytes: &[u8], key: &str, value: Option<MetaValue>) -> Vec<u8> {
+    let gguf = Gguf::parse(bytes).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in gguf.metadata().iter().filter(|(k, _)| *k != key) {
+        w.add(k, v.to_owned()).unwrap();
+    }
+    if let Some(value) = value {
+        w.add(key, value).unwrap();
+    }
+    w.to_bytes()
+}
+
 /// The Qwen2.5-VL mmproj: 560 px, patch 14, merge 2.
 fn qwen_mmproj(projector: &str) -> Vec<u8> {
     let mut w = GgufWriter::new();
@@ -653,6 +666,40 @@ fn tensors_lists_every_tensor() {
     check_table(&out, &m, m.ctx);
 }
 
+#[test]
+fn unsupported_head_dims_are_reported_not_sized() {
+    let mut rng = fresh_rng("unsupported_head_dims_are_reported_not_sized");
+    let dir = Scratch::new("headdim");
+    let m = random_model(&mut rng, true);
+    // One side at a dim no format handles (DeepSeek's 192, Mistral 3's 5120 / 32 = 160).
+    for (key, bad) in [
+        ("qwen3.attention.value_length", 192),
+        ("qwen3.attention.key_length", 160),
+    ] {
+        let bytes = rewritten(&m.bytes, key, Some(MetaValue::U32(bad)));
+        let path = dir.file("model.gguf", &bytes);
+        let out = inspect(&[s(&path)]).ok().stdout;
+        let mut rows = out
+            .lines()
+            .skip_while(|l| !l.starts_with("cache type"))
+            .skip(1);
+        for (name, _, _) in expected_rows() {
+            let row = rows
+                .next()
+                .unwrap_or_else(|| panic!("no row {name} in:\n{out}"));
+            assert_eq!(row.split_whitespace().next(), Some(name.as_str()), "{out}");
+            assert!(
+                row.contains("not supported") && row.contains(&bad.to_string()),
+                "row '{row}' should name the unsupported head dim {bad}"
+            );
+        }
+        let j = inspect(&[s(&path), "--json"]).ok().json();
+        for (name, v) in j["kv_bytes_per_token"].as_object().unwrap() {
+            assert!(v.is_null(), "{name}: {v}");
+        }
+    }
+}
+
 /// The shape line of Qwen2.5-VL-7B.
 const QWEN25VL: &str = "qwen2vl: 28 layers, 28 query heads, 4 KV heads, head dim 128 (K) / 128 (V)";
 
@@ -745,15 +792,8 @@ fn errors_name_the_file_and_the_problem() {
     ]);
 
     // A model without block_count.
-    let mut w = GgufWriter::new();
-    for (k, v) in gguf
-        .metadata()
-        .iter()
-        .filter(|(k, _)| *k != "qwen3.block_count")
-    {
-        w.add(k, v.to_owned()).unwrap();
-    }
-    let broken = dir.file("broken.gguf", &w.to_bytes());
+    let broken = rewritten(&m.bytes, "qwen3.block_count", None);
+    let broken = dir.file("broken.gguf", &broken);
     inspect(&[s(&broken)]).fails_saying(&[s(&broken), "qwen3.block_count"]);
     inspect(&[s(&broken), "--json"]).fails_saying(&[s(&broken), "qwen3.block_count"]);
 
