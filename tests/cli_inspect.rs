@@ -364,13 +364,14 @@ fn expected_rows() -> Vec<(String, FormatId, FormatId)> {
         .collect()
 }
 
-/// Bits the table must show: the three formats with a fixed rate, the others from their
-/// block size at the 128-token block the table assumes.
+/// Bits the table must show: the formats with a fixed rate (q8_0 and q4_0: blocks of 32
+/// along the head dim, exact when it is a multiple of 32; 80 and 112 end in a short block),
+/// the others from their block size at the 128-token block the table assumes.
 fn bits(f: FormatId, d: usize, role: Role) -> f64 {
     match f {
         FormatId::F16 => 16.0,
-        FormatId::Q8_0 => 8.5,
-        FormatId::Q4_0 => 4.5,
+        FormatId::Q8_0 if d % 32 == 0 => 8.5,
+        FormatId::Q4_0 if d % 32 == 0 => 4.5,
         _ => f.bits_per_value(d, role, 128),
     }
 }
