@@ -479,7 +479,7 @@ fn bad_input_is_an_error_and_appends_nothing() {
         let mut y = x.clone();
         y[d + 3] = 1e6;
         let mut z = x.clone();
-        z[d..2 * d].fill(60000.0);
+        z[d..2 * d].fill(-60000.0);
         for protect in [vec![], vec![false, true, false, false]] {
             let r = quant(&y, shape(n, d), &protect, ok);
             assert!(matches!(r, Err(Error::InvalidArgument(_))), "{f}: {r:?}");
