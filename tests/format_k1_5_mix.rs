@@ -1,5 +1,5 @@
 //! `k1_5_mix` against a reference written here from the formulas (a naive O(N²) DFT in f64)
-//! and the documented layout (docs/formats/vidkv.md): mask, parameters, codes and sign bits
+//! and the documented layout (docs/FORMATS.md): mask, parameters, codes and sign bits
 //! exactly, dequantized values by relative error.
 
 use half::f16;

@@ -1,5 +1,5 @@
 //! `q2_had` / `q4_had` (AKVQ-VL) against references written here from the formulas and the
-//! byte layout of `docs/formats/akvq.md`, on fresh random inputs (the seed is printed).
+//! byte layout of `docs/FORMATS.md`, on fresh random inputs (the seed is printed).
 
 use half::f16;
 use kvbits::Error;

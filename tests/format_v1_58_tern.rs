@@ -1,5 +1,5 @@
 //! `v1_58_tern` against a reference written here from the formulas and the documented layout
-//! (docs/formats/vidkv.md): the whole block byte for byte, dequantized values bit for bit.
+//! (docs/FORMATS.md): the whole block byte for byte, dequantized values bit for bit.
 
 use half::f16;
 use kvbits::Error;

@@ -5,7 +5,7 @@
 //! stay unrotated f16 rows inside the same block. The two formats differ only in the code
 //! width (2 or 4 bits), a const generic below.
 //!
-//! Layout (details in `docs/formats/akvq.md`), `n_p` protected and `n_q = n - n_p`
+//! Layout (details in `docs/FORMATS.md`), `n_p` protected and `n_q = n - n_p`
 //! quantized tokens, `G = ceil(d / 64)` groups per token:
 //! - `u32` little-endian `n_p`;
 //! - `n_q` records in token order: `G` pairs of f16 (`lo`, `step`), then `d` codes packed
