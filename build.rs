@@ -1,4 +1,4 @@
-//! Without the `cuda` feature: nothing. With it: compile `csrc/*.cu` with nvcc (through the cc
+//! Without the `cuda` feature: nothing. With it: compile `csrc/` with nvcc (through the cc
 //! crate) for sm_80, sm_86, sm_89 and sm_90 plus PTX, link static cudart, and generate the Rust
 //! declarations of `csrc/kvbits_cuda.h` with bindgen.
 
@@ -54,11 +54,8 @@ mod cuda {
         // cc takes nvcc from $NVCC (else from PATH).
         // SAFETY: the build script is single-threaded at this point.
         unsafe { env::set_var("NVCC", &nvcc) };
-        let sources: Vec<PathBuf> = std::fs::read_dir("csrc")
-            .expect("csrc/ exists")
-            .map(|e| e.expect("readable csrc/").path())
-            .filter(|p| p.extension().is_some_and(|e| e == "cu"))
-            .collect();
+        // kernels.cu includes every format's csrc/<name>.cu, so the fused kernels inline them.
+        let sources = ["csrc/runtime.cu", "csrc/kernels.cu"];
         println!("cargo:rerun-if-changed=csrc");
         let mut build = cc::Build::new();
         build
@@ -69,7 +66,7 @@ mod cuda {
             // unusably slow; -lineinfo keeps profiles readable.
             .debug(false)
             .opt_level(3)
-            .flag("-std=c++17")
+            .flag("-std=c++20")
             .flag("-lineinfo")
             .flag("--expt-relaxed-constexpr")
             .flag("-Xptxas=-warn-spills");
