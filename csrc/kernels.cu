@@ -302,7 +302,7 @@ extern "C" int kvb_cuda_quantize(int32_t format, int32_t head_dim, int32_t x_is_
             format, x_is_f16, jobs, params, arena);
         err = cudaGetLastError();
     });
-    return ok ? err : KVB_CUDA_INVALID_ARGUMENT;
+    return ok ? (int)err : (int)KVB_CUDA_INVALID_ARGUMENT;
 }
 
 extern "C" int kvb_cuda_dequantize(int32_t format, int32_t head_dim,
@@ -315,7 +315,7 @@ extern "C" int kvb_cuda_dequantize(int32_t format, int32_t head_dim,
         dequantize_kernel<D><<<n_jobs, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(format, jobs, arena);
         err = cudaGetLastError();
     });
-    return ok ? err : KVB_CUDA_INVALID_ARGUMENT;
+    return ok ? (int)err : (int)KVB_CUDA_INVALID_ARGUMENT;
 }
 
 extern "C" size_t kvb_cuda_decode_scratch_bytes(int32_t n_work, int32_t n_seq, int32_t n_head,
@@ -348,5 +348,5 @@ extern "C" int kvb_cuda_attention_decode(const kvb_cuda_decode_args *args, kvb_c
         combine_kernel<D><<<a.n_seq * a.n_head, kThreads, 0, s>>>(a);
         err = cudaGetLastError();
     });
-    return ok ? err : KVB_CUDA_INVALID_ARGUMENT;
+    return ok ? (int)err : (int)KVB_CUDA_INVALID_ARGUMENT;
 }
