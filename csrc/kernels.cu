@@ -287,6 +287,8 @@ size_t decode_smem(int G) {
 
 using namespace kvb;
 
+extern "C" int kvb_cuda_format_supported(int32_t format) { return known_format(format); }
+
 extern "C" int kvb_cuda_quantize(int32_t format, int32_t head_dim, int32_t x_is_f16,
                                  const kvb_cuda_quant_job *jobs, int32_t n_jobs,
                                  kvb_cuda_quant_params params, uint8_t *arena,

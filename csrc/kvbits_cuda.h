@@ -54,6 +54,9 @@ typedef struct {
     float calib_alpha_k, calib_alpha_v, mix_fraction, had_clip;
 } kvb_cuda_quant_params;
 
+/* 1 when the kernels know format id `format`, else 0. */
+int kvb_cuda_format_supported(int32_t format);
+
 /* Quantize `n` tokens of one KV head: token t, channel c at x[t * x_stride + c] (f32, or f16
  * when x_is_f16), into arena + out_offset. `protect` is NULL or n flags (device memory). */
 typedef struct {
