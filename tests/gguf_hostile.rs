@@ -8,7 +8,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::time::{Duration, Instant};
 
-use common::{Raw, sample, seed, walk};
+use common::{Raw, SampleTensor, sample, seed, walk};
 use kvbits::gguf::{Gguf, GgufError};
 use kvbits::rng::Rng;
 
@@ -72,7 +72,7 @@ fn parse_hostile(bytes: &[u8], what: &str) -> Result<(), GgufError> {
 }
 
 /// A small file from our writer, mostly header, so that damage lands in what gets parsed.
-fn small_sample(rng: &mut Rng) -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
+fn small_sample(rng: &mut Rng) -> (Vec<u8>, Vec<SampleTensor>) {
     let s = sample(rng, 3, Some(16));
     (s.writer.to_bytes(), s.tensors)
 }
@@ -99,8 +99,9 @@ fn every_truncation_is_an_error_unless_only_padding_goes() {
             Ok(()) => {
                 assert!(cut >= data_end, "{what} parsed but removed data");
                 let g = Gguf::parse(&bytes[..cut]).unwrap();
-                for (t, (name, data)) in g.tensors().iter().zip(&tensors) {
-                    assert_eq!((t.name, g.tensor_data(t)), (&name[..], &data[..]), "{what}");
+                for (t, want) in g.tensors().iter().zip(&tensors) {
+                    let got = (t.name, g.tensor_data(t));
+                    assert_eq!(got, (&want.name[..], &want.data[..]), "{what}");
                 }
             }
         }

@@ -99,8 +99,10 @@ fn round_trip_every_value_and_tensor_type() {
 
             // Tensors: names, types, dims, aligned offsets, data equal and borrowed.
             assert_eq!(g.tensors().len(), sample.tensors.len(), "{ctx}");
-            for (t, (name, data)) in g.tensors().iter().zip(&sample.tensors) {
+            for (t, want) in g.tensors().iter().zip(&sample.tensors) {
+                let (name, data) = (&want.name, &want.data);
                 assert_eq!(t.name, name, "{ctx}");
+                assert_eq!((t.ty, &t.dims), (want.ty, &want.dims), "{ctx}: '{name}'");
                 assert_eq!(g.tensor(name), Some(t), "{ctx}");
                 assert_eq!(t.offset % align, 0, "{ctx}: '{name}' aligned");
                 assert_eq!((g.data_offset + t.offset) % align, 0, "{ctx}: '{name}'");

@@ -177,8 +177,15 @@ pub struct Sample {
     pub writer: GgufWriter,
     /// Every metadata entry in order.
     pub metadata: Vec<(String, MetaValue)>,
-    /// Every tensor's name and data in order.
-    pub tensors: Vec<(String, Vec<u8>)>,
+    /// Every tensor in order.
+    pub tensors: Vec<SampleTensor>,
+}
+
+pub struct SampleTensor {
+    pub name: String,
+    pub ty: &'static GgmlType,
+    pub dims: Vec<u64>,
+    pub data: Vec<u8>,
 }
 
 /// Every value type and one tensor of each type in [`TENSOR_TYPES`] with random dims and data.
@@ -198,9 +205,14 @@ pub fn sample(rng: &mut Rng, version: u32, alignment: Option<u32>) -> Sample {
         let dims = random_dims(rng, ty, 1 + i % 4);
         let bytes = dims.iter().product::<u64>() / ty.block * ty.bytes;
         let data = random_bytes(rng, bytes as usize);
-        let tname = format!("blk.{i}.{}", name.to_lowercase());
-        writer.add_tensor(&tname, ty, &dims, data.clone()).unwrap();
-        tensors.push((tname, data));
+        let name = format!("blk.{i}.{}", name.to_lowercase());
+        writer.add_tensor(&name, ty, &dims, data.clone()).unwrap();
+        tensors.push(SampleTensor {
+            name,
+            ty,
+            dims,
+            data,
+        });
     }
     Sample {
         writer,
