@@ -6,6 +6,16 @@
 # the 13.0 compiler.
 set -euo pipefail
 
+# bindgen (the Rust declarations of csrc/kvbits_cuda.h) needs libclang.
+if ! ldconfig -p 2>/dev/null | grep -q 'libclang\(-[0-9.]*\)\?\.so'; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev; } >&2
+    else
+        echo "install-cuda.sh: bindgen needs libclang: install libclang-dev" >&2
+        exit 1
+    fi
+fi
+
 venv="${KVBITS_CUDA_VENV:-$HOME/.cache/kvbits-cuda13}"
 if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv" >&2
