@@ -259,8 +259,8 @@ impl Report<'_, '_> {
         for (name, k, v) in type_rows() {
             let Some(bytes) = s.kv_bytes_per_token(k, v, BLOCK_TOKENS) else {
                 println!(
-                    "{name:<18} head dim {} not supported by the formats",
-                    s.head_dim_k
+                    "{name:<18} head dims {} (K) / {} (V) not supported by the formats",
+                    s.head_dim_k, s.head_dim_v
                 );
                 continue;
             };
