@@ -5,7 +5,8 @@ use half::f16;
 use kvbits::Error;
 use kvbits::kv::cache::Block;
 use kvbits::kv::{
-    Applies, BlockSize, BlockTokens, CacheConfig, FormatId, KvCache, Modality, Role, Rows, Shape,
+    Applies, BlockSize, BlockTokens, CacheConfig, FormatId, KvCache, Modality, QuantParams, Role,
+    Rows, Shape,
 };
 use kvbits::rng::{Rng, rel_err};
 use std::ops::Range;
@@ -267,66 +268,102 @@ fn f16_cache_equals_plain_softmax_attention() {
     }
 }
 
+/// Formats whose reconstruction of a token does not depend on the other tokens of its block.
+const PER_TOKEN: [FormatId; 4] = [
+    FormatId::F16,
+    FormatId::Q8_0,
+    FormatId::Q4_0,
+    FormatId::Q2Had,
+];
+
+fn per_token_pair(f: FormatId, n_layer: usize, hk: usize, d: usize, block: usize) -> CacheConfig {
+    CacheConfig {
+        block_tokens: BlockTokens::Fixed(block),
+        ..CacheConfig::pair(f, f, n_layer, hk, d)
+    }
+}
+
 #[test]
 fn prefill_equals_reference_per_query_and_decode_on_prefixes() {
     let mut r = rng("prefill_equals_reference_per_query_and_decode_on_prefixes");
     let steps = [text(40), visual(50), text(30), drip(3)];
     let n = total(&steps);
-    let (d, hk, n_head, n_q) = (80, 2, 4, 60);
-    let cfg = f16_pair(1, hk, d, 32);
-    let s = seq(&cfg, n, 1.0, &mut r);
-    let mut cache = KvCache::new(cfg.clone()).unwrap();
-    fill(&mut cache, &s, &steps, 0..n, false);
-    let scale = 0.11;
-    let q = r.normals(n_q * n_head * d);
-    let mut out = vec![0f32; q.len()];
-    cache
-        .attention_prefill(0, &q, n_q, n_head, &mut out, scale)
-        .unwrap();
-    for i in 0..n_q {
-        let end = n - n_q + i + 1;
-        let qi = &q[i * n_head * d..(i + 1) * n_head * d];
-        let oi = &out[i * n_head * d..(i + 1) * n_head * d];
-        let (_, want) = reference(qi, &s.k[0], &s.v[0], end, hk, d, n_head, scale, &no_fix);
-        check_close(&format!("query {i}"), oi, &want, 1e-6);
-        // The same query as a decode step over a cache holding only the prefix.
-        let mut prefix = KvCache::new(cfg.clone()).unwrap();
-        fill(&mut prefix, &s, &steps, 0..end, false);
-        check_close(
-            &format!("query {i} vs decode"),
-            oi,
-            &decode(&prefix, 0, qi, n_head, scale),
-            1e-6,
-        );
+    let (d, hk, n_head, n_q) = (80, 2, 4, 24);
+    for f in PER_TOKEN {
+        let cfg = per_token_pair(f, 1, hk, d, 32);
+        let s = seq(&cfg, n, 4.0, &mut r);
+        let mut cache = KvCache::new(cfg.clone()).unwrap();
+        fill(&mut cache, &s, &steps, 0..n, false);
+        let scale = 0.11;
+        let q = r.normals(n_q * n_head * d);
+        let prefill = |c: &KvCache| {
+            let mut out = vec![0f32; q.len()];
+            c.attention_prefill(0, &q, n_q, n_head, &mut out, scale)
+                .unwrap();
+            out
+        };
+        let tol = if f == FormatId::F16 { 1e-6 } else { 1e-5 };
+        let (k, v) = dequantized(&cache, 0);
+        let out = prefill(&cache);
+        let rows = n_head * d;
+        for i in 0..n_q {
+            let end = n - n_q + i + 1;
+            let qi = &q[i * rows..(i + 1) * rows];
+            let (_, want) = reference(qi, &k, &v, end, hk, d, n_head, scale, &no_fix);
+            check_close(
+                &format!("{f} query {i}"),
+                &out[i * rows..(i + 1) * rows],
+                &want,
+                tol,
+            );
+        }
+        // Each query as a decode step over a cache holding only its prefix. Quantized or
+        // in the residual, a token reads differently: quantize everything in both.
+        cache.flush();
+        let out = prefill(&cache);
+        for i in 0..n_q {
+            let end = n - n_q + i + 1;
+            let mut prefix = KvCache::new(cfg.clone()).unwrap();
+            fill(&mut prefix, &s, &steps, 0..end, false);
+            prefix.flush();
+            check_close(
+                &format!("{f} query {i} vs decode"),
+                &out[i * rows..(i + 1) * rows],
+                &decode(&prefix, 0, &q[i * rows..(i + 1) * rows], n_head, scale),
+                1e-6,
+            );
+        }
     }
 }
 
 #[test]
 fn text_in_one_call_or_token_by_token_makes_the_same_blocks() {
     let mut r = rng("text_in_one_call_or_token_by_token_makes_the_same_blocks");
-    let cfg = CacheConfig {
-        recent_f16: 20,
-        ..f16_pair(2, 2, 64, 32)
-    };
     let one = [text(75), visual(40), text(70)];
     let many = [drip(75), visual(40), drip(70)];
-    let s = seq(&cfg, total(&one), 1.0, &mut r);
-    let mut a = KvCache::new(cfg.clone()).unwrap();
-    let mut b = KvCache::new(cfg).unwrap();
-    fill(&mut a, &s, &one, 0..usize::MAX, false);
-    fill(&mut b, &s, &many, 0..usize::MAX, false);
-    for l in 0..2 {
-        assert_eq!(a.blocks(l), b.blocks(l));
-        assert_eq!(a.n_residual(l), b.n_residual(l));
-        let q = r.normals(4 * 64);
-        check_close(
-            "attention",
-            &decode(&a, l, &q, 4, 0.125),
-            &decode(&b, l, &q, 4, 0.125),
-            1e-6,
-        );
+    for (f, recent) in PER_TOKEN.iter().flat_map(|&f| [(f, 0), (f, 20)]) {
+        let cfg = CacheConfig {
+            recent_f16: recent,
+            ..per_token_pair(f, 2, 2, 64, 32)
+        };
+        let s = seq(&cfg, total(&one), 4.0, &mut r);
+        let mut a = KvCache::new(cfg.clone()).unwrap();
+        let mut b = KvCache::new(cfg).unwrap();
+        fill(&mut a, &s, &one, 0..usize::MAX, false);
+        fill(&mut b, &s, &many, 0..usize::MAX, false);
+        for l in 0..2 {
+            assert_eq!(a.blocks(l), b.blocks(l), "{f}");
+            assert_eq!(a.n_residual(l), b.n_residual(l));
+            let q = r.normals(4 * 64);
+            check_close(
+                &format!("{f}, last {recent} f16: attention"),
+                &decode(&a, l, &q, 4, 0.125),
+                &decode(&b, l, &q, 4, 0.125),
+                1e-6,
+            );
+        }
+        assert_eq!(a.memory(), b.memory());
     }
-    assert_eq!(a.memory(), b.memory());
 }
 
 #[test]
@@ -425,8 +462,10 @@ fn block_tokens_all_makes_one_block_per_span() {
 fn plan_bytes(plan: &[(usize, FormatId, FormatId, usize)], d: usize, heads: usize) -> [usize; 4] {
     let mut sum = [0; 4];
     for &(n, kf, vf, n_prot) in plan {
-        let size =
-            |f: FormatId, role| -> BlockSize { f.imp().block_size(Shape { n, d, role }, n_prot) };
+        let size = |f: FormatId, role| -> BlockSize {
+            f.imp()
+                .block_size(Shape { n, d, role }, n_prot, &QuantParams::default())
+        };
         let (k, v) = (size(kf, Role::Key), size(vf, Role::Value));
         sum[0] += heads * (k.codes + v.codes);
         sum[1] += heads * (k.meta + v.meta);
@@ -493,7 +532,8 @@ fn errors_leave_the_cache_usable() {
     let sal = [0.5f32; 10];
     let mut sal_nan = sal;
     sal_nan[4] = f32::NAN;
-    let appends: Vec<(&str, usize, Rows, Rows, usize, Option<&[f32]>)> = vec![
+    type Append<'a> = (&'a str, usize, Rows<'a>, Rows<'a>, usize, Option<&'a [f32]>);
+    let appends: Vec<Append> = vec![
         (
             "layer out of range",
             2,
@@ -721,4 +761,469 @@ fn config_presets_and_validation() {
             assert!(m.contains(info.name), "{m}");
         }
     }
+}
+
+/// Every format with K and V the same where it can hold both, VidKV's pair, and the presets.
+fn all_configs(hk: usize) -> Vec<(String, CacheConfig)> {
+    let blocks_64 = |c| CacheConfig {
+        block_tokens: BlockTokens::Fixed(64),
+        ..c
+    };
+    let mut out = vec![];
+    for (i, info) in kvbits::kv::FORMATS.iter().enumerate() {
+        let d = [64, 80, 128][i % 3];
+        if info.applies == Applies::Both {
+            let c = blocks_64(CacheConfig::pair(info.id, info.id, 1, hk, d));
+            out.push((c.to_string(), c));
+        }
+    }
+    let c = blocks_64(CacheConfig::pair(
+        FormatId::K1_5Mix,
+        FormatId::V1_58Tern,
+        1,
+        hk,
+        80,
+    ));
+    out.push((c.to_string(), c));
+    for (i, p) in CacheConfig::PRESETS.iter().enumerate() {
+        let c = blocks_64(CacheConfig::preset(p, 1, hk, [128, 64, 80, 128][i]).unwrap());
+        out.push((format!("{p}: {c}"), c));
+    }
+    out
+}
+
+/// The visual spans of the script whose logits the cache calibrates.
+fn calibrated_spans(cfg: &CacheConfig, steps: &[Step]) -> Vec<(usize, usize)> {
+    if cfg.calibrate && cfg.k_visual == FormatId::Q1Calib {
+        visual_spans(steps)
+    } else {
+        vec![]
+    }
+}
+
+#[test]
+fn every_format_attends_over_its_own_reconstruction() {
+    let mut r = rng("every_format_attends_over_its_own_reconstruction");
+    let steps = [text(70), visual(150), drip(10), visual(40), text(20)];
+    let n = total(&steps);
+    let (hk, n_head, n_q) = (2, 4, 12);
+    for (name, cfg) in all_configs(hk) {
+        let d = cfg.head_dim;
+        let s = seq(&cfg, n, 4.0, &mut r);
+        let mut c = KvCache::new(cfg.clone()).unwrap();
+        fill(&mut c, &s, &steps, 0..n, true);
+        let m = c.memory();
+        assert_eq!(m.total, m.codes + m.meta + m.residual, "{name}");
+        assert_eq!(
+            m.residual as usize,
+            c.n_residual(0) * hk * d * 2 * 2,
+            "{name}"
+        );
+        let (k, v) = dequantized(&c, 0);
+        let (mut k16, mut v16) = (vec![f16::ZERO; k.len()], vec![f16::ZERO; v.len()]);
+        c.dequantize(0, 0, n, &mut k16, &mut v16).unwrap();
+        assert!(
+            k16.iter().zip(&k).all(|(a, &b)| *a == f16::from_f32(b)),
+            "{name}"
+        );
+        assert!(
+            v16.iter().zip(&v).all(|(a, &b)| *a == f16::from_f32(b)),
+            "{name}"
+        );
+        // A window of the middle reads the same as the whole.
+        let (mut kw, mut vw) = (vec![0f32; 37 * hk * d], vec![0f32; 37 * hk * d]);
+        c.dequantize_f32(0, 60, 37, &mut kw, &mut vw).unwrap();
+        assert_eq!(kw, k[60 * hk * d..97 * hk * d], "{name}");
+        assert_eq!(vw, v[60 * hk * d..97 * hk * d], "{name}");
+
+        let spans = calibrated_spans(&cfg, &steps);
+        let delta = cfg.calib_delta as f64;
+        let fix = |a: &mut [f64]| calibrate_ref(a, &spans, delta);
+        let scale = 1.5 / (d as f32).sqrt();
+        let q = r.normals(n_head * d);
+        let (logits, want) = reference(&q, &k, &v, n, hk, d, n_head, scale, &fix);
+        check_close(
+            &format!("{name}: decode"),
+            &decode(&c, 0, &q, n_head, scale),
+            &want,
+            1e-5,
+        );
+        let scores = c.attention_scores(0, &q, n_head, scale).unwrap();
+        check_close(&format!("{name}: scores"), &scores, &logits, 1e-5);
+
+        let q = r.normals(n_q * n_head * d);
+        let mut out = vec![0f32; q.len()];
+        c.attention_prefill(0, &q, n_q, n_head, &mut out, scale)
+            .unwrap();
+        let rows = n_head * d;
+        for i in 0..n_q {
+            let qi = &q[i * rows..(i + 1) * rows];
+            let end = n - n_q + i + 1;
+            let (_, want) = reference(qi, &k, &v, end, hk, d, n_head, scale, &fix);
+            let got = &out[i * rows..(i + 1) * rows];
+            check_close(&format!("{name}: prefill query {i}"), got, &want, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn calibration_maps_each_visual_span_by_the_formula() {
+    let mut r = rng("calibration_maps_each_visual_span_by_the_formula");
+    let steps = [text(30), visual(150), text(20), visual(100), drip(5)];
+    let n = total(&steps);
+    let (hk, d, n_head) = (2, 128, 4);
+    let cfg = CacheConfig::preset("calibquant", 1, hk, d).unwrap();
+    let s = seq(&cfg, n, 4.0, &mut r);
+    let mut c = KvCache::new(cfg.clone()).unwrap();
+    fill(&mut c, &s, &steps, 0..n, false);
+    let (k, v) = dequantized(&c, 0);
+    let spans = visual_spans(&steps);
+    let scale = 1.0 / (d as f32).sqrt();
+    for (q_gain, delta) in [(3.0, 3.0), (3.0, 0.5), (0.01, 3.0), (3.0, 1e4)] {
+        let mut cc = KvCache::new(CacheConfig {
+            calib_delta: delta,
+            ..cfg.clone()
+        })
+        .unwrap();
+        fill(&mut cc, &s, &steps, 0..n, false);
+        let q: Vec<f32> = r.normals(n_head * d).iter().map(|x| x * q_gain).collect();
+        let fix = |a: &mut [f64]| calibrate_ref(a, &spans, delta as f64);
+        let (raw, _) = reference(&q, &k, &v, n, hk, d, n_head, scale, &no_fix);
+        let (logits, want) = reference(&q, &k, &v, n, hk, d, n_head, scale, &fix);
+        let got = cc.attention_scores(0, &q, n_head, scale).unwrap();
+        let what = format!("q x{q_gain}, δ {delta}");
+        check_close(&format!("{what}: scores"), &got, &logits, 1e-5);
+        check_close(
+            &format!("{what}: decode"),
+            &decode(&cc, 0, &q, n_head, scale),
+            &want,
+            1e-5,
+        );
+        // Where some span is wider than δ the calibration must show; where none is, the
+        // scores are the raw ones, in the same order.
+        let wide = (0..n_head).any(|h| {
+            spans.iter().any(|&(a, b)| {
+                let x = &raw[h * n + a..h * n + b];
+                let lo = x.iter().copied().fold(f32::INFINITY, f32::min);
+                x.iter().any(|&y| y - lo > delta)
+            })
+        });
+        assert_eq!(
+            wide,
+            delta < 10.0 && q_gain > 1.0,
+            "{what}: the test's premise"
+        );
+        if wide {
+            assert!(
+                rel_err(&got, &raw) > 1e-3,
+                "{what}: calibration had no effect"
+            );
+        } else {
+            check_close(&format!("{what}: unchanged"), &got, &raw, 1e-5);
+        }
+        // Text tokens and the residual are never calibrated.
+        for h in 0..n_head {
+            for t in (0..30).chain(180..200).chain(300..n) {
+                let (a, b) = (got[h * n + t], raw[h * n + t]);
+                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{what}: token {t}");
+            }
+        }
+    }
+    // Off, the same formats give the raw scores.
+    let mut off = KvCache::new(CacheConfig {
+        calibrate: false,
+        ..cfg
+    })
+    .unwrap();
+    fill(&mut off, &s, &steps, 0..n, false);
+    let q: Vec<f32> = r.normals(n_head * d).iter().map(|x| x * 3.0).collect();
+    let (raw, _) = reference(&q, &k, &v, n, hk, d, n_head, scale, &no_fix);
+    let got = off.attention_scores(0, &q, n_head, scale).unwrap();
+    check_close("calibration off", &got, &raw, 1e-5);
+}
+
+#[test]
+fn memory_report_matches_the_block_plan() {
+    use FormatId::{F16, Q1Calib};
+    let mut r = rng("memory_report_matches_the_block_plan");
+    let (layers, hk, d) = (2, 2, 128);
+    let cfg = CacheConfig::preset("calibquant", layers, hk, d).unwrap();
+    let steps = [text(64), visual(300), drip(5)];
+    let s = seq(&cfg, total(&steps), 4.0, &mut r);
+    let mut c = KvCache::new(cfg).unwrap();
+    fill(&mut c, &s, &steps, 0..usize::MAX, false);
+    // The text span closes when the image comes: one partial f16 block; the image is
+    // quantized at once, 128 + 128 + 44; the last 5 text tokens wait in the residual.
+    let plan = [
+        (64, F16, F16, 0),
+        (128, Q1Calib, Q1Calib, 0),
+        (128, Q1Calib, Q1Calib, 0),
+        (44, Q1Calib, Q1Calib, 0),
+    ];
+    let mut first = 0;
+    for l in 0..layers {
+        let got: Vec<(usize, usize, FormatId, FormatId)> = c
+            .blocks(l)
+            .iter()
+            .map(|b| (b.first, b.n_tokens, b.k, b.v))
+            .collect();
+        let want: Vec<(usize, usize, FormatId, FormatId)> = plan
+            .iter()
+            .map(|&(n, k, v, _)| {
+                first += n;
+                (first - n, n, k, v)
+            })
+            .collect();
+        first = 0;
+        assert_eq!(got, want);
+        assert_eq!(c.n_residual(l), 5);
+    }
+    let [codes, meta, k_bytes, v_bytes] = plan_bytes(&plan, d, hk * layers);
+    let residual = 5 * d * 2 * hk * layers;
+    let m = c.memory();
+    assert_eq!(
+        (m.codes as usize, m.meta as usize, m.residual as usize * 2),
+        (codes, meta, residual * 2 * 2)
+    );
+    assert_eq!(m.total, m.codes + m.meta + m.residual);
+    let values = (369 * hk * d * layers) as f64;
+    assert!((m.bits_k - (k_bytes + residual) as f64 * 8.0 / values).abs() < 1e-12);
+    assert!((m.bits_v - (v_bytes + residual) as f64 * 8.0 / values).abs() < 1e-12);
+}
+
+#[test]
+fn quantized_bytes_grow_block_by_block() {
+    let mut r = rng("quantized_bytes_grow_block_by_block");
+    let (d, hk, bt) = (64, 2, 32);
+    let cfg = per_token_pair(FormatId::Q8_0, 1, hk, d, bt);
+    let s = seq(&cfg, 100, 4.0, &mut r);
+    let mut c = KvCache::new(cfg).unwrap();
+    let mut last = c.memory();
+    for t in 1..=100usize {
+        fill(&mut c, &s, &[drip(100)], t - 1..t, false);
+        let m = c.memory();
+        let blocks = t / bt;
+        let [codes, meta, k, v] = plan_bytes(
+            &vec![(bt, FormatId::Q8_0, FormatId::Q8_0, 0); blocks],
+            d,
+            hk,
+        );
+        assert_eq!(
+            (m.codes as usize, m.meta as usize),
+            (codes, meta),
+            "after {t} tokens"
+        );
+        let res = (t % bt) * hk * d * 2;
+        assert_eq!(m.residual as usize, 2 * res);
+        let values = (t * hk * d) as f64;
+        assert!((m.bits_k - (k + res) as f64 * 8.0 / values).abs() < 1e-12);
+        assert!((m.bits_v - (v + res) as f64 * 8.0 / values).abs() < 1e-12);
+        if t % bt == 0 {
+            assert!(
+                m.total < last.total,
+                "a block of q8_0 is smaller than its f16 tokens"
+            );
+        } else {
+            assert_eq!(m.total - last.total, (hk * d * 2 * 2) as u64);
+        }
+        last = m;
+    }
+}
+
+/// Relative reconstruction error of each token of KV head `g`, `[t][hk][d]` rows.
+fn token_errors(got: &[f32], want: &[f32], hk: usize, d: usize, g: usize) -> Vec<f64> {
+    (0..want.len() / (hk * d))
+        .map(|t| {
+            let r = (t * hk + g) * d..(t * hk + g + 1) * d;
+            rel_err(&got[r.clone()], &want[r])
+        })
+        .collect()
+}
+
+#[test]
+fn vidkv_protects_the_most_salient_tokens() {
+    let mut r = rng("vidkv_protects_the_most_salient_tokens");
+    let (hk, d, n) = (2, 128, 200);
+    let cfg = CacheConfig::preset("vidkv", 1, hk, d).unwrap();
+    let mut s = seq(&cfg, n, 1.0, &mut r);
+    // The 40 most salient tokens (20% of 200) and the next 10 have values 8 times wider:
+    // unprotected, ternary codes clamp them to ±γ.
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| s.saliency[b].total_cmp(&s.saliency[a]).then(a.cmp(&b)));
+    let wide_rows = |s: &mut Seq, tokens: &[usize]| {
+        for &t in tokens {
+            for x in &mut s.v[0][t * hk * d..(t + 1) * hk * d] {
+                *x = f16::from_f32(*x * 8.0).to_f32();
+            }
+        }
+    };
+    wide_rows(&mut s, &order[..50]);
+    let run = |s: &Seq, salient: bool| {
+        let mut c = KvCache::new(cfg.clone()).unwrap();
+        fill(&mut c, s, &[visual(n)], 0..n, salient);
+        let (_, v) = dequantized(&c, 0);
+        (c.memory(), v)
+    };
+    let (m_on, v_on) = run(&s, true);
+    let (m_off, v_off) = run(&s, false);
+    let mean = |e: &[f64], ts: &[usize]| ts.iter().map(|&t| e[t]).sum::<f64>() / ts.len() as f64;
+    for g in 0..hk {
+        let on = token_errors(&v_on, &s.v[0], hk, d, g);
+        let off = token_errors(&v_off, &s.v[0], hk, d, g);
+        let (top, next) = (&order[..40], &order[40..50]);
+        eprintln!(
+            "head {g}: protected {:.3} (unprotected {:.3}); next 10 {:.3}",
+            mean(&on, top),
+            mean(&off, top),
+            mean(&on, next)
+        );
+        assert!(mean(&on, top) < 0.5 * mean(&off, top));
+        assert!(
+            mean(&on, top) < 0.5 * mean(&on, next),
+            "the 41st to 50th must not be protected"
+        );
+    }
+    // 40 protected tokens per value block of each head, none in the keys (k1_5_mix does not
+    // protect).
+    let p = &cfg.quant;
+    let kb = |n| {
+        let shape = Shape {
+            n,
+            d,
+            role: Role::Key,
+        };
+        FormatId::K1_5Mix.imp().block_size(shape, 0, p).total()
+    };
+    let vb = |n, n_p| {
+        let shape = Shape {
+            n,
+            d,
+            role: Role::Value,
+        };
+        FormatId::V1_58Tern.imp().block_size(shape, n_p, p).total()
+    };
+    let plan = |n_p: (usize, usize)| hk * (kb(128) + kb(72) + vb(128, n_p.0) + vb(72, n_p.1));
+    let top_in_first = order[..40].iter().filter(|&&t| t < 128).count();
+    assert_eq!(m_on.total as usize, plan((top_in_first, 40 - top_in_first)));
+    assert_eq!(m_off.total as usize, plan((0, 0)));
+}
+
+#[test]
+fn saliency_ties_go_to_the_earlier_token() {
+    let mut r = rng("saliency_ties_go_to_the_earlier_token");
+    let (hk, d, n) = (1, 64, 50);
+    let cfg = CacheConfig {
+        protect_fraction: 0.25,
+        ..CacheConfig::preset("vidkv", 1, hk, d).unwrap()
+    };
+    let mut s = seq(&cfg, n, 1.0, &mut r);
+    // round(0.25 · 50) = 13 (12.5 rounds up): with equal saliency, tokens 0..13.
+    s.saliency.iter_mut().for_each(|x| *x = 0.5);
+    for x in &mut s.v[0][..20 * d] {
+        *x = f16::from_f32(*x * 8.0).to_f32();
+    }
+    let mut c = KvCache::new(cfg.clone()).unwrap();
+    fill(&mut c, &s, &[visual(n)], 0..n, true);
+    let (_, v) = dequantized(&c, 0);
+    let e = token_errors(&v, &s.v[0], hk, d, 0);
+    let worst_kept = e[..13].iter().copied().fold(0.0, f64::max);
+    let best_rest = e[13..20].iter().copied().fold(f64::INFINITY, f64::min);
+    assert!(
+        worst_kept < best_rest,
+        "kept {worst_kept:.3}, rest {best_rest:.3}"
+    );
+    let p = FormatId::V1_58Tern.imp().block_size(
+        Shape {
+            n,
+            d,
+            role: Role::Value,
+        },
+        13,
+        &cfg.quant,
+    );
+    let k = FormatId::K1_5Mix.imp().block_size(
+        Shape {
+            n,
+            d,
+            role: Role::Key,
+        },
+        0,
+        &cfg.quant,
+    );
+    assert_eq!(c.memory().total as usize, p.total() + k.total());
+}
+
+#[test]
+fn akvq_keeps_a_pivot_token_exact_in_keys_and_values() {
+    let mut r = rng("akvq_keeps_a_pivot_token_exact_in_keys_and_values");
+    let (hk, d, n, pivot) = (2, 128, 200, 17);
+    let cfg = CacheConfig::preset("akvq", 1, hk, d).unwrap();
+    let mut s = seq(&cfg, n, 1.0, &mut r);
+    for x in &mut s.k[0][pivot * hk * d..(pivot + 1) * hk * d] {
+        *x = f16::from_f32(*x * 20.0).to_f32();
+    }
+    let mut c = KvCache::new(cfg.clone()).unwrap();
+    fill(&mut c, &s, &[visual(n)], 0..n, false);
+    // The last 128 tokens stay f16, and the 72 older ones wait for the rest of their span.
+    assert_eq!(c.n_residual(0), 200);
+    c.flush();
+    assert_eq!(c.n_residual(0), 0);
+    let (k, v) = dequantized(&c, 0);
+    let row = |x: &[f32], t: usize| x[t * hk * d..(t + 1) * hk * d].to_vec();
+    assert_eq!(row(&k, pivot), row(&s.k[0], pivot));
+    assert_eq!(row(&v, pivot), row(&s.v[0], pivot));
+    assert!(
+        rel_err(&row(&k, 3), &row(&s.k[0], 3)) > 1e-3,
+        "other tokens are quantized"
+    );
+    // One pivot in the first K and V block of each head.
+    let size = |n, n_p, role| {
+        FormatId::Q2Had
+            .imp()
+            .block_size(Shape { n, d, role }, n_p, &cfg.quant)
+            .total()
+    };
+    let plan: usize = [(128, 1), (72, 0)]
+        .iter()
+        .map(|&(n, p)| size(n, p, Role::Key) + size(n, p, Role::Value))
+        .sum();
+    assert_eq!(c.memory().total as usize, hk * plan);
+}
+
+#[test]
+fn a_block_its_format_refuses_is_kept_f16() {
+    let mut r = rng("a_block_its_format_refuses_is_kept_f16");
+    let (hk, d, n_head) = (2, 64, 4);
+    let cfg = CacheConfig {
+        recent_f16: 16,
+        ..per_token_pair(FormatId::Q2Had, 1, hk, d, 32)
+    };
+    let mut s = seq(&cfg, 80, 1.0, &mut r);
+    // In range, but its rotation puts 8 × 60000 in one coefficient: q2_had refuses it, and
+    // only when the block is quantized, long after the append was accepted.
+    s.k[0][(5 * hk + 1) * d..(5 * hk + 2) * d].fill(-60000.0);
+    let mut c = KvCache::new(cfg.clone()).unwrap();
+    fill(&mut c, &s, &[drip(80)], 0..80, false);
+    let formats: Vec<(FormatId, FormatId)> = c.blocks(0).iter().map(|b| (b.k, b.v)).collect();
+    assert_eq!(
+        formats,
+        [
+            (FormatId::F16, FormatId::Q2Had),
+            (FormatId::Q2Had, FormatId::Q2Had)
+        ]
+    );
+    let (k, v) = dequantized(&c, 0);
+    assert_eq!(k[..32 * hk * d], s.k[0][..32 * hk * d]);
+    let q = r.normals(n_head * d);
+    let (_, want) = reference(&q, &k, &v, 80, hk, d, n_head, 0.1, &no_fix);
+    check_close("attention", &decode(&c, 0, &q, n_head, 0.1), &want, 1e-5);
+    let size = |f: FormatId, role| {
+        f.imp()
+            .block_size(Shape { n: 32, d, role }, 0, &cfg.quant)
+            .total()
+    };
+    let blocks = size(FormatId::F16, Role::Key)
+        + size(FormatId::Q2Had, Role::Key)
+        + 2 * size(FormatId::Q2Had, Role::Value);
+    assert_eq!(c.memory().total as usize, hk * blocks + 16 * hk * d * 2 * 2);
 }
