@@ -288,7 +288,7 @@ fn prefill_equals_reference_per_query_and_decode_on_prefixes() {
     let mut r = rng("prefill_equals_reference_per_query_and_decode_on_prefixes");
     let steps = [text(40), visual(50), text(30), drip(3)];
     let n = total(&steps);
-    let (d, hk, n_head, n_q) = (80, 2, 4, 24);
+    let (d, hk, n_head, n_q) = (80, 2, 4, 16);
     for f in PER_TOKEN {
         let cfg = per_token_pair(f, 1, hk, d, 32);
         let s = seq(&cfg, n, 4.0, &mut r);
