@@ -1,9 +1,17 @@
-//! `KvCache`: one sequence's quantized KV cache, per layer and KV head a list of segments.
-//! (API fixed; bodies being written.)
+//! `KvCache`: one sequence's quantized KV cache, per layer and KV head a list of blocks.
+//!
+//! Every append lands in an f16 residual first (KIVI's rule); then the tokens older than the
+//! last `recent_f16` are quantized in token order, in blocks that never cross a span
+//! (`store.rs`). Attention walks the blocks, then the residual, with an online softmax
+//! (`attend.rs`). Presets and validation of the config are in `config.rs`.
+
+mod attend;
+mod config;
+mod store;
 
 use half::f16;
 
-use super::{FormatId, QuantParams};
+use super::{BlockSize, FormatId, QuantParams};
 use crate::Error;
 
 /// Where a token came from: text tokens and visual (image/video) tokens can use different
@@ -19,7 +27,7 @@ pub enum Modality {
 pub enum BlockTokens {
     /// At most this many (32..=4096).
     Fixed(usize),
-    /// One block per appended span.
+    /// One block per span (a span longer than 4096 tokens, the formats' limit, is cut there).
     All,
 }
 
@@ -65,117 +73,157 @@ pub struct MemoryReport {
     pub bits_v: f64,
 }
 
-pub struct KvCache {
-    cfg: CacheConfig,
+/// One quantized block: the same tokens in every KV head of a layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Block {
+    /// Position of the block's first token.
+    pub first: usize,
+    pub n_tokens: usize,
+    /// Index of the span the block belongs to, counted per layer in append order.
+    pub span: usize,
+    pub modality: Modality,
+    pub k: FormatId,
+    pub v: FormatId,
 }
 
-impl CacheConfig {
-    /// `calibquant`, `vidkv`, `akvq` or `kivi2` for a model of this shape.
-    pub fn preset(
-        name: &str,
-        n_layer: usize,
-        n_head_kv: usize,
-        head_dim: usize,
-    ) -> Result<CacheConfig, Error> {
-        let _ = (name, n_layer, n_head_kv, head_dim);
-        todo!()
-    }
+pub struct KvCache {
+    cfg: CacheConfig,
+    layers: Vec<Layer>,
+    scratch: store::Scratch,
+}
 
-    /// The same K and V format for every token (`-ctk K -ctv V`).
-    pub fn pair(
-        k: FormatId,
-        v: FormatId,
-        n_layer: usize,
-        n_head_kv: usize,
-        head_dim: usize,
-    ) -> CacheConfig {
-        let _ = (k, v, n_layer, n_head_kv, head_dim);
-        todo!()
-    }
+/// One layer: the block plan shared by its KV heads, the heads' bytes, and the residual's
+/// per-token bookkeeping.
+struct Layer {
+    n_tokens: usize,
+    blocks: Vec<Block>,
+    heads: Vec<Head>,
+    /// Spans (or their tails) still in the residual, oldest first.
+    runs: Vec<Run>,
+    /// Saliency of every residual token (0 where none was given).
+    saliency: Vec<f32>,
+    n_res: usize,
+    n_spans: usize,
+    /// The last span is text and further text appends extend it.
+    open_text: bool,
+}
+
+/// One KV head of a layer: quantized blocks in one growing arena per role, and the f16
+/// residual laid out as an `f16` block (`[t][d]`, little-endian).
+#[derive(Default)]
+struct Head {
+    k: Vec<u8>,
+    v: Vec<u8>,
+    /// Where each block of `Layer::blocks` lies in the arenas.
+    at: Vec<Stored>,
+    k_res: Vec<u8>,
+    v_res: Vec<u8>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Stored {
+    k_off: usize,
+    k: BlockSize,
+    v_off: usize,
+    v: BlockSize,
+}
+
+/// Consecutive residual tokens of one span.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    span: usize,
+    modality: Modality,
+    n: usize,
+    /// The caller gave saliency for these tokens.
+    salient: bool,
 }
 
 impl KvCache {
     pub fn new(cfg: CacheConfig) -> Result<KvCache, Error> {
-        Ok(KvCache { cfg })
+        cfg.validate()?;
+        let layers = (0..cfg.n_layer)
+            .map(|_| Layer {
+                n_tokens: 0,
+                blocks: Vec::new(),
+                heads: (0..cfg.n_head_kv).map(|_| Head::default()).collect(),
+                runs: Vec::new(),
+                saliency: Vec::new(),
+                n_res: 0,
+                n_spans: 0,
+                open_text: false,
+            })
+            .collect();
+        Ok(KvCache {
+            cfg,
+            layers,
+            scratch: store::Scratch::default(),
+        })
     }
 
     pub fn config(&self) -> &CacheConfig {
         &self.cfg
     }
 
-    pub fn append(
-        &mut self,
-        layer: usize,
-        k: Rows<'_>,
-        v: Rows<'_>,
-        n_tokens: usize,
-        modality: Modality,
-        saliency: Option<&[f32]>,
-    ) -> Result<(), Error> {
-        let _ = (layer, k, v, n_tokens, modality, saliency);
-        todo!()
+    pub fn n_layer(&self) -> usize {
+        self.cfg.n_layer
     }
 
+    /// Tokens cached in `layer` (0 for a layer out of range).
     pub fn n_tokens(&self, layer: usize) -> usize {
-        let _ = layer;
-        todo!()
+        self.layers.get(layer).map_or(0, |l| l.n_tokens)
     }
 
-    /// Softmax attention of one new token: `q` and `out` are `[n_head][head_dim]`.
-    pub fn attention_decode(
-        &self,
-        layer: usize,
-        q: &[f32],
-        n_head: usize,
-        out: &mut [f32],
-        scale: f32,
-    ) -> Result<(), Error> {
-        let _ = (layer, q, n_head, out, scale);
-        todo!()
+    /// Tokens of `layer` still in the f16 residual (0 for a layer out of range).
+    pub fn n_residual(&self, layer: usize) -> usize {
+        self.layers.get(layer).map_or(0, |l| l.n_res)
     }
 
-    /// Causal attention of the last `n_q` cached tokens: `q` and `out` are `[n_q][n_head][head_dim]`;
-    /// query `i` sees cached tokens `0..=n_tokens - n_q + i`.
-    pub fn attention_prefill(
-        &self,
-        layer: usize,
-        q: &[f32],
-        n_q: usize,
-        n_head: usize,
-        out: &mut [f32],
-        scale: f32,
-    ) -> Result<(), Error> {
-        let _ = (layer, q, n_q, n_head, out, scale);
-        todo!()
+    /// The quantized blocks of `layer` in token order (empty for a layer out of range).
+    pub fn blocks(&self, layer: usize) -> &[Block] {
+        self.layers.get(layer).map_or(&[], |l| &l.blocks)
     }
 
-    /// Scores (logits after `scale` and calibration) of one query `[n_head][head_dim]` against
-    /// every cached token, `[n_head][n_tokens]` in token order: what softmax is taken over.
-    pub fn attention_scores(
-        &self,
-        layer: usize,
-        q: &[f32],
-        n_head: usize,
-        scale: f32,
-    ) -> Result<Vec<f32>, Error> {
-        let _ = (layer, q, n_head, scale);
-        todo!()
-    }
-
-    /// Tokens `first..first + n` of `layer` as f16 rows `[n][n_head_kv][head_dim]`.
-    pub fn dequantize(
-        &self,
-        layer: usize,
-        first: usize,
-        n: usize,
-        k: &mut [f16],
-        v: &mut [f16],
-    ) -> Result<(), Error> {
-        let _ = (layer, first, n, k, v);
-        todo!()
-    }
-
+    /// Exact bytes stored: block sizes as the formats report them, plus the f16 residual.
     pub fn memory(&self) -> MemoryReport {
-        todo!()
+        let (mut codes, mut meta, mut res) = (0u64, 0u64, 0u64);
+        let (mut bytes_k, mut bytes_v, mut values) = (0u64, 0u64, 0u64);
+        for lay in &self.layers {
+            values += (lay.n_tokens * self.cfg.n_head_kv * self.cfg.head_dim) as u64;
+            for head in &lay.heads {
+                for s in &head.at {
+                    codes += (s.k.codes + s.v.codes) as u64;
+                    meta += (s.k.meta + s.v.meta) as u64;
+                    bytes_k += s.k.total() as u64;
+                    bytes_v += s.v.total() as u64;
+                }
+                res += (head.k_res.len() + head.v_res.len()) as u64;
+                bytes_k += head.k_res.len() as u64;
+                bytes_v += head.v_res.len() as u64;
+            }
+        }
+        let bits = |bytes: u64| {
+            if values == 0 {
+                0.0
+            } else {
+                bytes as f64 * 8.0 / values as f64
+            }
+        };
+        MemoryReport {
+            codes,
+            meta,
+            residual: res,
+            total: codes + meta + res,
+            bits_k: bits(bytes_k),
+            bits_v: bits(bytes_v),
+        }
+    }
+
+    fn layer(&self, layer: usize) -> Result<&Layer, Error> {
+        self.layers.get(layer).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "layer {layer} out of range (the cache has {} layers)",
+                self.cfg.n_layer
+            ))
+        })
     }
 }
