@@ -279,7 +279,7 @@ impl Report<'_, '_> {
         }
         let visual = self.visual_tokens();
         println!(
-            "presets, with {visual} visual and {} text tokens:",
+            "\nPresets, with {visual} visual and {} text tokens:",
             self.ctx - visual.min(self.ctx)
         );
         for (name, total) in self.preset_totals() {
