@@ -801,3 +801,33 @@ fn errors_name_the_file_and_the_problem() {
     inspect(&[s(&model), "--mmproj", s(&mmproj), "--image-size", "0x720"])
         .fails_saying(&[s(&mmproj), "0x720"]);
 }
+
+/// Preset totals split the context into visual tokens (images × tokens per image) in the
+/// preset's visual formats, text in its text formats, and the recent window at f16.
+#[test]
+fn presets_split_visual_and_text_tokens() {
+    let run = inspect(&["--json", "--ctx", "10000", "--images", "4"]).ok();
+    let j: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let per_image = j["vision"]["tokens_per_image"].as_f64().unwrap();
+    assert_eq!(j["visual_tokens"].as_f64().unwrap(), 4.0 * per_image);
+    let (visual, text) = (4.0 * per_image, 10000.0 - 4.0 * per_image);
+    let kv = |name: &str| j["kv_bytes_per_token"][name].as_f64().unwrap();
+    let preset = |name: &str| j["preset_bytes_at_ctx"][name].as_f64().unwrap();
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b;
+    assert!(close(
+        preset("calibquant"),
+        text * kv("f16") + visual * kv("q1_calib")
+    ));
+    assert!(close(preset("kivi2"), 10000.0 * kv("kivi2")));
+    let recent = 128.0;
+    let akvq = (text - recent) * kv("q4_had") + visual * kv("q2_had") + recent * kv("f16");
+    assert!(close(preset("akvq"), akvq), "{} vs {akvq}", preset("akvq"));
+    // Without images every token is text: calibquant is plain f16.
+    let j: serde_json::Value =
+        serde_json::from_str(&inspect(&["--json", "--ctx", "10000"]).ok().stdout).unwrap();
+    let f16 = j["kv_bytes_per_token"]["f16"].as_f64().unwrap();
+    assert!(close(
+        j["preset_bytes_at_ctx"]["calibquant"].as_f64().unwrap(),
+        10000.0 * f16
+    ));
+}
