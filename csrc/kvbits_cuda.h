@@ -46,6 +46,12 @@ int kvb_cuda_event_elapsed_ms(float *ms, kvb_cuda_event start, kvb_cuda_event en
  * figure is compared with (bytes read + written per second). */
 int kvb_cuda_copy_kernel(void *dst, const void *src, size_t bytes, kvb_cuda_stream stream);
 
+/* Fill n f16 values with deterministic pseudo-random normals (scaled per channel: every
+ * `channels`-th value group gets `outlier` times the scale on channels c % 17 == 3), for
+ * benchmarks that need gigabytes of KV without a host round trip. */
+int kvb_cuda_fill_kv(void *dst, size_t n, int32_t channels, float outlier, uint64_t seed,
+                     kvb_cuda_stream stream);
+
 /* ---- KV blocks in device memory ------------------------------------------------------
  * A cache keeps its blocks in one device arena; each block is the byte string of
  * docs/FORMATS.md, starting at a 16-byte aligned offset. Format ids are those of FormatId. */

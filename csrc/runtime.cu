@@ -1,5 +1,6 @@
 // The thin runtime layer of kvbits_cuda.h: every call returns the cudaError_t it met.
 
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "kvbits_cuda.h"
@@ -119,5 +120,35 @@ extern "C" int kvb_cuda_copy_kernel(void *dst, const void *src, size_t bytes,
             static_cast<uint8_t *>(dst) + vecs * 16, static_cast<const uint8_t *>(src) + vecs * 16,
             tail);
     }
+    return cudaGetLastError();
+}
+
+// SplitMix64 of the element index: reproducible, independent of the launch shape.
+__device__ inline uint64_t mix64(uint64_t z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+__global__ void fill_kv_kernel(__half *dst, size_t n, int channels, float outlier, uint64_t seed) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        uint64_t r = mix64(seed ^ mix64(i));
+        // Box-Muller from two 24-bit uniforms.
+        float u1 = ((r >> 40) + 1.0f) / 16777217.0f, u2 = ((r >> 8) & 0xFFFFFF) / 16777216.0f;
+        float z = sqrtf(-2.f * logf(u1)) * cospif(2.f * u2);
+        int c = (int)(i % (size_t)channels);
+        dst[i] = __float2half_rn(c % 17 == 3 ? z * outlier : z);
+    }
+}
+
+extern "C" int kvb_cuda_fill_kv(void *dst, size_t n, int32_t channels, float outlier, uint64_t seed,
+                                kvb_cuda_stream stream) {
+    if (!dst || channels < 1) return KVB_CUDA_INVALID_ARGUMENT;
+    if (n == 0) return cudaSuccess;
+    size_t blocks = (n + 255) / 256;
+    fill_kv_kernel<<<(unsigned)(blocks < 65536 ? blocks : 65536), 256, 0, as_stream(stream)>>>(
+        static_cast<__half *>(dst), n, channels, outlier, seed);
     return cudaGetLastError();
 }

@@ -49,8 +49,97 @@ fn params_c(p: &QuantParams) -> sys::kvb_cuda_quant_params {
     }
 }
 
-/// Quantize every job of one format into `arena` (one CTA per job). All jobs read rows of the
-/// same element type.
+/// A job table in device memory, checked against the arena it writes into.
+pub struct QuantBatch {
+    format: FormatId,
+    head_dim: usize,
+    f16: bool,
+    table: DeviceBuffer,
+    n_jobs: usize,
+    params: QuantParams,
+}
+
+impl QuantBatch {
+    /// Check and upload `jobs` (all reading rows of one element type) for `arena`.
+    pub fn new(
+        format: FormatId,
+        head_dim: usize,
+        jobs: &[QuantJob<'_>],
+        params: &QuantParams,
+        arena: &DeviceBuffer,
+        stream: &Stream,
+    ) -> Result<QuantBatch, Error> {
+        let f16 = jobs.first().is_some_and(|j| j.rows.f16);
+        let elem = if f16 { 2 } else { 4 };
+        let raw: Vec<sys::kvb_cuda_quant_job> = jobs
+            .iter()
+            .map(|j| {
+                if j.rows.f16 != f16 {
+                    return Err(Error::InvalidArgument("jobs mix f16 and f32 rows".into()));
+                }
+                let shape = crate::kv::Shape {
+                    n: j.n,
+                    d: head_dim,
+                    role: j.role,
+                };
+                let bytes = format.imp().block_size(shape, 0, params).total();
+                if j.out_offset + bytes > arena.len() || j.out_offset % 16 != 0 {
+                    return Err(Error::InvalidArgument(format!(
+                        "block of {bytes} bytes at offset {} of a {}-byte arena \
+                         (offsets are 16-aligned)",
+                        j.out_offset,
+                        arena.len()
+                    )));
+                }
+                let x = j
+                    .rows
+                    .buf
+                    .as_ptr()
+                    .cast::<u8>()
+                    .wrapping_add(j.rows.offset * elem);
+                let protect = j.protect.map_or(std::ptr::null(), |(b, off)| {
+                    b.as_ptr().cast::<u8>().wrapping_add(off).cast_const()
+                });
+                Ok(sys::kvb_cuda_quant_job {
+                    x: x.cast(),
+                    x_stride: j.rows.stride as i64,
+                    protect,
+                    out_offset: j.out_offset as u64,
+                    n: j.n as i32,
+                    role: role_id(j.role),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(QuantBatch {
+            format,
+            head_dim,
+            f16,
+            table: DeviceBuffer::from_slice(&raw, stream)?,
+            n_jobs: raw.len(),
+            params: *params,
+        })
+    }
+
+    /// Launch one CTA per job on `stream` (asynchronous).
+    pub fn launch(&self, arena: &DeviceBuffer, stream: &Stream) -> Result<(), Error> {
+        // SAFETY: the table was checked against an arena of this size at construction.
+        let code = unsafe {
+            sys::kvb_cuda_quantize(
+                self.format as i32,
+                self.head_dim as i32,
+                self.f16 as i32,
+                self.table.as_ptr().cast(),
+                self.n_jobs as i32,
+                params_c(&self.params),
+                arena.as_ptr().cast(),
+                stream.raw(),
+            )
+        };
+        check(code, "kvb_cuda_quantize")
+    }
+}
+
+/// Quantize every job of one format into `arena` (one CTA per job) and wait for it.
 pub fn quantize(
     format: FormatId,
     head_dim: usize,
@@ -59,65 +148,10 @@ pub fn quantize(
     arena: &DeviceBuffer,
     stream: &Stream,
 ) -> Result<(), Error> {
-    let Some(first) = jobs.first() else {
+    if jobs.is_empty() {
         return Ok(());
-    };
-    let elem = if first.rows.f16 { 2 } else { 4 };
-    let raw: Vec<sys::kvb_cuda_quant_job> = jobs
-        .iter()
-        .map(|j| {
-            if j.rows.f16 != first.rows.f16 {
-                return Err(Error::InvalidArgument("jobs mix f16 and f32 rows".into()));
-            }
-            let bytes = format.imp().block_size(
-                crate::kv::Shape {
-                    n: j.n,
-                    d: head_dim,
-                    role: j.role,
-                },
-                0,
-                params,
-            );
-            if j.out_offset + bytes.total() > arena.len() || j.out_offset % 16 != 0 {
-                return Err(Error::InvalidArgument(format!(
-                    "block of {} bytes at offset {} of a {}-byte arena (offsets are 16-aligned)",
-                    bytes.total(),
-                    j.out_offset,
-                    arena.len()
-                )));
-            }
-            Ok(sys::kvb_cuda_quant_job {
-                x: j.rows
-                    .buf
-                    .as_ptr()
-                    .cast::<u8>()
-                    .wrapping_add(j.rows.offset * elem)
-                    .cast(),
-                x_stride: j.rows.stride as i64,
-                protect: j.protect.map_or(std::ptr::null(), |(b, off)| {
-                    b.as_ptr().cast::<u8>().wrapping_add(off)
-                }),
-                out_offset: j.out_offset as u64,
-                n: j.n as i32,
-                role: role_id(j.role),
-            })
-        })
-        .collect::<Result<_, _>>()?;
-    let table = DeviceBuffer::from_slice(&raw, stream)?;
-    // SAFETY: the job table and arena are live device buffers; offsets were checked above.
-    let code = unsafe {
-        sys::kvb_cuda_quantize(
-            format as i32,
-            head_dim as i32,
-            first.rows.f16 as i32,
-            table.as_ptr().cast(),
-            raw.len() as i32,
-            params_c(params),
-            arena.as_ptr().cast(),
-            stream.raw(),
-        )
-    };
-    check(code, "kvb_cuda_quantize")?;
+    }
+    QuantBatch::new(format, head_dim, jobs, params, arena, stream)?.launch(arena, stream)?;
     stream.synchronize()
 }
 

@@ -4,6 +4,7 @@
 //! Why not `cuda-sys`: it is unmaintained, stops at old toolkits and links the driver API we do
 //! not need; the dozen runtime calls kvbits makes are a few lines of C++ next to the kernels.
 
+pub mod bench;
 pub mod kernels;
 mod runtime;
 
