@@ -172,11 +172,47 @@ fn fill_kv(
     )
 }
 
-/// A quantized cache of `batch` sequences of `tokens` tokens on the device, and its plan.
-struct DeviceCache {
+/// A quantized cache of `batch` sequences of `tokens` tokens on the device, its plan, and a
+/// query: one decode step ready to launch.
+pub struct DecodeBench {
     arenas: Vec<DeviceBuffer>,
     plan: DecodePlan,
-    bytes: usize,
+    q: DeviceBuffer,
+    out: DeviceBuffer,
+    scale: f32,
+    /// Bytes one step reads: the blocks of every sequence and the queries.
+    pub bytes: usize,
+}
+
+impl DecodeBench {
+    pub fn new(
+        shape: LayerShape,
+        tokens: usize,
+        batch: usize,
+        preset: BenchPreset,
+        sms: usize,
+        stream: &Stream,
+    ) -> Result<DecodeBench, Error> {
+        let q_len = batch * shape.n_head * shape.head_dim;
+        // Enough work items to give every SM a few CTAs.
+        let items = (4 * sms).div_ceil(batch * shape.n_head_kv).max(1);
+        let (arenas, plan, bytes) = build_cache(shape, tokens, batch, preset, items, stream)?;
+        Ok(DecodeBench {
+            arenas,
+            plan,
+            q: DeviceBuffer::from_slice(&crate::rng::Rng::new(7).normals(q_len), stream)?,
+            out: DeviceBuffer::new(q_len * 4)?,
+            scale: 1.0 / (shape.head_dim as f32).sqrt(),
+            bytes: bytes + q_len * 4,
+        })
+    }
+
+    /// Launch step `rep` (asynchronous), on the `rep`-th copy of the cache in rotation.
+    pub fn launch(&self, rep: usize, stream: &Stream) -> Result<(), Error> {
+        let arena = &self.arenas[rep % self.arenas.len()];
+        self.plan
+            .launch(arena, &self.q, &self.out, self.scale, 3.0, stream)
+    }
 }
 
 /// Quantize random K and V for every sequence and head in `preset`'s formats and lay out the
@@ -300,27 +336,14 @@ pub fn decode_rows(
     sms: usize,
     stream: &Stream,
 ) -> Result<Vec<DecodeRow>, Error> {
-    let d = shape.head_dim;
-    let q_len = batch * shape.n_head * d;
-    let q = DeviceBuffer::from_slice(&crate::rng::Rng::new(7).normals(q_len), stream)?;
-    let out = DeviceBuffer::new(q_len * 4)?;
-    // Enough work items to give every SM a few CTAs.
-    let items = (4 * sms).div_ceil(batch * shape.n_head_kv).max(1);
     let mut rows: Vec<DecodeRow> = Vec::new();
     for preset in PRESETS
         .iter()
         .filter(|p| kernels::supports(p.k) && kernels::supports(p.v))
     {
-        let cache = build_cache(shape, tokens, batch, *preset, items, stream)?;
-        let scale = 1.0 / (d as f32).sqrt();
-        let n = cache.arenas.len();
-        let us = time_us(stream, 5, 50, |r| {
-            cache
-                .plan
-                .launch(&cache.arenas[r % n], &q, &out, scale, 3.0, stream)
-        })?;
-        let bytes = cache.bytes + q_len * 4;
-        let gbps = bytes as f64 / (us * 1e-6) / 1e9;
+        let bench = DecodeBench::new(shape, tokens, batch, *preset, sms, stream)?;
+        let us = time_us(stream, 5, 50, |r| bench.launch(r, stream))?;
+        let gbps = bench.bytes as f64 / (us * 1e-6) / 1e9;
         let f16_us = rows.first().map_or(us, |f| f.us);
         rows.push(DecodeRow {
             shape: shape.name,
@@ -328,7 +351,7 @@ pub fn decode_rows(
             batch,
             preset: preset.name,
             us,
-            bytes,
+            bytes: bench.bytes,
             gb_per_s: gbps,
             pct_of_copy: 100.0 * gbps / copy_gbps,
             speedup_vs_f16: f16_us / us,
