@@ -3,10 +3,11 @@
 
 use std::time::Duration;
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group, criterion_main};
 
 #[cfg(feature = "cuda")]
 fn decode(c: &mut Criterion) {
+    use criterion::Throughput;
     use kvbits::cuda::bench::{DecodeBench, PRESETS, SHAPES};
     use kvbits::cuda::kernels::supports;
     use kvbits::cuda::{Event, Stream, device_count, device_info};

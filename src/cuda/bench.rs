@@ -224,7 +224,7 @@ fn build_cache(
     preset: BenchPreset,
     items: usize,
     stream: &Stream,
-) -> Result<DeviceCache, Error> {
+) -> Result<(Vec<DeviceBuffer>, DecodePlan, usize), Error> {
     let (d, h) = (shape.head_dim, shape.n_head_kv);
     let params = QuantParams::default();
     let rows_per_seq = tokens * h * d;
@@ -320,11 +320,7 @@ fn build_cache(
     };
     let plan = DecodePlan::new(&descs, &work, batch, shape.n_head, h, d, n_spans, stream)?;
     stream.synchronize()?;
-    Ok(DeviceCache {
-        arenas,
-        plan,
-        bytes: offset,
-    })
+    Ok((arenas, plan, offset))
 }
 
 /// Time one decode step for every preset the device supports, f16 first.
