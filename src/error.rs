@@ -21,6 +21,12 @@ pub enum Error {
     Unsupported(String),
     /// NaN or infinity in a block to quantize.
     NonFinite { token: usize, channel: usize },
+    /// A CUDA call failed (`code` is the cudaError_t).
+    Cuda {
+        call: &'static str,
+        code: i32,
+        message: String,
+    },
 }
 
 impl fmt::Display for Error {
@@ -35,6 +41,11 @@ impl fmt::Display for Error {
                 "non-finite value (NaN or infinity) at token {token}, channel {channel}: \
                  KV values must be finite to be quantized"
             ),
+            Error::Cuda {
+                call,
+                code,
+                message,
+            } => write!(f, "CUDA error in {call}: {message} ({code})"),
         }
     }
 }

@@ -5,6 +5,8 @@
 //! - [`model`]: a model's KV shape from its LLM and mmproj GGUF files.
 //! - [`kv`]: the cache formats, one file each, in one table.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod eval;
 pub mod gguf;

@@ -50,7 +50,11 @@ fn check(x: &[f32], shape: Shape, p: &QuantParams, rng: &mut Rng) -> Vec<f32> {
     imp.quantize(x, shape, &[], p, &mut out).unwrap();
     assert_eq!(out[..5], [0x5A; 5], "{shape:?}: prefix overwritten");
     let block = &out[5..];
-    assert_eq!(block.len(), imp.block_size(shape, 0).total(), "{shape:?}");
+    assert_eq!(
+        block.len(),
+        imp.block_size(shape, 0, &QuantParams::default()).total(),
+        "{shape:?}"
+    );
     let (bytes, vals) = reference(x, shape, p);
     assert_eq!(block, &bytes[..], "{shape:?}: stored bytes");
     let (n, d) = (shape.n, shape.d);
@@ -127,7 +131,11 @@ fn storage_size_and_bits() {
         assert_eq!(FormatId::Q1Calib.bits_per_value(128, role, 128), 1.25);
         for d in HEAD_DIMS {
             for n in [1, 33, 300] {
-                let size = FormatId::Q1Calib.imp().block_size(Shape { n, d, role }, 0);
+                let size = FormatId::Q1Calib.imp().block_size(
+                    Shape { n, d, role },
+                    0,
+                    &QuantParams::default(),
+                );
                 // One bit per value; the range of every channel once per block.
                 assert_eq!(size.codes * 8, n * d);
                 assert_eq!(size.meta, 2 * 2 * d);
@@ -233,13 +241,13 @@ fn bad_input_is_an_error_and_appends_nothing() {
             assert_eq!(out, [1, 2]);
         }
         let mut out = Vec::new();
-        // α·max beyond f16.
+        // A value beyond the f16 range of the cache.
         let mut x = vec![1.0f32; 9 * 96];
         x[3] = 1e6;
         let r = imp.quantize(&x, shape, &[], &p, &mut out);
         assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
-        // α must be a positive number.
-        for a in [0.0, -0.5, f32::NAN] {
+        // α is a shrink factor in (0, 1].
+        for a in [0.0, -0.5, 1.5, f32::NAN] {
             let bad = QuantParams {
                 calib_alpha_k: a,
                 calib_alpha_v: a,

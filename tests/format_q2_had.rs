@@ -1,5 +1,5 @@
 //! `q2_had` / `q4_had` (AKVQ-VL) against references written here from the formulas and the
-//! byte layout of `docs/formats/akvq.md`, on fresh random inputs (the seed is printed).
+//! byte layout of `docs/FORMATS.md`, on fresh random inputs (the seed is printed).
 
 use half::f16;
 use kvbits::Error;
@@ -252,7 +252,9 @@ fn blocks_and_reconstruction_match_the_reference() {
                         block == want,
                         "{f} d {d} n {n} pattern {kind}: bytes differ"
                     );
-                    let size = f.imp().block_size(shape(n, d), n_p);
+                    let size = f
+                        .imp()
+                        .block_size(shape(n, d), n_p, &QuantParams::default());
                     let n_q = n - n_p;
                     let mask = if n_p > 0 { n.div_ceil(8) } else { 0 };
                     assert_eq!(size.codes, n_q * d * bits / 8 + n_p * 2 * d);
@@ -344,7 +346,9 @@ fn protected_tokens_are_exact_f16_and_sizes_exact_for_any_count() {
                         x[t * d + rng.below(d)] = 300.0 * rng.normal();
                     }
                     let block = quantize(f, &x, n, d, &protect);
-                    let size = f.imp().block_size(shape(n, d), n_p);
+                    let size = f
+                        .imp()
+                        .block_size(shape(n, d), n_p, &QuantParams::default());
                     assert_eq!(block.len(), size.total(), "{f} d {d} n {n} n_p {n_p}");
                     let deq = dequantize(f, &block, n, d);
                     for t in (0..n).filter(|&t| protect[t]) {
@@ -470,13 +474,26 @@ fn bad_input_is_an_error_and_appends_nothing() {
         f.imp()
             .quantize(&x, shape(n, d), &[], &clip(1.0), &mut out)
             .unwrap();
-        // Values an f16 scale or row cannot hold, quantized or protected.
+        // Beyond f16, quantized or protected; and in range but overflowing once rotated
+        // (a constant token's energy all lands in one coefficient, sqrt(64)x larger).
         let mut y = x.clone();
         y[d + 3] = 1e6;
+        let mut z = x.clone();
+        z[d..2 * d].fill(-60000.0);
         for protect in [vec![], vec![false, true, false, false]] {
             let r = quant(&y, shape(n, d), &protect, ok);
-            assert!(matches!(r, Err(Error::Unsupported(_))), "{f}: {r:?}");
+            assert!(matches!(r, Err(Error::InvalidArgument(_))), "{f}: {r:?}");
         }
+        let r = quant(&z, shape(n, d), &[], ok);
+        assert!(matches!(r, Err(Error::InvalidArgument(_))), "{f}: {r:?}");
+        let r = f.imp().quantize(
+            &z,
+            shape(n, d),
+            &[false, true, false, false],
+            &ok,
+            &mut vec![],
+        );
+        assert!(r.is_ok(), "{f}: a protected row is stored as f16: {r:?}");
         let r = quant(&x, shape(n, d), &[true; 3], ok);
         assert!(matches!(r, Err(Error::InvalidArgument(_))), "{f}: {r:?}");
         let r = quant(&vec![0.0; n * 100], shape(n, 100), &[], ok);

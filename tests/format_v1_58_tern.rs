@@ -1,5 +1,5 @@
 //! `v1_58_tern` against a reference written here from the formulas and the documented layout
-//! (docs/formats/vidkv.md): the whole block byte for byte, dequantized values bit for bit.
+//! (docs/FORMATS.md): the whole block byte for byte, dequantized values bit for bit.
 
 use half::f16;
 use kvbits::Error;
@@ -122,7 +122,10 @@ fn check(rng: &mut Rng, x: &[f32], n: usize, d: usize, protect: &[bool]) -> Vec<
     let (want, want_hat) = reference(x, n, d, protect);
     assert_eq!(block, &want[..], "block bytes, n={n} d={d}");
     let n_p = protect.iter().filter(|&&p| p).count();
-    assert_eq!(fmt().block_size(s, n_p).total(), block.len());
+    assert_eq!(
+        fmt().block_size(s, n_p, &QuantParams::default()).total(),
+        block.len()
+    );
 
     let mut xhat = vec![f32::NAN; n * d];
     fmt().dequantize(block, s, &mut xhat);
@@ -200,7 +203,7 @@ fn sizes_are_exact() {
                 fmt()
                     .quantize(&x, s, &protect, &QuantParams::default(), &mut out)
                     .unwrap();
-                let size = fmt().block_size(s, n_p);
+                let size = fmt().block_size(s, n_p, &QuantParams::default());
                 assert_eq!(out.len(), size.total(), "n={n} d={d} n_p={n_p}");
                 let mask_minmax = if n_p > 0 { n.div_ceil(8) + 4 * d } else { 0 };
                 assert_eq!(size.meta, 2 + 2 * d + mask_minmax);
@@ -320,7 +323,7 @@ fn rejects_bad_input() {
     let x = vec![0.5f32; 7 * 64];
     let r = fmt().quantize(&x, s, &[true; 3], &params, &mut Vec::new());
     assert!(matches!(r, Err(Error::InvalidArgument(_))));
-    // Beyond f16: the scale γ would be infinite.
+    // Beyond the f16 range of the cache.
     let huge = vec![1e6f32; 7 * 64];
     let r = fmt().quantize(&huge, s, &[], &params, &mut Vec::new());
     assert!(matches!(r, Err(Error::InvalidArgument(_))));

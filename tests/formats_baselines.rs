@@ -168,7 +168,11 @@ fn check_block(f: FormatId, shape: Shape, x: &[f32], reference: RefFn, rng: &mut
         .unwrap();
     assert_eq!(out[..3], [0xA5; 3], "{ctx}: prefix overwritten");
     let block = &out[3..];
-    assert_eq!(block.len(), imp.block_size(shape, 0).total(), "{ctx}: size");
+    assert_eq!(
+        block.len(),
+        imp.block_size(shape, 0, &QuantParams::default()).total(),
+        "{ctx}: size"
+    );
     let (want_bytes, want_vals) = reference(x, shape);
     assert_eq!(block, &want_bytes[..], "{ctx}: stored bytes");
 
@@ -249,7 +253,7 @@ fn storage_size_and_bits() {
             for d in HEAD_DIMS {
                 for n in NS {
                     let shape = Shape { n, d, role };
-                    let size = f.imp().block_size(shape, 0);
+                    let size = f.imp().block_size(shape, 0, &QuantParams::default());
                     assert_eq!(size.codes * 8, n * d * code_bits, "{f} {shape:?}");
                     let mut out = Vec::new();
                     let x = vec![1.5f32; n * d];
@@ -267,7 +271,13 @@ fn storage_size_and_bits() {
         d: 128,
         role: Role::Key,
     };
-    assert_eq!(FormatId::Kivi2.imp().block_size(shape, 0).meta, 2 * 128 * 4);
+    assert_eq!(
+        FormatId::Kivi2
+            .imp()
+            .block_size(shape, 0, &QuantParams::default())
+            .meta,
+        2 * 128 * 4
+    );
 }
 
 #[test]
@@ -354,7 +364,7 @@ fn bad_input_is_an_error_and_appends_nothing() {
                 }
                 assert_eq!(out, [7], "{f}");
             }
-            // Finite but beyond what the f16 scale or minimum can hold: an error, not infinity.
+            // Finite but beyond the f16 range of the cache: an error, not infinity.
             let mut x = vec![0.5f32; 40 * 80];
             x[35 * 80..36 * 80].fill(1e7);
             let mut out = vec![7u8];

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use kvbits::Error;
 use kvbits::gguf::{Gguf, GgufFile, Value};
-use kvbits::kv::{Applies, FormatId};
+use kvbits::kv::{Applies, CacheConfig, FormatId, Modality};
 use kvbits::model::{ModelShape, VisionShape, demo};
 use serde_json::{Map, Value as Json, json};
 
@@ -116,11 +116,12 @@ fn inspect(args: &Args, model_path: &PathBuf, mmproj_path: Option<PathBuf>) -> R
         shape: &shape,
         vision: &vision,
         ctx,
+        images: args.images,
     };
     if args.json {
         println!("{:#}", report.json());
     } else {
-        report.print(args.images, args.tensors);
+        report.print(args.tensors);
     }
     Ok(())
 }
@@ -167,10 +168,11 @@ struct Report<'r, 'a> {
     shape: &'r ModelShape,
     vision: &'r Option<(VisionShape, u64)>,
     ctx: u64,
+    images: u64,
 }
 
 impl Report<'_, '_> {
-    fn print(&self, images: u64, tensors: bool) {
+    fn print(&self, tensors: bool) {
         let s = self.shape;
         println!(
             "model    {} (GGUF v{}, {} tensors, {} metadata keys)",
@@ -216,10 +218,11 @@ impl Report<'_, '_> {
                 v.spatial_merge_size.or(v.scale_factor).unwrap_or(1),
                 tokens
             );
-            if images > 0 {
+            if self.images > 0 {
                 println!(
-                    "         {images} images = {} visual tokens of the {} in context",
-                    images * tokens,
+                    "         {} images = {} visual tokens of the {} in context",
+                    self.images,
+                    self.images * tokens,
                     self.ctx
                 );
             }
@@ -259,8 +262,8 @@ impl Report<'_, '_> {
         for (name, k, v) in type_rows() {
             let Some(bytes) = s.kv_bytes_per_token(k, v, BLOCK_TOKENS) else {
                 println!(
-                    "{name:<18} head dim {} not supported by the formats",
-                    s.head_dim_k
+                    "{name:<18} head dims {} (K) / {} (V) not supported by the formats",
+                    s.head_dim_k, s.head_dim_v
                 );
                 continue;
             };
@@ -274,6 +277,56 @@ impl Report<'_, '_> {
                 f16.unwrap_or(bytes) / bytes
             );
         }
+        let visual = self.visual_tokens();
+        println!(
+            "\nPresets, with {visual} visual and {} text tokens:",
+            self.ctx - visual.min(self.ctx)
+        );
+        for (name, total) in self.preset_totals() {
+            let Some(total) = total else { continue };
+            let per_token = total / self.ctx.max(1) as f64;
+            println!(
+                "{:<18} {:>7} {:>7} {:>13.1} {:>12} {:>6.2}x",
+                name,
+                "",
+                "",
+                per_token,
+                human_bytes(total),
+                f16.unwrap_or(per_token) / per_token
+            );
+        }
+    }
+
+    fn visual_tokens(&self) -> u64 {
+        let per_image = self.vision.as_ref().map_or(0, |(_, t)| *t);
+        (self.images * per_image).min(self.ctx)
+    }
+
+    /// KV bytes of the whole context under each preset: visual tokens in the preset's visual
+    /// formats, text tokens in its text formats, its f16 window of recent tokens at f16
+    /// (protected tokens, a small share, are not counted). `None` for unsupported head dims.
+    fn preset_totals(&self) -> Vec<(&'static str, Option<f64>)> {
+        let s = self.shape;
+        let per_token = |(k, v): (FormatId, FormatId)| s.kv_bytes_per_token(k, v, BLOCK_TOKENS);
+        CacheConfig::PRESETS
+            .iter()
+            .map(|&name| {
+                let total =
+                    CacheConfig::preset(name, s.n_layer, s.n_head_kv_max().max(1), s.head_dim_k)
+                        .ok()
+                        .and_then(|cfg| {
+                            let recent = (cfg.recent_f16 as u64).min(self.ctx);
+                            let visual = self.visual_tokens().min(self.ctx - recent);
+                            let text = self.ctx - recent - visual;
+                            Some(
+                                text as f64 * per_token(cfg.formats(Modality::Text))?
+                                    + visual as f64 * per_token(cfg.formats(Modality::Visual))?
+                                    + recent as f64 * per_token((FormatId::F16, FormatId::F16))?,
+                            )
+                        });
+                (name, total)
+            })
+            .collect()
     }
 
     fn json(&self) -> Json {
@@ -297,6 +350,11 @@ impl Report<'_, '_> {
             .into_iter()
             .map(|(name, k, v)| (name, json!(s.kv_bytes_per_token(k, v, BLOCK_TOKENS))))
             .collect();
+        let presets: Map<String, Json> = self
+            .preset_totals()
+            .into_iter()
+            .map(|(name, total)| (name.to_owned(), json!(total)))
+            .collect();
         let mut out = json!({
             "file": self.path,
             "version": self.gguf.version,
@@ -316,6 +374,8 @@ impl Report<'_, '_> {
             "metadata": metadata,
             "tensors": tensors,
             "kv_bytes_per_token": kv,
+            "visual_tokens": self.visual_tokens(),
+            "preset_bytes_at_ctx": presets,
         });
         if let Some((v, tokens)) = self.vision {
             out["vision"] = json!({

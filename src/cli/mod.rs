@@ -1,5 +1,6 @@
 //! Argument parsing and dispatch; each subcommand lives in its own file.
 
+mod bench;
 mod eval;
 mod inspect;
 
@@ -22,6 +23,8 @@ enum Command {
     Inspect(inspect::Args),
     /// Measure fidelity and memory of every cache type on synthetic or dumped KV.
     Eval(eval::Args),
+    /// Time decode attention per preset against our own f16 path, on the CPU or a GPU.
+    Bench(bench::Args),
 }
 
 /// Run the command line; the process exit code (errors go to stderr, exit 1).
@@ -30,6 +33,7 @@ pub fn main() -> i32 {
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => 0,

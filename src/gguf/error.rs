@@ -101,7 +101,7 @@ impl fmt::Display for GgufError {
                 "not a GGUF file: magic is {:?}, expected \"GGUF\"",
                 String::from_utf8_lossy(m)
             ),
-            UnsupportedVersion(v) if v.swap_bytes() <= 3 => write!(
+            UnsupportedVersion(v) if matches!(v.swap_bytes(), 1..=3) => write!(
                 f,
                 "GGUF version {v} looks byte-swapped: big-endian GGUF files are not supported"
             ),
@@ -123,7 +123,10 @@ impl fmt::Display for GgufError {
             NestedArray(key) => write!(f, "array '{key}' holds arrays, which are not supported"),
             DuplicateKey(key) => write!(f, "metadata key '{key}' appears twice"),
             BadAlignment(v) => {
-                write!(f, "general.alignment is {v}; it must be a power of two")
+                write!(
+                    f,
+                    "general.alignment is {v}; it must be a power of two no larger than 2^31"
+                )
             }
             TooManyDims { tensor, n_dims } => {
                 write!(

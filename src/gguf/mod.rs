@@ -14,7 +14,7 @@ mod value;
 mod writer;
 
 pub use error::GgufError;
-pub use reader::{DEFAULT_ALIGNMENT, Gguf, GgufFile, MAX_DIMS, TensorInfo};
+pub use reader::{DEFAULT_ALIGNMENT, Gguf, GgufFile, MAX_ALIGNMENT, MAX_DIMS, TensorInfo};
 pub use types::{GGML_TYPES, GgmlType};
 pub use value::{Array, MetaValue, Value, ValueType};
 pub use writer::GgufWriter;

@@ -18,6 +18,8 @@ use crate::Error;
 
 pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 pub const DEFAULT_ALIGNMENT: u64 = 32;
+/// Largest `general.alignment` accepted: the spec stores it as a u32.
+pub const MAX_ALIGNMENT: u64 = 1 << 31;
 /// GGML_MAX_DIMS.
 pub const MAX_DIMS: usize = 4;
 
@@ -109,9 +111,14 @@ impl<'a> Gguf<'a> {
         let n_tensors = c.u64(|| "tensor count".into())?;
         let n_kv = c.u64(|| "metadata count".into())?;
 
-        // Smallest key-value: key length (8) + one-byte key + type (4) + one-byte value.
-        let mut metadata = Vec::with_capacity(capacity_for(n_kv, c.left(), 14));
-        let mut index = HashMap::with_capacity(metadata.capacity());
+        // Smallest key-value: key length (8) + empty key + type (4) + one-byte value.
+        let mut metadata: Vec<(&str, Value<'_>)> = Vec::with_capacity(reserve_for(
+            n_kv,
+            c.left(),
+            13,
+            size_of::<(&str, Value<'_>)>(),
+        ));
+        let mut index = HashMap::with_capacity(reserve_for(n_kv, c.left(), 13, HASH_ENTRY_BYTES));
         for i in 0..n_kv {
             let key = c.string(|| format!("key of metadata entry {i}"))?;
             let key = std::str::from_utf8(key)
@@ -133,16 +140,26 @@ impl<'a> Gguf<'a> {
             Some(&i) => {
                 let v = metadata[i].1;
                 match v.as_int() {
-                    Some(a) if a > 0 && (a as u128).is_power_of_two() && a <= 1 << 30 => a as u64,
+                    Some(a)
+                        if a > 0 && a <= MAX_ALIGNMENT as i128 && (a as u128).is_power_of_two() =>
+                    {
+                        a as u64
+                    }
                     _ => return Err(GgufError::BadAlignment(v.to_string())),
                 }
             }
         };
 
-        // Smallest tensor info: name length (8) + one-byte name + n_dims (4) + one dim (8)
-        // + type (4) + offset (8).
-        let mut tensors = Vec::with_capacity(capacity_for(n_tensors, c.left(), 33));
-        let mut names = HashMap::with_capacity(tensors.capacity());
+        // Smallest tensor info: name length (8) + empty name + n_dims (4) + no dims + type (4)
+        // + offset (8).
+        let mut tensors: Vec<TensorInfo<'_>> = Vec::with_capacity(reserve_for(
+            n_tensors,
+            c.left(),
+            24,
+            size_of::<TensorInfo<'_>>(),
+        ));
+        let mut names =
+            HashMap::with_capacity(reserve_for(n_tensors, c.left(), 24, HASH_ENTRY_BYTES));
         for i in 0..n_tensors {
             let info = c.tensor_info(i)?;
             if names.insert(info.name, i).is_some() {
@@ -156,6 +173,14 @@ impl<'a> Gguf<'a> {
             need: u64::MAX,
             have: bytes.len() as u64,
         })?;
+        // Even empty tensors point into the data section, so it must begin inside the file.
+        if !tensors.is_empty() && data_offset > bytes.len() as u64 {
+            return Err(GgufError::Truncated {
+                item: "padding before the tensor data".into(),
+                need: data_offset - c.pos as u64,
+                have: c.left() as u64,
+            });
+        }
         check_tensor_layout(&tensors, alignment, data_offset, bytes.len() as u64)?;
         Ok(Gguf {
             version,
@@ -186,16 +211,25 @@ impl<'a> Gguf<'a> {
     }
 
     /// The tensor's bytes, borrowed from the map (bounds were checked at parse time).
+    ///
+    /// # Panics
+    /// If `info` does not come from this file and lies outside it.
     pub fn tensor_data(&self, info: &TensorInfo<'_>) -> &'a [u8] {
         let start = (self.data_offset + info.offset) as usize;
         &self.bytes[start..start + info.bytes as usize]
     }
 }
 
-/// How many entries to reserve for `count` items of at least `min_size` bytes each:
-/// never more than the rest of the file could hold.
-fn capacity_for(count: u64, left: usize, min_size: usize) -> usize {
-    count.min((left / min_size) as u64) as usize
+/// Bytes a hash map may take per reserved entry: hashbrown rounds capacity × 8/7 up to a power
+/// of two, so a (&str, usize) entry plus its control byte costs at most ~57 bytes.
+const HASH_ENTRY_BYTES: usize = 64;
+
+/// How many entries to reserve for `count` items read from `left` bytes, each at least
+/// `min_disk` bytes on disk and `in_memory` bytes once parsed: never more than the rest of the
+/// file could hold, and never more memory than the rest of the file takes, whatever a hostile
+/// count says. Files with more entries than that grow the containers as entries are read.
+fn reserve_for(count: u64, left: usize, min_disk: usize, in_memory: usize) -> usize {
+    count.min((left / min_disk.max(in_memory)) as u64) as usize
 }
 
 fn align_up(v: u64, alignment: u64) -> Option<u64> {
@@ -227,7 +261,9 @@ fn check_tensor_layout(
             });
         }
     }
-    let mut by_offset: Vec<&TensorInfo<'_>> = tensors.iter().collect();
+    // Empty tensors hold no bytes, so they overlap nothing (gguf-py gives them the next
+    // tensor's offset).
+    let mut by_offset: Vec<&TensorInfo<'_>> = tensors.iter().filter(|t| t.bytes > 0).collect();
     by_offset.sort_by_key(|t| t.offset);
     for pair in by_offset.windows(2) {
         if pair[0].offset + pair[0].bytes > pair[1].offset {
@@ -338,10 +374,24 @@ impl<'a> Cursor<'a> {
             });
         }
         let start = self.pos;
-        for i in 0..len {
-            let (_, used) = decode_scalar_or_string(elem, &self.bytes[self.pos..])
-                .ok_or_else(|| self.scalar_error(elem, format!("element {i} of array '{key}'")))?;
-            self.pos += used;
+        match elem.scalar_size() {
+            // Fixed-size elements: one bounds check for the whole body (checked above).
+            Some(size) => {
+                let body = self.take(len * size as u64, || format!("array '{key}'"))?;
+                if elem == ValueType::Bool {
+                    if let Some(i) = body.iter().position(|&b| b > 1) {
+                        return Err(GgufError::BadBool {
+                            item: format!("element {i} of array '{key}'"),
+                            byte: body[i],
+                        });
+                    }
+                }
+            }
+            None => {
+                for i in 0..len {
+                    self.string(|| format!("element {i} of array '{key}'"))?;
+                }
+            }
         }
         Ok(Value::Array(Array {
             elem,
@@ -388,39 +438,8 @@ impl<'a> Cursor<'a> {
             tensor: name.to_owned(),
             id: type_id,
         })?;
-        if ty.is_retired() {
-            return Err(GgufError::RetiredTensorType {
-                tensor: name.to_owned(),
-                ty: ty.name,
-            });
-        }
         let offset = self.u64(|| format!("data offset of tensor '{name}'"))?;
-        // ggml keeps element counts in int64_t.
-        let n_elements = dims
-            .iter()
-            .try_fold(1u64, |acc, &d| {
-                acc.checked_mul(d).filter(|&n| n <= i64::MAX as u64)
-            })
-            .ok_or_else(|| GgufError::DimsOverflow {
-                tensor: name.to_owned(),
-                dims: dims.clone(),
-            })?;
-        let ne0 = dims.first().copied().unwrap_or(1);
-        let bytes = ty.tensor_bytes(ne0, n_elements).ok_or_else(|| {
-            if ne0 % ty.block != 0 {
-                GgufError::PartialBlock {
-                    tensor: name.to_owned(),
-                    ne0,
-                    ty: ty.name,
-                    block: ty.block,
-                }
-            } else {
-                GgufError::DimsOverflow {
-                    tensor: name.to_owned(),
-                    dims: dims.clone(),
-                }
-            }
-        })?;
+        let bytes = tensor_size(name, ty, &dims)?;
         Ok(TensorInfo {
             name,
             dims,
@@ -429,4 +448,43 @@ impl<'a> Cursor<'a> {
             bytes,
         })
     }
+}
+
+/// Bytes of tensor `name` of type `ty` with dims `ne[0..]`, checked the way ggml checks them:
+/// at most four dims, each dim and every partial product within int64_t (ggml's `ne` type),
+/// whole blocks per row, and a byte count that fits in a u64.
+pub(crate) fn tensor_size(name: &str, ty: &GgmlType, dims: &[u64]) -> Result<u64, GgufError> {
+    if dims.len() > MAX_DIMS {
+        return Err(GgufError::TooManyDims {
+            tensor: name.to_owned(),
+            n_dims: dims.len() as u32,
+        });
+    }
+    if ty.is_retired() {
+        return Err(GgufError::RetiredTensorType {
+            tensor: name.to_owned(),
+            ty: ty.name,
+        });
+    }
+    let overflow = || GgufError::DimsOverflow {
+        tensor: name.to_owned(),
+        dims: dims.to_vec(),
+    };
+    let n_elements = dims
+        .iter()
+        .try_fold(1u64, |acc, &d| {
+            acc.checked_mul(d)
+                .filter(|&n| n <= i64::MAX as u64 && d <= i64::MAX as u64)
+        })
+        .ok_or_else(overflow)?;
+    let ne0 = dims.first().copied().unwrap_or(1);
+    if ne0 % ty.block != 0 {
+        return Err(GgufError::PartialBlock {
+            tensor: name.to_owned(),
+            ne0,
+            ty: ty.name,
+            block: ty.block,
+        });
+    }
+    ty.tensor_bytes(ne0, n_elements).ok_or_else(overflow)
 }

@@ -186,15 +186,15 @@ impl<'a> Value<'a> {
 }
 
 impl<'a> Array<'a> {
-    /// The elements in order. The body was validated when the file was parsed.
+    /// The elements in order. The body was validated when the file was parsed; should a caller
+    /// have edited `elem` or `len` since, the iteration stops where the body runs out.
     pub fn iter(&self) -> impl Iterator<Item = Value<'a>> + 'a {
         let elem = self.elem;
         let mut rest = self.body;
-        (0..self.len).map(move |_| {
-            let (v, used) = super::reader::decode_scalar_or_string(elem, rest)
-                .expect("array body validated at parse time");
+        (0..self.len).map_while(move |_| {
+            let (v, used) = super::reader::decode_scalar_or_string(elem, rest)?;
             rest = &rest[used..];
-            v
+            Some(v)
         })
     }
 

@@ -27,7 +27,7 @@ pub enum Modality {
 pub enum BlockTokens {
     /// At most this many (32..=4096).
     Fixed(usize),
-    /// One block per appended span.
+    /// One block per span (a span longer than 4096 tokens, the formats' limit, is cut there).
     All,
 }
 

@@ -78,8 +78,9 @@ impl BlockSize {
 /// All slices are row-major: `x[t * d + c]` is channel `c` of token `t`.
 pub trait Format: Sync + Send {
     /// Exact bytes of a block of `shape` in which `n_protected` tokens are protected
-    /// (stored at higher precision; only formats with [`Format::protects`] use this).
-    fn block_size(&self, shape: Shape, n_protected: usize) -> BlockSize;
+    /// (stored at higher precision; only formats with [`Format::protects`] use this), as
+    /// `quantize` makes it with `params` (VidKV's key layout depends on its channel split).
+    fn block_size(&self, shape: Shape, n_protected: usize, params: &QuantParams) -> BlockSize;
 
     /// Whether the format stores caller-chosen tokens at higher precision
     /// (`v1_58_tern`: salient tokens at 2 bits; `q2_had`/`q4_had`: pivot tokens at f16).
@@ -191,7 +192,11 @@ impl FormatId {
             d,
             role,
         };
-        self.imp().block_size(shape, 0).total() as f64 * 8.0 / (block_tokens * d) as f64
+        self.imp()
+            .block_size(shape, 0, &QuantParams::default())
+            .total() as f64
+            * 8.0
+            / (block_tokens * d) as f64
     }
 }
 
@@ -200,6 +205,9 @@ impl std::fmt::Display for FormatId {
         f.write_str(self.name())
     }
 }
+
+/// The largest finite f16: KV values must lie within ±this.
+pub const F16_MAX: f32 = 65504.0;
 
 /// Checks every format does before quantizing: shape against the data, finite input.
 pub fn check_input(x: &[f32], shape: Shape, protect: &[bool]) -> Result<(), Error> {
@@ -236,6 +244,15 @@ pub fn check_input(x: &[f32], shape: Shape, protect: &[bool]) -> Result<(), Erro
             token: i / shape.d,
             channel: i % shape.d,
         });
+    }
+    // Every format stores f16 (rows, scales, the residual): beyond its range nothing is exact.
+    if let Some(i) = x.iter().position(|v| v.abs() > F16_MAX) {
+        return Err(Error::InvalidArgument(format!(
+            "value {} at token {}, channel {} is beyond the f16 range (±{F16_MAX}) of a KV cache",
+            x[i],
+            i / shape.d,
+            i % shape.d
+        )));
     }
     Ok(())
 }

@@ -4,7 +4,7 @@ pub mod cache;
 pub mod format;
 pub mod formats;
 
-pub use cache::{BlockTokens, CacheConfig, KvCache, MemoryReport, Modality, Rows};
+pub use cache::{Block, BlockTokens, CacheConfig, KvCache, MemoryReport, Modality, Rows};
 pub use format::{
     Applies, BlockSize, Format, FormatId, FormatInfo, HEAD_DIMS, QuantParams, Role, Shape,
 };

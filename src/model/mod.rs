@@ -7,7 +7,7 @@
 pub mod demo;
 mod vision;
 
-pub use vision::VisionShape;
+pub use vision::{COVERED_PROJECTORS, VisionShape};
 
 use crate::Error;
 use crate::gguf::{Gguf, GgufError, Value};

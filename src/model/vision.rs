@@ -134,10 +134,13 @@ impl VisionShape {
             "ldp" | "ldpv2" | "llama4" => square / 4,
             // Gemma 3: a fixed 256 soft tokens per image.
             "gemma3" => 256,
-            // Pixtral / Mistral 3: merged patches row by row, plus one break token per row.
+            // Pixtral / Mistral 3: scaled down (aspect kept) to fit image_size on the longest
+            // side, then merged patches row by row, plus one break token per row.
             "pixtral" => {
                 let unit = self.patch_size * self.spatial_merge_size.unwrap_or(1);
-                let (cols, rows) = (w.div_ceil(unit), h.div_ceil(unit));
+                let ratio = (w.max(h) as f64 / self.image_size as f64).max(1.0);
+                let fit = |px: u64| ((px as f64 / ratio).floor() as u64).max(1);
+                let (cols, rows) = (fit(w).div_ceil(unit), fit(h).div_ceil(unit));
                 rows * (cols + 1)
             }
             other => {

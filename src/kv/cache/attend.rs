@@ -69,10 +69,12 @@ impl Online {
             acc.iter_mut().for_each(|a| *a *= r);
             self.max = m;
         }
+        let mut sum = 0.0;
         for w in x {
             *w = (*w - m).exp();
-            self.sum += *w;
+            sum += *w;
         }
+        self.sum += sum;
     }
 }
 
@@ -302,6 +304,7 @@ impl KvCache {
         let d = self.cfg.head_dim;
         let group = n_head / self.cfg.n_head_kv;
         let mut w = self.work(lay);
+        let mut part = vec![0f32; d];
         for (r, (qh, acc)) in q.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
             let (i, h) = (r / n_head, r % n_head);
             let pass = Pass {
@@ -316,9 +319,19 @@ impl KvCache {
                 sm.fold(&mut sc[..vis], acc);
                 // Tokens of the last block past `end` must not count.
                 sc[vis..].fill(0.0);
+                // Summed per segment, then into the total: rounding error grows with the
+                // square root of a block's length plus that of the number of blocks, rather
+                // than of the context's length.
                 let mut off = 0;
                 for s in unit {
-                    s.v.accumulate(s.vb, shape(s.n, d, Role::Value), &sc[off..off + s.n], acc);
+                    part.fill(0.0);
+                    s.v.accumulate(
+                        s.vb,
+                        shape(s.n, d, Role::Value),
+                        &sc[off..off + s.n],
+                        &mut part,
+                    );
+                    acc.iter_mut().zip(&part).for_each(|(a, p)| *a += p);
                     off += s.n;
                 }
             });

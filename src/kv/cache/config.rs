@@ -6,7 +6,8 @@ use super::{BlockTokens, CacheConfig, Modality};
 use crate::Error;
 use crate::kv::{Applies, FormatId, HEAD_DIMS, QuantParams};
 
-/// Text runs under [`BlockTokens::All`] are cut at this many tokens.
+/// Most tokens in one block: the formats' limit, and where spans are cut under
+/// [`BlockTokens::All`].
 const MAX_BLOCK: usize = 4096;
 
 impl CacheConfig {
@@ -148,13 +149,13 @@ impl CacheConfig {
         }
     }
 
-    /// Most tokens in one block of a run of this modality.
-    pub(super) fn block_len(&self, modality: Modality) -> usize {
-        match (self.block_tokens, modality) {
-            (BlockTokens::Fixed(n), _) => n,
-            (BlockTokens::All, Modality::Text) => MAX_BLOCK,
-            // A visual span is complete when appended: it becomes one block.
-            (BlockTokens::All, Modality::Visual) => usize::MAX,
+    /// Most tokens in one block.
+    pub(super) fn block_len(&self) -> usize {
+        match self.block_tokens {
+            BlockTokens::Fixed(n) => n,
+            // One block per span, within the formats' limit; a text span, which may grow,
+            // is quantized once closed or at the limit.
+            BlockTokens::All => MAX_BLOCK,
         }
     }
 }

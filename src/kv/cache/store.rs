@@ -5,25 +5,27 @@
 //! recent, whole (last block partial) once the span is closed and entirely old. Text spans
 //! close when another span follows; a visual span is complete when appended.
 
-use half::f16;
-
-use super::{Block, CacheConfig, KvCache, Layer, Modality, Rows, Run, Stored};
+use super::{Block, CacheConfig, Head, KvCache, Layer, Modality, Rows, Run, Stored};
 use crate::Error;
+use crate::kv::format::F16_MAX;
 use crate::kv::formats::pack::put_f16;
-use crate::kv::{BlockSize, Format, FormatId, QuantParams, Role, Shape};
+use crate::kv::{BlockSize, FormatId, Role, Shape};
 
 /// Buffers reused across appends, so that flushing allocates only while they grow.
 #[derive(Default)]
 pub(super) struct Scratch {
-    kx: Vec<f32>,
-    vx: Vec<f32>,
+    /// One block (or chunk) of one head, as f32.
+    x: Vec<f32>,
     /// Saliency-protected tokens of the chunk being quantized (the same for every head).
     salient: Vec<bool>,
-    /// Protected tokens of the chunk for the head being quantized.
-    mask: Vec<bool>,
+    /// Protected tokens of the chunk, `[n_head_kv][len]`; empty when nothing is protected.
+    masks: Vec<bool>,
     norms: Vec<f32>,
     sorted: Vec<f32>,
     order: Vec<usize>,
+    /// Offset and size of the block being stored, per head: K, and the role in progress.
+    k_sizes: Vec<(usize, BlockSize)>,
+    sizes: Vec<(usize, BlockSize)>,
     chunks: Vec<Chunk>,
     arenas: Vec<(usize, usize)>,
 }
@@ -53,11 +55,10 @@ impl Rows<'_> {
         }
     }
 
-    /// Rejects what the f16 residual cannot hold: NaN, infinities, and f32 values beyond
-    /// the f16 range.
+    /// Rejects what the f16 residual cannot hold: NaN, infinities, values beyond ±65504.
     fn check(self, row: usize) -> Result<(), Error> {
         let bad = match self {
-            Rows::F32(x) => x.iter().position(|&v| !f16::from_f32(v).is_finite()),
+            Rows::F32(x) => x.iter().position(|v| !v.is_finite() || v.abs() > F16_MAX),
             Rows::F16(x) => x.iter().position(|v| !v.is_finite()),
         };
         let Some(i) = bad else { return Ok(()) };
@@ -65,7 +66,7 @@ impl Rows<'_> {
         match self {
             Rows::F32(x) if x[i].is_finite() => Err(Error::InvalidArgument(format!(
                 "value {} at token {token}, channel {channel} is beyond the f16 range \
-                 (±65504) of the cache",
+                 (±{F16_MAX}) of a KV cache",
                 x[i]
             ))),
             _ => Err(Error::NonFinite { token, channel }),
@@ -147,12 +148,13 @@ impl KvCache {
 
     /// Quantizes everything still in the f16 residual (ignoring `recent_f16`), partial
     /// blocks included, and ends the current text span: what `kvbits eval` measures a
-    /// format's own cost with. The inputs were validated on append, so the formats have
-    /// nothing to reject; were one to fail anyway, its tokens would stay in the residual,
-    /// where attention still sees them.
+    /// format's own cost with.
     pub fn flush(&mut self) {
         for lay in &mut self.layers {
             lay.open_text = false;
+            // A block its format refuses is stored f16, which takes any value the residual
+            // holds: there is no error to report. Were there one, the tokens would stay in
+            // the residual, where attention still sees them.
             let _ = flush(&self.cfg, lay, &mut self.scratch, true);
         }
     }
@@ -251,7 +253,7 @@ fn flush(cfg: &CacheConfig, lay: &mut Layer, s: &mut Scratch, force: bool) -> Re
             s.chunks.push(Chunk { run: i, len: run.n });
             pos += run.n;
         } else {
-            let bt = cfg.block_len(run.modality);
+            let bt = cfg.block_len();
             let len = old / bt * bt;
             if len > 0 {
                 s.chunks.push(Chunk { run: i, len });
@@ -313,10 +315,8 @@ fn quantize(
     off: usize,
     len: usize,
 ) -> Result<(), Error> {
-    let d = cfg.head_dim;
     let (kf, vf) = cfg.formats(run.modality);
-    let (ki, vi) = (kf.imp(), vf.imp());
-    let bt = cfg.block_len(run.modality);
+    let bt = cfg.block_len();
     let first = lay.n_tokens - lay.n_res + off;
     let b0 = lay.blocks.len();
     lay.blocks.extend((0..len).step_by(bt).map(|t| Block {
@@ -327,12 +327,49 @@ fn quantize(
         k: kf,
         v: vf,
     }));
+    protect_masks(cfg, lay, s, run, off, len);
+    for i in b0..lay.blocks.len() {
+        let b = lay.blocks[i];
+        let job = |f, role| Job {
+            f,
+            role,
+            res: off + b.first - first,
+            n: b.n_tokens,
+            mask_at: b.first - first,
+            chunk: len,
+        };
+        let k = store_role(cfg, &mut lay.heads, s, job(kf, Role::Key))?;
+        std::mem::swap(&mut s.k_sizes, &mut s.sizes);
+        let v = store_role(cfg, &mut lay.heads, s, job(vf, Role::Value))?;
+        lay.blocks[i].k = k;
+        lay.blocks[i].v = v;
+        for ((h, &(k_off, k)), &(v_off, v)) in lay.heads.iter_mut().zip(&s.k_sizes).zip(&s.sizes) {
+            h.at.push(Stored { k_off, k, v_off, v });
+        }
+    }
+    Ok(())
+}
 
-    // Masks are built only for formats that take them.
-    let protects = ki.protects() || vi.protects();
+/// Fills `s.masks` (`[n_head_kv][len]`, or empty when no rule applies) with the tokens to
+/// protect in a chunk: the most salient of a visual span (`protect_fraction`) and, per head,
+/// the pivots (`pivot_factor`). Only formats that protect get masks.
+fn protect_masks(
+    cfg: &CacheConfig,
+    lay: &Layer,
+    s: &mut Scratch,
+    run: Run,
+    off: usize,
+    len: usize,
+) {
+    let (kf, vf) = cfg.formats(run.modality);
+    let protects = kf.imp().protects() || vf.imp().protects();
     let by_saliency =
         protects && run.modality == Modality::Visual && run.salient && cfg.protect_fraction > 0.0;
     let pivots = cfg.pivot_factor.filter(|_| protects);
+    s.masks.clear();
+    if !by_saliency && pivots.is_none() {
+        return;
+    }
     if by_saliency {
         top_fraction(
             &lay.saliency[off..off + len],
@@ -341,72 +378,109 @@ fn quantize(
             &mut s.salient,
         );
     }
-
-    let res = FormatId::F16.imp();
-    let bytes = off * d * 2..(off + len) * d * 2;
-    for head in &mut lay.heads {
-        s.kx.resize(len * d, 0.0);
-        s.vx.resize(len * d, 0.0);
-        let shape = |n, role| Shape { n, d, role };
-        res.dequantize(&head.k_res[bytes.clone()], shape(len, Role::Key), &mut s.kx);
-        res.dequantize(
-            &head.v_res[bytes.clone()],
-            shape(len, Role::Value),
-            &mut s.vx,
-        );
-        s.mask.clear();
+    let d = cfg.head_dim;
+    for head in &lay.heads {
+        let at = s.masks.len();
         if by_saliency {
-            s.mask.extend_from_slice(&s.salient);
+            s.masks.extend_from_slice(&s.salient);
+        } else {
+            s.masks.resize(at + len, false);
         }
         if let Some(f) = pivots {
-            mark_pivots(&s.kx, d, f, &mut s.norms, &mut s.sorted, &mut s.mask);
-        }
-        for b in &lay.blocks[b0..] {
-            let t = b.first - first;
-            let n = b.n_tokens;
-            let mask = s.mask.get(t..t + n).unwrap_or(&[]);
-            let x = t * d..(t + n) * d;
-            let (k_off, k) = store_block(
-                ki,
-                &s.kx[x.clone()],
-                shape(n, Role::Key),
-                mask,
-                &cfg.quant,
-                &mut head.k,
-            )?;
-            let (v_off, v) = store_block(
-                vi,
-                &s.vx[x],
-                shape(n, Role::Value),
-                mask,
-                &cfg.quant,
-                &mut head.v,
-            )?;
-            head.at.push(Stored { k_off, k, v_off, v });
+            s.x.resize(len * d, 0.0);
+            let bytes = &head.k_res[off * d * 2..(off + len) * d * 2];
+            let shape = Shape {
+                n: len,
+                d,
+                role: Role::Key,
+            };
+            FormatId::F16.imp().dequantize(bytes, shape, &mut s.x);
+            mark_pivots(&s.x, d, f, &mut s.norms, &mut s.sorted, &mut s.masks[at..]);
         }
     }
-    Ok(())
 }
 
-/// Quantizes one block onto the end of `arena`: its offset and size.
-fn store_block(
-    f: &dyn Format,
-    x: &[f32],
-    shape: Shape,
-    mask: &[bool],
-    params: &QuantParams,
-    arena: &mut Vec<u8>,
-) -> Result<(usize, BlockSize), Error> {
-    let protect = if f.protects() { mask } else { &[] };
-    let off = arena.len();
-    f.quantize(x, shape, protect, params, arena)?;
-    let size = f.block_size(shape, protect.iter().filter(|&&p| p).count());
-    debug_assert_eq!(
-        arena.len() - off,
-        size.total(),
-        "a format wrote other than its block_size"
-    );
-    Ok((off, size))
+/// One block of one role, to store in every KV head.
+#[derive(Clone, Copy)]
+struct Job {
+    f: FormatId,
+    role: Role,
+    /// First token in the residual.
+    res: usize,
+    n: usize,
+    /// First token in the chunk (its row of `Scratch::masks`), and the chunk's length.
+    mask_at: usize,
+    chunk: usize,
+}
+
+/// Stores the job's block in every head, offsets and sizes in `s.sizes`; returns the format
+/// used. Should the format refuse the values (a scale beyond f16 after a rotation or a
+/// transform), the block is stored f16 in every head instead: quantization is deferred, and a
+/// cache must not get stuck on tokens it accepted.
+fn store_role(
+    cfg: &CacheConfig,
+    heads: &mut [Head],
+    s: &mut Scratch,
+    job: Job,
+) -> Result<FormatId, Error> {
+    let d = cfg.head_dim;
+    let shape = Shape {
+        n: job.n,
+        d,
+        role: job.role,
+    };
+    let f = job.f.imp();
+    s.sizes.clear();
+    for (g, head) in heads.iter_mut().enumerate() {
+        let (res, arena) = head.role_mut(job.role);
+        s.x.resize(job.n * d, 0.0);
+        let bytes = &res[job.res * d * 2..(job.res + job.n) * d * 2];
+        FormatId::F16.imp().dequantize(bytes, shape, &mut s.x);
+        let mask = if f.protects() && !s.masks.is_empty() {
+            &s.masks[g * job.chunk + job.mask_at..][..job.n]
+        } else {
+            &[]
+        };
+        let off = arena.len();
+        match f.quantize(&s.x, shape, mask, &cfg.quant, arena) {
+            Ok(()) => {
+                let size = f.block_size(shape, mask.iter().filter(|&&p| p).count(), &cfg.quant);
+                debug_assert_eq!(
+                    arena.len() - off,
+                    size.total(),
+                    "{} wrote other than its block_size",
+                    job.f
+                );
+                s.sizes.push((off, size));
+            }
+            Err(_) if job.f != FormatId::F16 => {
+                arena.truncate(off);
+                for (h, &(off, _)) in heads.iter_mut().zip(&s.sizes) {
+                    h.role_mut(job.role).1.truncate(off);
+                }
+                let f16 = Job {
+                    f: FormatId::F16,
+                    ..job
+                };
+                return store_role(cfg, heads, s, f16);
+            }
+            Err(e) => {
+                arena.truncate(off);
+                return Err(e);
+            }
+        }
+    }
+    Ok(job.f)
+}
+
+impl Head {
+    /// The residual and the arena of one role.
+    fn role_mut(&mut self, role: Role) -> (&[u8], &mut Vec<u8>) {
+        match role {
+            Role::Key => (&self.k_res, &mut self.k),
+            Role::Value => (&self.v_res, &mut self.v),
+        }
+    }
 }
 
 /// `mask[i]` set for the `round(fraction · n)` most salient tokens (ties: lower position).
@@ -428,7 +502,7 @@ fn top_fraction(sal: &[f32], fraction: f32, order: &mut Vec<usize>, mask: &mut V
     }
 }
 
-/// ORs into `mask` (grown to one flag per token) the tokens whose key norm exceeds `factor`
+/// ORs into `mask` (one flag per token) the tokens whose key norm exceeds `factor`
 /// times the median key norm of `kx` (`[n][d]`).
 fn mark_pivots(
     kx: &[f32],
@@ -436,7 +510,7 @@ fn mark_pivots(
     factor: f32,
     norms: &mut Vec<f32>,
     sorted: &mut Vec<f32>,
-    mask: &mut Vec<bool>,
+    mask: &mut [bool],
 ) {
     norms.clear();
     norms.extend(
@@ -446,7 +520,6 @@ fn mark_pivots(
     sorted.clear();
     sorted.extend_from_slice(norms);
     let limit = factor * median(sorted);
-    mask.resize(norms.len(), false);
     for (m, &n) in mask.iter_mut().zip(norms.iter()) {
         *m |= n > limit;
     }

@@ -10,7 +10,7 @@ use crate::kv::format::{BlockSize, Format, QuantParams, Shape, check_input};
 pub struct F16;
 
 impl Format for F16 {
-    fn block_size(&self, shape: Shape, _n_protected: usize) -> BlockSize {
+    fn block_size(&self, shape: Shape, _n_protected: usize, _params: &QuantParams) -> BlockSize {
         BlockSize {
             codes: 2 * shape.n * shape.d,
             meta: 0,

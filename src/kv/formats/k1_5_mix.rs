@@ -24,7 +24,7 @@ use realfft::num_complex::Complex;
 use realfft::{ComplexToReal, RealFftPlanner, RealToComplex};
 
 use super::minmax::MinMax;
-use super::pack::{get_f16, pack_bits, packed_len, put_f16, unpack_bits};
+use super::pack::{get_f16, pack_bits, packed_len, put_f16, stored_f16, unpack_bits};
 use crate::Error;
 use crate::kv::format::{BlockSize, Format, QuantParams, Shape, check_input};
 
@@ -181,31 +181,12 @@ impl Layout {
     }
 }
 
-/// A stored f16 parameter must be finite, or every value decoded from it would be too.
-fn stored_f16(v: f32) -> Result<f32, Error> {
-    if v.is_finite() {
-        Ok(v)
-    } else {
-        Err(Error::InvalidArgument(
-            "block values exceed the f16 range of the format's scales".into(),
-        ))
-    }
-}
-
-impl K1_5Mix {
-    /// Exact bytes of a block quantized with `params` (the trait's `block_size` assumes the
-    /// default `mix_fraction`, having no parameters to read).
-    pub fn block_size_with(&self, shape: Shape, params: &QuantParams) -> Result<BlockSize, Error> {
-        let dh = high_channels(shape.d, params.mix_fraction)?;
-        let mask: Vec<bool> = (0..shape.d).map(|c| c < dh).collect();
-        Ok(Layout::new(&mask).size(shape.n))
-    }
-}
-
 impl Format for K1_5Mix {
-    fn block_size(&self, shape: Shape, _n_protected: usize) -> BlockSize {
-        self.block_size_with(shape, &QuantParams::default())
-            .expect("the default mix_fraction is in range")
+    fn block_size(&self, shape: Shape, _n_protected: usize, params: &QuantParams) -> BlockSize {
+        // `quantize` rejects a fraction out of range, so no block of that size exists.
+        let dh = high_channels(shape.d, params.mix_fraction).unwrap_or(shape.d / 2);
+        let mask: Vec<bool> = (0..shape.d).map(|c| c < dh).collect();
+        Layout::new(&mask).size(shape.n)
     }
 
     fn quantize(
@@ -236,16 +217,10 @@ impl Format for K1_5Mix {
         let l = Layout::new(&mask);
         let dl = l.lo.len();
 
-        let ranges =
+        let ranges: Vec<MinMax> =
             l.hi.iter()
-                .map(|&c| {
-                    let m = MinMax::over((0..n).map(|t| x[t * d + c]), LEVELS);
-                    Ok(MinMax {
-                        lo: stored_f16(m.lo)?,
-                        step: stored_f16(m.step)?,
-                    })
-                })
-                .collect::<Result<Vec<MinMax>, Error>>()?;
+                .map(|&c| MinMax::over((0..n).map(|t| x[t * d + c]), LEVELS))
+                .collect();
 
         let mut coef = vec![0f64; n * dl];
         let mut z = vec![0f64; dl];

@@ -2,6 +2,8 @@
 
 use half::f16;
 
+use crate::Error;
+
 /// Append `v` as a little-endian f16.
 pub fn put_f16(out: &mut Vec<u8>, v: f32) {
     out.extend_from_slice(&f16::from_f32(v).to_le_bytes());
@@ -17,6 +19,20 @@ pub fn get_f16(bytes: &[u8], i: usize) -> f32 {
 #[inline]
 pub fn round_f16(v: f32) -> f32 {
     f16::from_f32(v).to_f32()
+}
+
+/// A parameter as stored (rounded through f16), or an error where it overflows f16: formats
+/// whose transforms grow values (rFFT sums, Hadamard rotations) can overflow even on in-range
+/// input.
+pub fn stored_f16(v: f32) -> Result<f32, Error> {
+    let r = round_f16(v);
+    if r.is_finite() {
+        Ok(r)
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "a transformed value ({v}) exceeds the f16 range of the format's scales"
+        )))
+    }
 }
 
 /// Pack `codes` of `bits` bits each (1, 2 or 4) little-end first: code `j` sits in byte

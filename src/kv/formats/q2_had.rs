@@ -5,7 +5,7 @@
 //! stay unrotated f16 rows inside the same block. The two formats differ only in the code
 //! width (2 or 4 bits), a const generic below.
 //!
-//! Layout (details in `docs/formats/akvq.md`), `n_p` protected and `n_q = n - n_p`
+//! Layout (details in `docs/FORMATS.md`), `n_p` protected and `n_q = n - n_p`
 //! quantized tokens, `G = ceil(d / 64)` groups per token:
 //! - `u32` little-endian `n_p`;
 //! - `n_q` records in token order: `G` pairs of f16 (`lo`, `step`), then `d` codes packed
@@ -17,7 +17,7 @@
 use std::ops::Range;
 
 use super::minmax::MinMax;
-use super::pack::{get_f16, pack_bits, packed_len, put_f16, round_f16, unpack_bits};
+use super::pack::{get_f16, pack_bits, packed_len, put_f16, stored_f16, unpack_bits};
 use crate::Error;
 use crate::kv::format::{BlockSize, Format, QuantParams, Shape, check_input};
 
@@ -116,13 +116,6 @@ fn tokens(block: &[u8], shape: Shape, bits: usize) -> impl Iterator<Item = Token
     })
 }
 
-/// Overflow of an f16 the block stores (a scale or a protected value).
-fn beyond_f16(t: usize, what: &str) -> Error {
-    Error::Unsupported(format!(
-        "token {t}: {what} lies beyond the f16 range (±65504) that q2_had/q4_had store"
-    ))
-}
-
 fn block_size<const BITS: usize>(shape: Shape, n_protected: usize) -> BlockSize {
     let (n, d) = (shape.n, shape.d);
     let n_p = n_protected.min(n);
@@ -185,9 +178,8 @@ fn write_block<const BITS: usize>(
                     (lo.min(v), hi.max(v))
                 });
             let mm = MinMax::new(clip * min, clip * max, levels);
-            if !(mm.lo.is_finite() && mm.step.is_finite()) {
-                return Err(beyond_f16(t, "a group's offset or step"));
-            }
+            stored_f16(mm.lo)?;
+            stored_f16(mm.step)?;
             put_f16(out, mm.lo);
             put_f16(out, mm.step);
             for (c, &v) in codes[r.clone()].iter_mut().zip(&y[r]) {
@@ -198,9 +190,6 @@ fn write_block<const BITS: usize>(
     }
     for t in (0..n).filter(|&t| is_protected(t)) {
         let row = &x[t * d..(t + 1) * d];
-        if row.iter().any(|&v| round_f16(v).is_infinite()) {
-            return Err(beyond_f16(t, "a protected value"));
-        }
         row.iter().for_each(|&v| put_f16(out, v));
     }
     if n_p > 0 {
@@ -288,7 +277,12 @@ fn accumulate<const BITS: usize>(block: &[u8], shape: Shape, p: &[f32], out: &mu
 macro_rules! had_format {
     ($name:ident, $bits:literal) => {
         impl Format for $name {
-            fn block_size(&self, shape: Shape, n_protected: usize) -> BlockSize {
+            fn block_size(
+                &self,
+                shape: Shape,
+                n_protected: usize,
+                _params: &QuantParams,
+            ) -> BlockSize {
                 block_size::<$bits>(shape, n_protected)
             }
             fn protects(&self) -> bool {

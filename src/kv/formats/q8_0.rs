@@ -5,7 +5,7 @@
 //! 32 (for d = 80 and 112 the last group has 16), each group an f16 scale `s` (little-endian)
 //! then one int8 code per channel. Value = `code · s`.
 
-use super::pack::{get_f16, put_f16, round_f16};
+use super::pack::{get_f16, put_f16};
 use crate::Error;
 use crate::kv::format::{BlockSize, Format, QuantParams, Shape, check_input};
 
@@ -21,7 +21,7 @@ fn row_bytes(d: usize) -> usize {
 }
 
 impl Format for Q8_0 {
-    fn block_size(&self, shape: Shape, _n_protected: usize) -> BlockSize {
+    fn block_size(&self, shape: Shape, _n_protected: usize, _params: &QuantParams) -> BlockSize {
         BlockSize {
             codes: shape.n * shape.d,
             meta: shape.n * 2 * shape.d.div_ceil(QK),
@@ -33,25 +33,17 @@ impl Format for Q8_0 {
         x: &[f32],
         shape: Shape,
         protect: &[bool],
-        _params: &QuantParams,
+        params: &QuantParams,
         out: &mut Vec<u8>,
     ) -> Result<(), Error> {
         check_input(x, shape, protect)?;
-        let start = out.len();
-        out.reserve(self.block_size(shape, 0).total());
-        for (t, row) in x.chunks_exact(shape.d).enumerate() {
+        out.reserve(self.block_size(shape, 0, params).total());
+        for row in x.chunks_exact(shape.d) {
             for group in row.chunks(QK) {
                 let amax = group.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let s = amax / 127.0;
                 // ggml takes the inverse of the f32 scale, then stores the scale as f16.
                 let inv = if s != 0.0 { 1.0 / s } else { 0.0 };
-                if !round_f16(s).is_finite() {
-                    out.truncate(start);
-                    return Err(Error::InvalidArgument(format!(
-                        "q8_0: token {t} has |x| = {amax}, too large for an f16 scale \
-                         (at most about 8.3e6)"
-                    )));
-                }
                 put_f16(out, s);
                 // f32::round is roundf: half away from zero.
                 out.extend(group.iter().map(|&v| (v * inv).round() as i8 as u8));

@@ -135,19 +135,8 @@ impl Layout {
     }
 }
 
-/// A stored f16 parameter must be finite, or every value decoded from it would be too.
-fn stored_f16(v: f32) -> Result<f32, Error> {
-    if v.is_finite() {
-        Ok(v)
-    } else {
-        Err(Error::InvalidArgument(
-            "block values exceed the f16 range of the format's scales".into(),
-        ))
-    }
-}
-
 impl Format for V1_58Tern {
-    fn block_size(&self, shape: Shape, n_protected: usize) -> BlockSize {
+    fn block_size(&self, shape: Shape, n_protected: usize, _params: &QuantParams) -> BlockSize {
         let l = Layout::new(shape, n_protected);
         BlockSize {
             codes: l.end - l.trits,
@@ -192,7 +181,7 @@ impl Format for V1_58Tern {
         for (c, g) in gamma.iter_mut().enumerate() {
             if !unprotected.is_empty() {
                 let sum: f64 = unprotected.iter().map(|&t| x[t * d + c].abs() as f64).sum();
-                *g = stored_f16(f16::from_f64(sum / unprotected.len() as f64).to_f32())?;
+                *g = f16::from_f64(sum / unprotected.len() as f64).to_f32();
             }
             put_f16(out, *g);
         }
@@ -201,8 +190,8 @@ impl Format for V1_58Tern {
         if n_p > 0 {
             for c in 0..d {
                 let m = MinMax::over(protected.iter().map(|&t| x[t * d + c]), LEVELS);
-                put_f16(out, stored_f16(m.lo)?);
-                put_f16(out, stored_f16(m.step)?);
+                put_f16(out, m.lo);
+                put_f16(out, m.step);
                 ranges.push(m);
             }
         }

@@ -1,0 +1,125 @@
+// Shared device code: format ids, block jobs, f16 access, bit unpacking, CTA reductions.
+//
+// Every format is a struct `Fmt<D>` in its own file (csrc/<name>.cu mirrors
+// src/kv/formats/<name>.rs) with the same static device functions, called by one CTA of
+// kThreads threads for one block:
+//   quantize(Src x, int n, Role role, const uint8_t* protect, QuantParams p, uint8_t* out, Smem)
+//   dequantize(const uint8_t* blk, int n, Role role, __half* out, int64_t out_stride)
+//   bytes(int n, Role role, int n_protected, QuantParams p)      (host and device)
+// and, for attention, per block against G query heads held in shared memory:
+//   scores(const uint8_t* blk, int n, const float* q /*[G][D]*/, int G, float* s /*[G][kMaxN]*/)
+//   accumulate(const uint8_t* blk, int n, const float* p /*[G][kMaxN]*/, int G, float* acc /*[G][D]*/)
+// Byte layouts are those of docs/FORMATS.md: a block written here decodes on the CPU and back.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "kvbits_cuda.h"
+
+namespace kvb {
+
+enum Format : int {
+    F16 = 0,
+    Q8_0 = 1,
+    Q4_0 = 2,
+    KIVI2 = 3,
+    Q1_CALIB = 4,
+    K1_5_MIX = 5,
+    V1_58_TERN = 6,
+    Q2_HAD = 7,
+    Q4_HAD = 8,
+};
+
+enum Role : int { KEY = 0, VALUE = 1 };
+
+constexpr int kThreads = 128;  // threads of every block-level CTA
+constexpr int kMaxN = 4096;    // tokens per block at most (BlockTokens up to 4096)
+constexpr int kChunk = 128;    // tokens scored and accumulated per step of attention
+constexpr int kMaxG = 16;      // query heads per KV head (GQA group) at most
+
+using QuantParams = kvb_cuda_quant_params;
+
+// Rows of one KV head: channel c of token t at data[t * stride + c], f32 or f16.
+struct Src {
+    const void *data;
+    int64_t stride;
+    int is_f16;
+    __device__ __forceinline__ float at(int t, int c) const {
+        int64_t i = (int64_t)t * stride + c;
+        return is_f16 ? __half2float(static_cast<const __half *>(data)[i])
+                      : static_cast<const float *>(data)[i];
+    }
+};
+
+__device__ __forceinline__ float ld_f16(const uint8_t *p, int i) {
+    return __half2float(reinterpret_cast<const __half *>(p)[i]);
+}
+
+// Unaligned little-endian f16 at byte offset `off` (blocks pack fields without padding).
+__device__ __forceinline__ float ld_f16_at(const uint8_t *p, int64_t off) {
+    unsigned short bits = (unsigned short)p[off] | ((unsigned short)p[off + 1] << 8);
+    return __half2float(__ushort_as_half(bits));
+}
+
+__device__ __forceinline__ void st_f16_at(uint8_t *p, int64_t off, float v) {
+    unsigned short bits = __half_as_ushort(__float2half_rn(v));
+    p[off] = (uint8_t)(bits & 0xff);
+    p[off + 1] = (uint8_t)(bits >> 8);
+}
+
+// f32 -> f16 -> f32, the precision of every stored scale (round to nearest even, as `half`).
+__device__ __forceinline__ float round_f16(float v) { return __half2float(__float2half_rn(v)); }
+
+// Code j of a little-end-first bit string of `bits`-bit codes.
+__device__ __forceinline__ unsigned code_at(const uint8_t *p, int64_t j, int bits) {
+    int64_t bit = j * bits;
+    return (p[bit >> 3] >> (bit & 7)) & ((1u << bits) - 1);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+__device__ __forceinline__ float warp_min(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the CTA; every thread gets the result. `red` holds kThreads / 32 floats.
+__device__ __forceinline__ float cta_sum(float v, float *red) {
+    v = warp_sum(v);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float t = 0.f;
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) t += red[w];
+    return t;
+}
+
+// Asymmetric min-max with f16-stored offset and step (src/kv/formats/minmax.rs):
+// code = round(clamp((x - lo) / step, 0, levels)) against the rounded values, 0 when step = 0.
+struct MinMax {
+    float lo, step;
+    __device__ static MinMax make(float lo, float hi, int levels) {
+        return {round_f16(lo), round_f16((hi - lo) / (float)levels)};
+    }
+    __device__ unsigned code(float x, int levels) const {
+        if (!(step > 0.f)) return 0;
+        return (unsigned)roundf(fminf(fmaxf((x - lo) / step, 0.f), (float)levels));
+    }
+    __device__ float value(unsigned q) const { return (float)q * step + lo; }
+};
+
+}  // namespace kvb

@@ -1,0 +1,354 @@
+// The one dispatch point: every kernel, templated on head dim, switching on format ids through
+// the table in formats.cuh. Launchers check their arguments before launching anything.
+
+#include <cuda_runtime.h>
+
+#include "formats.cuh"
+
+namespace kvb {
+
+// Call f.template operator()<D>() for a supported head dim; false otherwise.
+template <typename F>
+bool with_head_dim(int d, F &&f) {
+    switch (d) {
+        case 64: f.template operator()<64>(); return true;
+        case 80: f.template operator()<80>(); return true;
+        case 96: f.template operator()<96>(); return true;
+        case 112: f.template operator()<112>(); return true;
+        case 128: f.template operator()<128>(); return true;
+        case 256: f.template operator()<256>(); return true;
+        default: return false;
+    }
+}
+
+bool known_format(int f) {
+#define KVB_KNOWN(ID, FMT) if (f == ID) return true;
+    KVB_FORMATS(KVB_KNOWN)
+#undef KVB_KNOWN
+    return false;
+}
+
+// ---- quantize and dequantize: one CTA per block ------------------------------------------
+
+constexpr int kQuantSmemFloats = 12 * 1024;
+
+template <int D>
+__global__ void __launch_bounds__(kThreads)
+    quantize_kernel(int format, int is_f16, const kvb_cuda_quant_job *jobs, QuantParams p,
+                    uint8_t *arena) {
+    extern __shared__ float smem[];
+    const kvb_cuda_quant_job job = jobs[blockIdx.x];
+    Src x{job.x, job.x_stride, is_f16};
+    uint8_t *out = arena + job.out_offset;
+    switch (format) {
+#define KVB_QUANT(ID, FMT) \
+    case ID: FMT<D>::quantize(x, job.n, job.role, job.protect, p, out, smem); break;
+        KVB_FORMATS(KVB_QUANT)
+#undef KVB_QUANT
+    }
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads)
+    dequantize_kernel(int format, const kvb_cuda_dequant_job *jobs, const uint8_t *arena) {
+    const kvb_cuda_dequant_job job = jobs[blockIdx.x];
+    const uint8_t *blk = arena + job.offset;
+    __half *out = static_cast<__half *>(job.out);
+    switch (format) {
+#define KVB_DEQUANT(ID, FMT) \
+    case ID: FMT<D>::dequantize(blk, job.n, job.role, out, job.out_stride); break;
+        KVB_FORMATS(KVB_DEQUANT)
+#undef KVB_DEQUANT
+    }
+}
+
+// ---- decode attention ------------------------------------------------------------------
+// Per work item (a run of blocks of one KV head): all G query heads of that KV head share each
+// read of the blocks. Per block: prepare the query for the key format, then per chunk of
+// kChunk tokens: scores, scale and calibrate, online-softmax update, accumulate values.
+// Partial (max, sum, acc) per item and head go to scratch; combine_kernel merges them.
+
+struct Scratch {
+    float *span_range;  // [n_seq][n_spans][n_head][2]: min, max of calibrated-span logits
+    float *partial;     // [n_work][G][D + 2]: max, sum, acc
+};
+
+__host__ __device__ inline Scratch scratch_layout(float *base, int n_seq, int n_spans, int n_head) {
+    Scratch s;
+    s.span_range = base;
+    s.partial = base + (size_t)n_seq * n_spans * n_head * 2;
+    return s;
+}
+
+template <int D>
+__device__ void prepare_keys(int fmt, const uint8_t *blk, int n, const float *q, int G, float *qt) {
+    switch (fmt) {
+#define KVB_PREP(ID, FMT) case ID: FMT<D>::prepare(blk, n, q, G, qt); break;
+        KVB_FORMATS(KVB_PREP)
+#undef KVB_PREP
+    }
+}
+
+template <int D>
+__device__ void score_keys(int fmt, const uint8_t *blk, int n, int t0, int t1, const float *q,
+                           const float *qt, int G, float *s) {
+    switch (fmt) {
+#define KVB_SCORE(ID, FMT) case ID: FMT<D>::scores(blk, n, t0, t1, q, qt, G, s); break;
+        KVB_FORMATS(KVB_SCORE)
+#undef KVB_SCORE
+    }
+}
+
+template <int D>
+__device__ void accumulate_values(int fmt, const uint8_t *blk, int n, int t0, int t1,
+                                  const float *p, int G, float *acc, float *vt) {
+    switch (fmt) {
+#define KVB_ACC(ID, FMT) case ID: FMT<D>::accumulate(blk, n, t0, t1, p, G, acc, vt); break;
+        KVB_FORMATS(KVB_ACC)
+#undef KVB_ACC
+    }
+}
+
+template <int D>
+__device__ void finish_values(int fmt, const uint8_t *blk, int n, int G, float *acc, float *vt) {
+    switch (fmt) {
+#define KVB_FIN(ID, FMT) case ID: FMT<D>::finish(blk, n, G, acc, vt); break;
+        KVB_FORMATS(KVB_FIN)
+#undef KVB_FIN
+    }
+}
+
+// Order-preserving float atomics (min and max over logits).
+__device__ inline void atomic_min_f(float *a, float v) {
+    if (v >= 0.f) atomicMin(reinterpret_cast<int *>(a), __float_as_int(v));
+    else atomicMax(reinterpret_cast<unsigned *>(a), __float_as_uint(v));
+}
+__device__ inline void atomic_max_f(float *a, float v) {
+    if (v >= 0.f) atomicMax(reinterpret_cast<int *>(a), __float_as_int(v));
+    else atomicMin(reinterpret_cast<unsigned *>(a), __float_as_uint(v));
+}
+
+__global__ void init_span_range(float *range, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        range[2 * i] = INFINITY, range[2 * i + 1] = -INFINITY;
+}
+
+template <int D>
+__device__ void load_queries(const kvb_cuda_decode_args &a, const kvb_cuda_work &w, int G, float *q) {
+    const float *src = a.q + ((size_t)w.seq * a.n_head + (size_t)w.kv_head * G) * D;
+    for (int i = threadIdx.x; i < G * D; i += kThreads) q[i] = src[i];
+}
+
+// Pass 1 for calibrated spans: min and max logit of each span per query head.
+template <int D>
+__global__ void __launch_bounds__(kThreads) span_range_kernel(kvb_cuda_decode_args a) {
+    extern __shared__ float sm[];
+    const kvb_cuda_work w = a.work[blockIdx.x];
+    const int G = a.n_head / a.n_head_kv;
+    float *q = sm, *qt = q + G * D, *s = qt + G * kPrepMax<D>;
+    Scratch scr = scratch_layout(a.scratch, a.n_seq, a.n_spans, a.n_head);
+    load_queries<D>(a, w, G, q);
+    __syncthreads();
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int b = 0; b < w.n_blocks; ++b) {
+        const kvb_cuda_block blk = a.blocks[w.first_block + b];
+        if (blk.span < 0) continue;
+        const uint8_t *kb = a.arena + blk.k_offset;
+        prepare_keys<D>(blk.k_format, kb, blk.n, q, G, qt);
+        __syncthreads();
+        for (int t0 = 0; t0 < blk.n; t0 += kChunk) {
+            int t1 = min(blk.n, t0 + kChunk);
+            score_keys<D>(blk.k_format, kb, blk.n, t0, t1, q, qt, G, s);
+            __syncthreads();
+            for (int g = warp; g < G; g += kThreads / 32) {
+                float mn = INFINITY, mx = -INFINITY;
+                for (int t = lane; t < t1 - t0; t += 32) {
+                    float v = s[g * kChunk + t] * a.scale;
+                    mn = fminf(mn, v), mx = fmaxf(mx, v);
+                }
+                mn = warp_min(mn), mx = warp_max(mx);
+                if (lane == 0) {
+                    int h = w.kv_head * G + g;
+                    float *r = scr.span_range + (((size_t)w.seq * a.n_spans + blk.span) * a.n_head + h) * 2;
+                    atomic_min_f(r, mn);
+                    atomic_max_f(r + 1, mx);
+                }
+            }
+            __syncthreads();
+        }
+    }
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads) decode_kernel(kvb_cuda_decode_args a) {
+    extern __shared__ float sm[];
+    const kvb_cuda_work w = a.work[blockIdx.x];
+    const int G = a.n_head / a.n_head_kv;
+    float *q = sm, *qt = q + G * D, *s = qt + G * kPrepMax<D>, *acc = s + G * kChunk;
+    float *vt = acc + G * D, *m = vt + G * D, *l = m + G, *corr = l + G;
+    Scratch scr = scratch_layout(a.scratch, a.n_seq, a.n_spans, a.n_head);
+    load_queries<D>(a, w, G, q);
+    for (int i = threadIdx.x; i < G * D; i += kThreads) acc[i] = 0.f, vt[i] = 0.f;
+    for (int g = threadIdx.x; g < G; g += kThreads) m[g] = -INFINITY, l[g] = 0.f;
+    __syncthreads();
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int b = 0; b < w.n_blocks; ++b) {
+        const kvb_cuda_block blk = a.blocks[w.first_block + b];
+        const uint8_t *kb = a.arena + blk.k_offset, *vb = a.arena + blk.v_offset;
+        prepare_keys<D>(blk.k_format, kb, blk.n, q, G, qt);
+        __syncthreads();
+        for (int t0 = 0; t0 < blk.n; t0 += kChunk) {
+            int t1 = min(blk.n, t0 + kChunk), len = t1 - t0;
+            score_keys<D>(blk.k_format, kb, blk.n, t0, t1, q, qt, G, s);
+            __syncthreads();
+            for (int g = warp; g < G; g += kThreads / 32) {
+                // Calibration (CalibQuant): a' = lo + (a - lo)(hi - lo - δ)/(hi - lo) over the
+                // span's logits; a span whose range is within δ keeps its scores.
+                float lo = 0.f, ratio = 1.f;
+                if (blk.span >= 0) {
+                    int h = w.kv_head * G + g;
+                    const float *r = scr.span_range + (((size_t)w.seq * a.n_spans + blk.span) * a.n_head + h) * 2;
+                    float range = r[1] - r[0];
+                    if (range > a.calib_delta) lo = r[0], ratio = (range - a.calib_delta) / range;
+                }
+                float mx = -INFINITY;
+                for (int t = lane; t < len; t += 32) {
+                    float v = s[g * kChunk + t] * a.scale;
+                    v = lo + (v - lo) * ratio;
+                    s[g * kChunk + t] = v;
+                    mx = fmaxf(mx, v);
+                }
+                mx = warp_max(mx);
+                float m_new = fmaxf(m[g], mx), sum = 0.f;
+                for (int t = lane; t < len; t += 32) {
+                    float p = __expf(s[g * kChunk + t] - m_new);
+                    s[g * kChunk + t] = p;
+                    sum += p;
+                }
+                sum = warp_sum(sum);
+                if (lane == 0) {
+                    float c = __expf(m[g] - m_new);
+                    corr[g] = c;
+                    l[g] = l[g] * c + sum;
+                    m[g] = m_new;
+                }
+            }
+            __syncthreads();
+            for (int i = threadIdx.x; i < G * D; i += kThreads) {
+                float c = corr[i / D];
+                acc[i] *= c;
+                vt[i] *= c;
+            }
+            __syncthreads();
+            accumulate_values<D>(blk.v_format, vb, blk.n, t0, t1, s, G, acc, vt);
+            __syncthreads();
+        }
+        finish_values<D>(blk.v_format, vb, blk.n, G, acc, vt);
+        __syncthreads();
+    }
+    float *part = scr.partial + (size_t)blockIdx.x * G * (D + 2);
+    for (int i = threadIdx.x; i < G * (D + 2); i += kThreads) {
+        int g = i / (D + 2), j = i % (D + 2);
+        part[i] = j == 0 ? m[g] : j == 1 ? l[g] : acc[g * D + j - 2];
+    }
+}
+
+// Merge the items of each (sequence, query head): out = Σ e^(m_i - M) acc_i / Σ e^(m_i - M) l_i.
+template <int D>
+__global__ void __launch_bounds__(kThreads) combine_kernel(kvb_cuda_decode_args a) {
+    const int G = a.n_head / a.n_head_kv;
+    const int seq = blockIdx.x / a.n_head, h = blockIdx.x % a.n_head, kv = h / G, g = h % G;
+    Scratch scr = scratch_layout(a.scratch, a.n_seq, a.n_spans, a.n_head);
+    const int i0 = a.work_begin[seq * a.n_head_kv + kv], i1 = a.work_begin[seq * a.n_head_kv + kv + 1];
+    float M = -INFINITY;
+    for (int i = i0; i < i1; ++i) M = fmaxf(M, scr.partial[((size_t)i * G + g) * (D + 2)]);
+    float L = 0.f;
+    for (int i = i0; i < i1; ++i) {
+        const float *p = scr.partial + ((size_t)i * G + g) * (D + 2);
+        L += p[1] * __expf(p[0] - M);
+    }
+    float *out = a.out + ((size_t)seq * a.n_head + h) * D;
+    for (int c = threadIdx.x; c < D; c += kThreads) {
+        float v = 0.f;
+        for (int i = i0; i < i1; ++i) {
+            const float *p = scr.partial + ((size_t)i * G + g) * (D + 2);
+            v += p[2 + c] * __expf(p[0] - M);
+        }
+        out[c] = L > 0.f ? v / L : 0.f;
+    }
+}
+
+template <int D>
+size_t decode_smem(int G) {
+    return sizeof(float) * ((size_t)G * (D + kPrepMax<D> + kChunk + 2 * D) + 3 * G);
+}
+
+}  // namespace kvb
+
+using namespace kvb;
+
+extern "C" int kvb_cuda_format_supported(int32_t format) { return known_format(format); }
+
+extern "C" int kvb_cuda_quantize(int32_t format, int32_t head_dim, int32_t x_is_f16,
+                                 const kvb_cuda_quant_job *jobs, int32_t n_jobs,
+                                 kvb_cuda_quant_params params, uint8_t *arena,
+                                 kvb_cuda_stream stream) {
+    if (!known_format(format) || !jobs || !arena || n_jobs < 0) return KVB_CUDA_INVALID_ARGUMENT;
+    if (n_jobs == 0) return cudaSuccess;
+    cudaError_t err = cudaSuccess;
+    bool ok = with_head_dim(head_dim, [&]<int D>() {
+        size_t smem = sizeof(float) * kQuantSmemFloats;
+        err = cudaFuncSetAttribute(quantize_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (err != cudaSuccess) return;
+        quantize_kernel<D><<<n_jobs, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(
+            format, x_is_f16, jobs, params, arena);
+        err = cudaGetLastError();
+    });
+    return ok ? (int)err : (int)KVB_CUDA_INVALID_ARGUMENT;
+}
+
+extern "C" int kvb_cuda_dequantize(int32_t format, int32_t head_dim,
+                                   const kvb_cuda_dequant_job *jobs, int32_t n_jobs,
+                                   const uint8_t *arena, kvb_cuda_stream stream) {
+    if (!known_format(format) || !jobs || !arena || n_jobs < 0) return KVB_CUDA_INVALID_ARGUMENT;
+    if (n_jobs == 0) return cudaSuccess;
+    cudaError_t err = cudaSuccess;
+    bool ok = with_head_dim(head_dim, [&]<int D>() {
+        dequantize_kernel<D><<<n_jobs, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(format, jobs, arena);
+        err = cudaGetLastError();
+    });
+    return ok ? (int)err : (int)KVB_CUDA_INVALID_ARGUMENT;
+}
+
+extern "C" size_t kvb_cuda_decode_scratch_bytes(int32_t n_work, int32_t n_seq, int32_t n_head,
+                                                int32_t head_dim, int32_t n_spans) {
+    return sizeof(float) * ((size_t)n_seq * n_spans * n_head * 2 + (size_t)n_work * n_head * (head_dim + 2));
+}
+
+extern "C" int kvb_cuda_attention_decode(const kvb_cuda_decode_args *args, kvb_cuda_stream stream) {
+    if (!args) return KVB_CUDA_INVALID_ARGUMENT;
+    const kvb_cuda_decode_args a = *args;
+    if (!a.arena || !a.blocks || !a.work || !a.work_begin || !a.q || !a.out || !a.scratch ||
+        a.n_seq < 1 || a.n_head_kv < 1 || a.n_head % a.n_head_kv != 0 ||
+        a.n_head / a.n_head_kv > kMaxG || a.n_work < 1 || a.n_spans < 0)
+        return KVB_CUDA_INVALID_ARGUMENT;
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    const int G = a.n_head / a.n_head_kv;
+    cudaError_t err = cudaSuccess;
+    bool ok = with_head_dim(a.head_dim, [&]<int D>() {
+        size_t smem = decode_smem<D>(G);
+        for (const void *k : {(const void *)decode_kernel<D>, (const void *)span_range_kernel<D>}) {
+            err = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+            if (err != cudaSuccess) return;
+        }
+        if (a.n_spans > 0) {
+            int n = a.n_seq * a.n_spans * a.n_head;
+            init_span_range<<<(n + 255) / 256, 256, 0, s>>>(a.scratch, n);
+            span_range_kernel<D><<<a.n_work, kThreads, smem, s>>>(a);
+        }
+        decode_kernel<D><<<a.n_work, kThreads, smem, s>>>(a);
+        combine_kernel<D><<<a.n_seq * a.n_head, kThreads, 0, s>>>(a);
+        err = cudaGetLastError();
+    });
+    return ok ? (int)err : (int)KVB_CUDA_INVALID_ARGUMENT;
+}

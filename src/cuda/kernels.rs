@@ -1,0 +1,305 @@
+//! Typed launchers over `kvb_cuda_quantize`, `kvb_cuda_dequantize` and
+//! `kvb_cuda_attention_decode`. Device arrays are `DeviceBuffer`s; offsets are bytes.
+
+use super::runtime::{DeviceBuffer, Stream, check};
+use super::sys;
+use crate::Error;
+use crate::kv::{FormatId, QuantParams, Role};
+
+pub use sys::{kvb_cuda_block as BlockDesc, kvb_cuda_work as WorkItem};
+
+/// Device rows of one KV head: token `t`, channel `c` at element `offset + t * stride + c`.
+#[derive(Clone, Copy)]
+pub struct DeviceRows<'a> {
+    pub buf: &'a DeviceBuffer,
+    pub f16: bool,
+    pub offset: usize,
+    pub stride: usize,
+}
+
+/// One block to quantize.
+pub struct QuantJob<'a> {
+    pub rows: DeviceRows<'a>,
+    pub n: usize,
+    pub role: Role,
+    /// `n` flags in device memory, or none.
+    pub protect: Option<(&'a DeviceBuffer, usize)>,
+    pub out_offset: usize,
+}
+
+/// Whether the CUDA kernels implement `format`.
+pub fn supports(format: FormatId) -> bool {
+    // SAFETY: pure query.
+    unsafe { sys::kvb_cuda_format_supported(format as i32) != 0 }
+}
+
+fn role_id(role: Role) -> i32 {
+    match role {
+        Role::Key => 0,
+        Role::Value => 1,
+    }
+}
+
+fn params_c(p: &QuantParams) -> sys::kvb_cuda_quant_params {
+    sys::kvb_cuda_quant_params {
+        calib_alpha_k: p.calib_alpha_k,
+        calib_alpha_v: p.calib_alpha_v,
+        mix_fraction: p.mix_fraction,
+        had_clip: p.had_clip,
+    }
+}
+
+/// A job table in device memory, checked against the arena it writes into.
+pub struct QuantBatch {
+    format: FormatId,
+    head_dim: usize,
+    f16: bool,
+    table: DeviceBuffer,
+    n_jobs: usize,
+    params: QuantParams,
+}
+
+impl QuantBatch {
+    /// Check and upload `jobs` (all reading rows of one element type) for `arena`.
+    pub fn new(
+        format: FormatId,
+        head_dim: usize,
+        jobs: &[QuantJob<'_>],
+        params: &QuantParams,
+        arena: &DeviceBuffer,
+        stream: &Stream,
+    ) -> Result<QuantBatch, Error> {
+        let f16 = jobs.first().is_some_and(|j| j.rows.f16);
+        let elem = if f16 { 2 } else { 4 };
+        let raw: Vec<sys::kvb_cuda_quant_job> = jobs
+            .iter()
+            .map(|j| {
+                if j.rows.f16 != f16 {
+                    return Err(Error::InvalidArgument("jobs mix f16 and f32 rows".into()));
+                }
+                let shape = crate::kv::Shape {
+                    n: j.n,
+                    d: head_dim,
+                    role: j.role,
+                };
+                let bytes = format.imp().block_size(shape, 0, params).total();
+                if j.out_offset + bytes > arena.len() || j.out_offset % 16 != 0 {
+                    return Err(Error::InvalidArgument(format!(
+                        "block of {bytes} bytes at offset {} of a {}-byte arena \
+                         (offsets are 16-aligned)",
+                        j.out_offset,
+                        arena.len()
+                    )));
+                }
+                let x = j
+                    .rows
+                    .buf
+                    .as_ptr()
+                    .cast::<u8>()
+                    .wrapping_add(j.rows.offset * elem);
+                let protect = j.protect.map_or(std::ptr::null(), |(b, off)| {
+                    b.as_ptr().cast::<u8>().wrapping_add(off).cast_const()
+                });
+                Ok(sys::kvb_cuda_quant_job {
+                    x: x.cast(),
+                    x_stride: j.rows.stride as i64,
+                    protect,
+                    out_offset: j.out_offset as u64,
+                    n: j.n as i32,
+                    role: role_id(j.role),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(QuantBatch {
+            format,
+            head_dim,
+            f16,
+            table: DeviceBuffer::from_slice(&raw, stream)?,
+            n_jobs: raw.len(),
+            params: *params,
+        })
+    }
+
+    /// Launch one CTA per job on `stream` (asynchronous).
+    pub fn launch(&self, arena: &DeviceBuffer, stream: &Stream) -> Result<(), Error> {
+        // SAFETY: the table was checked against an arena of this size at construction.
+        let code = unsafe {
+            sys::kvb_cuda_quantize(
+                self.format as i32,
+                self.head_dim as i32,
+                self.f16 as i32,
+                self.table.as_ptr().cast(),
+                self.n_jobs as i32,
+                params_c(&self.params),
+                arena.as_ptr().cast(),
+                stream.raw(),
+            )
+        };
+        check(code, "kvb_cuda_quantize")
+    }
+}
+
+/// Quantize every job of one format into `arena` (one CTA per job) and wait for it.
+pub fn quantize(
+    format: FormatId,
+    head_dim: usize,
+    jobs: &[QuantJob<'_>],
+    params: &QuantParams,
+    arena: &DeviceBuffer,
+    stream: &Stream,
+) -> Result<(), Error> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    QuantBatch::new(format, head_dim, jobs, params, arena, stream)?.launch(arena, stream)?;
+    stream.synchronize()
+}
+
+/// Decode blocks `(offset, n, role)` of one format into f16 rows of `out` at element offsets
+/// `(out_offset, stride)`.
+pub fn dequantize(
+    format: FormatId,
+    head_dim: usize,
+    blocks: &[(usize, usize, Role, usize, usize)],
+    arena: &DeviceBuffer,
+    out: &DeviceBuffer,
+    stream: &Stream,
+) -> Result<(), Error> {
+    let raw: Vec<sys::kvb_cuda_dequant_job> = blocks
+        .iter()
+        .map(
+            |&(offset, n, role, out_offset, stride)| sys::kvb_cuda_dequant_job {
+                offset: offset as u64,
+                out: out
+                    .as_ptr()
+                    .cast::<u8>()
+                    .wrapping_add(2 * out_offset)
+                    .cast(),
+                out_stride: stride as i64,
+                n: n as i32,
+                role: role_id(role),
+            },
+        )
+        .collect();
+    if raw.is_empty() {
+        return Ok(());
+    }
+    let table = DeviceBuffer::from_slice(&raw, stream)?;
+    // SAFETY: live device buffers; the kernel writes n rows of head_dim f16 per job.
+    let code = unsafe {
+        sys::kvb_cuda_dequantize(
+            format as i32,
+            head_dim as i32,
+            table.as_ptr().cast(),
+            raw.len() as i32,
+            arena.as_ptr().cast(),
+            stream.raw(),
+        )
+    };
+    check(code, "kvb_cuda_dequantize")?;
+    stream.synchronize()
+}
+
+/// Everything one decode-attention launch reads, already in device memory.
+pub struct DecodePlan {
+    pub blocks: DeviceBuffer,
+    pub work: DeviceBuffer,
+    pub work_begin: DeviceBuffer,
+    pub scratch: DeviceBuffer,
+    pub n_work: usize,
+    pub n_seq: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub n_spans: usize,
+}
+
+impl DecodePlan {
+    /// Upload a block table and its work items (grouped by sequence, then KV head).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        blocks: &[BlockDesc],
+        work: &[WorkItem],
+        n_seq: usize,
+        n_head: usize,
+        n_head_kv: usize,
+        head_dim: usize,
+        n_spans: usize,
+        stream: &Stream,
+    ) -> Result<DecodePlan, Error> {
+        let mut begin = vec![0i32; n_seq * n_head_kv + 1];
+        for w in work {
+            let key = w.seq as usize * n_head_kv + w.kv_head as usize;
+            if key >= n_seq * n_head_kv {
+                return Err(Error::InvalidArgument(format!(
+                    "work item of sequence {} head {}",
+                    w.seq, w.kv_head
+                )));
+            }
+            begin[key + 1] += 1;
+        }
+        for i in 1..begin.len() {
+            begin[i] += begin[i - 1];
+        }
+        // SAFETY: pure size computation.
+        let scratch = unsafe {
+            sys::kvb_cuda_decode_scratch_bytes(
+                work.len() as i32,
+                n_seq as i32,
+                n_head as i32,
+                head_dim as i32,
+                n_spans as i32,
+            )
+        };
+        Ok(DecodePlan {
+            blocks: DeviceBuffer::from_slice(blocks, stream)?,
+            work: DeviceBuffer::from_slice(work, stream)?,
+            work_begin: DeviceBuffer::from_slice(&begin, stream)?,
+            scratch: DeviceBuffer::new(scratch)?,
+            n_work: work.len(),
+            n_seq,
+            n_head,
+            n_head_kv,
+            head_dim,
+            n_spans,
+        })
+    }
+
+    /// Launch decode attention: `q` and `out` hold `[n_seq][n_head][head_dim]` f32.
+    pub fn launch(
+        &self,
+        arena: &DeviceBuffer,
+        q: &DeviceBuffer,
+        out: &DeviceBuffer,
+        scale: f32,
+        calib_delta: f32,
+        stream: &Stream,
+    ) -> Result<(), Error> {
+        let values = self.n_seq * self.n_head * self.head_dim * 4;
+        if q.len() < values || out.len() < values {
+            return Err(Error::InvalidArgument(format!("q/out need {values} bytes")));
+        }
+        let args = sys::kvb_cuda_decode_args {
+            arena: arena.as_ptr().cast(),
+            blocks: self.blocks.as_ptr().cast(),
+            work: self.work.as_ptr().cast(),
+            work_begin: self.work_begin.as_ptr().cast(),
+            q: q.as_ptr().cast(),
+            out: out.as_ptr().cast(),
+            scratch: self.scratch.as_ptr().cast(),
+            n_work: self.n_work as i32,
+            n_seq: self.n_seq as i32,
+            n_head: self.n_head as i32,
+            n_head_kv: self.n_head_kv as i32,
+            head_dim: self.head_dim as i32,
+            n_spans: self.n_spans as i32,
+            scale,
+            calib_delta,
+        };
+        // SAFETY: every pointer is a live device buffer of the sizes the plan was built for.
+        check(
+            unsafe { sys::kvb_cuda_attention_decode(&args, stream.raw()) },
+            "kvb_cuda_attention_decode",
+        )
+    }
+}
