@@ -209,10 +209,16 @@ fn rejects_a_type_in_the_wrong_role_and_unknown_presets() {
     let src = Synth::new(tiny(1)).unwrap();
     let e = eval::evaluate(&src, &[pair(FormatId::V1_58Tern, FormatId::F16)], None);
     let e = e.unwrap_err().to_string();
-    assert!(e.contains("v1_58_tern") && e.contains("values only"), "{e}");
+    assert!(
+        e.contains("v1_58_tern") && e.contains("cannot store keys"),
+        "{e}"
+    );
     let e = eval::evaluate(&src, &[pair(FormatId::F16, FormatId::K1_5Mix)], None);
     let e = e.unwrap_err().to_string();
-    assert!(e.contains("k1_5_mix") && e.contains("keys only"), "{e}");
+    assert!(
+        e.contains("k1_5_mix") && e.contains("cannot store values"),
+        "{e}"
+    );
     let e = eval::evaluate(&src, &[RowSpec::Preset("nope".into())], None);
     assert!(e.unwrap_err().to_string().contains("nope"));
     let bad = SynthConfig {
@@ -386,6 +392,59 @@ fn npy_errors_name_the_file_and_the_problem() {
     std::fs::write(&f8, &bytes).unwrap();
     let e = open(&k, &f8, &q, None);
     assert!(e.contains("f8.npy") && e.contains("'<f8'"), "{e}");
+}
+
+/// Files numpy itself writes, when a Python with numpy is at hand (`.venv/` from
+/// `scripts/setup-python.sh`, or `KVBITS_PYTHON`); skipped otherwise.
+#[test]
+fn npy_files_from_numpy_read_alike() {
+    let py = std::env::var_os("KVBITS_PYTHON").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"),
+        PathBuf::from,
+    );
+    let dir = Dir::new("numpy");
+    // x[i] = (i * 37 % 101 - 50) / 8: exact in f16 and f32.
+    let script = r#"
+import sys, numpy as np
+from numpy.lib import format as f
+d = sys.argv[1]
+x = ((np.arange(2 * 3 * 64) * 37 % 101 - 50) / 8).reshape(2, 3, 64)
+np.save(d + "/f4.npy", x.astype(np.float32))
+np.save(d + "/f2.npy", x.astype(np.float16))
+with open(d + "/v2.npy", "wb") as fh:
+    f.write_array(fh, x.astype(np.float32), version=(2, 0))
+np.save(d + "/fortran.npy", np.asfortranarray(x.astype(np.float32)))
+np.save(d + "/big.npy", x.astype(">f4"))
+np.save(d + "/f8.npy", x)
+"#;
+    let ran = std::process::Command::new(&py)
+        .args(["-c", script, &dir.0.display().to_string()])
+        .output();
+    if !ran.as_ref().is_ok_and(|o| o.status.success()) {
+        println!(
+            "SKIPPED: no numpy at {} (run scripts/setup-python.sh)",
+            py.display()
+        );
+        return;
+    }
+    let want: Vec<f32> = (0..2 * 3 * 64)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 8.0)
+        .collect();
+    for name in ["f4.npy", "f2.npy", "v2.npy"] {
+        let a = kvbits::eval::npy::read(&dir.path(name)).unwrap();
+        assert_eq!(a.shape, [2, 3, 64], "{name}");
+        assert_eq!(a.data, want, "{name}");
+    }
+    for (name, what) in [
+        ("fortran.npy", "Fortran"),
+        ("big.npy", "'>f4'"),
+        ("f8.npy", "'<f8'"),
+    ] {
+        let e = kvbits::eval::npy::read(&dir.path(name))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(name) && e.contains(what), "{e}");
+    }
 }
 
 // ----- the issue's thresholds -----

@@ -214,7 +214,8 @@ fn fails(args: &[&str], code: i32, needle: &str) {
 fn bad_arguments_fail_with_a_message() {
     fails(&["eval", "--ctk", "q3_x"], 1, "unknown cache type 'q3_x'");
     fails(&["eval", "--preset", "fast"], 1, "fast");
-    fails(&["eval", "--ctv", "k1_5_mix"], 1, "keys only");
+    fails(&["eval", "--ctv", "k1_5_mix"], 1, "cannot store values");
+    fails(&["eval", "--block-tokens", "16"], 1, "block_tokens 16");
     fails(
         &["eval", "--ctk", "q8_0,q4_0", "--ctv", "f16,q4_0,q8_0"],
         1,
@@ -245,4 +246,26 @@ fn bad_arguments_fail_with_a_message() {
     args.extend(d.args());
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     fails(&argv, 1, "--visual 9:3");
+}
+
+/// The built-in data on the command line: one Qwen-sized layer, every default row. Some
+/// seconds in a debug build, so it runs in release builds (`scripts/test.sh`).
+#[test]
+#[cfg_attr(debug_assertions, ignore = "a Qwen-sized layer: run in release")]
+fn synthetic_default_rows() {
+    let out = run_ok(&["eval", "--layers", "1", "--seed", "7"].map(String::from));
+    assert!(
+        out.starts_with("synthetic Qwen2.5-VL-7B-shaped KV (seed 7): 1 layer,"),
+        "{out}"
+    );
+    assert!(out.contains("28 query / 4 KV heads, D 128"), "{out}");
+    assert!(out.contains("64 text + 8 frames x 256 visual + 32 text tokens; 16 queries"));
+    for spec in RowSpec::all() {
+        let name = spec.name();
+        assert!(
+            out.lines()
+                .any(|l| l.split_whitespace().next() == Some(name.as_str())),
+            "no row {name}: {out}"
+        );
+    }
 }

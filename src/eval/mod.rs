@@ -4,6 +4,14 @@
 //! Each layer is evaluated in its own one-layer cache: a [`CacheConfig`] treats every layer
 //! alike and the cache stores layers independently, so this measures the same as one cache
 //! of `n_layer` layers, while layers are generated on demand and run in parallel.
+//!
+//! Attention is measured on what each cache stores (`dequantize_f32`): scores `q·k̂ / sqrt(D)`,
+//! which is what every format's `scores` returns from its codes, and output `softmax · v̂`,
+//! which is what `attention_decode` returns. Computed here in vectorized passes, this takes
+//! seconds where the formats' scalar reference scoring takes minutes. Only configs that
+//! calibrate scores (CalibQuant) go through the cache's `attention_scores`.
+//! `tests/eval.rs` checks every row against the cache's own `attention_decode` and
+//! `attention_scores`.
 
 pub mod metrics;
 pub mod npy;
@@ -19,9 +27,6 @@ use serde::Serialize;
 use crate::Error;
 use crate::kv::{Applies, BlockTokens, CacheConfig, FormatId, HEAD_DIMS, KvCache, Modality, Rows};
 use metrics::Nmse;
-
-/// The presets evaluated by default, after the cache types.
-pub const PRESETS: [&str; 4] = ["calibquant", "vidkv", "akvq", "kivi2"];
 
 /// Attention overlap is measured on this many top tokens.
 pub const TOP_K: usize = 32;
@@ -94,7 +99,7 @@ impl RowSpec {
     /// Every cache type, then every preset.
     pub fn all() -> Vec<RowSpec> {
         let types = FormatId::ALL.into_iter().map(RowSpec::for_type);
-        let presets = PRESETS.iter().map(|p| RowSpec::Preset(p.to_string()));
+        let presets = CacheConfig::PRESETS.map(|p| RowSpec::Preset(p.to_string()));
         types.chain(presets).collect()
     }
 
@@ -109,21 +114,7 @@ impl RowSpec {
 
     fn config(&self, d: &Dims, block_tokens: Option<BlockTokens>) -> Result<CacheConfig, Error> {
         let mut cfg = match self {
-            RowSpec::Pair { k, v } => {
-                for (f, role, other) in [(k, Applies::Values, "-ctv"), (v, Applies::Keys, "-ctk")] {
-                    if f.info().applies == role {
-                        return Err(Error::InvalidArgument(format!(
-                            "{f} is for {} only (use it with {other})",
-                            if role == Applies::Keys {
-                                "keys"
-                            } else {
-                                "values"
-                            }
-                        )));
-                    }
-                }
-                CacheConfig::pair(*k, *v, 1, d.n_head_kv, d.head_dim)
-            }
+            RowSpec::Pair { k, v } => CacheConfig::pair(*k, *v, 1, d.n_head_kv, d.head_dim),
             RowSpec::Preset(p) => CacheConfig::preset(p, 1, d.n_head_kv, d.head_dim)?,
         };
         if let Some(b) = block_tokens {
@@ -174,9 +165,13 @@ pub fn evaluate(
 ) -> Result<Vec<Row>, Error> {
     let d = src.dims();
     check_dims(&d)?;
-    // Reject a bad row before spending time on the data.
+    if specs.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Reject a bad row (a type in the wrong role, an unknown preset, a block size out of
+    // range) before spending time on the data.
     for s in specs {
-        s.config(&d, block_tokens)?;
+        s.config(&d, block_tokens)?.validate()?;
     }
     let per_layer = (0..d.n_layer)
         .into_par_iter()
@@ -193,13 +188,8 @@ pub fn evaluate(
         .collect())
 }
 
+/// What the cache cannot check: the query side. (Head dims are the cache's to check.)
 fn check_dims(d: &Dims) -> Result<(), Error> {
-    if !HEAD_DIMS.contains(&d.head_dim) {
-        return Err(Error::Unsupported(format!(
-            "head dim {} (supported: {HEAD_DIMS:?})",
-            d.head_dim
-        )));
-    }
     if d.n_head_kv == 0 || d.n_head % d.n_head_kv != 0 {
         return Err(Error::InvalidArgument(format!(
             "{} query heads are not a multiple of {} KV heads",
@@ -258,7 +248,7 @@ impl Acc {
     }
 }
 
-/// The f16 cache's attention for every query and head of one layer.
+/// The f16 cache's attention for every query and head of one layer, `[n_query][n_head]`.
 struct Reference {
     out: Vec<f32>,
     dist: Vec<metrics::Softmax>,
@@ -307,7 +297,7 @@ fn eval_layer(
     }
     let reference = Reference { out, dist, top };
     specs
-        .iter()
+        .par_iter()
         .map(|spec| measure(&build(spec)?, &data, &reference, &d))
         .collect()
 }
@@ -334,7 +324,7 @@ impl Stored {
     /// `scale · q·k̂_t` of one query `[n_head][head_dim]`, `[n_head][n_tokens]`: what every
     /// format's `scores` computes from its codes.
     fn scores(&self, q: &[f32], d: &Dims) -> Vec<f32> {
-        let scale = 1.0 / (d.head_dim as f32).sqrt();
+        let scale = scale(d);
         let group = d.n_head / d.n_head_kv;
         let mut s = Vec::with_capacity(d.n_head * d.n_tokens);
         for (h, qh) in q.chunks_exact(d.head_dim).enumerate() {
@@ -352,6 +342,11 @@ impl Stored {
         }
         out
     }
+}
+
+/// The softmax scale of every evaluation, `1 / sqrt(D)`.
+fn scale(d: &Dims) -> f32 {
+    1.0 / (d.head_dim as f32).sqrt()
 }
 
 /// The rows of KV head `g` of `[n_tokens][n_head_kv][head_dim]` data, `[n_tokens][head_dim]`.
@@ -381,13 +376,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// One row on one layer.
-///
-/// Scores are `q·k̂` over the stored keys, what each format's `scores` returns from its codes
-/// by the [`crate::kv::Format`] contract, computed in one vectorized pass; where the config
-/// calibrates scores (CalibQuant), the cache's own `attention_scores` are used instead. The
-/// decode output is softmax of those scores times the stored values: what
-/// `attention_decode` returns.
+/// One row on one layer (see the module doc for how attention is computed).
 fn measure(cache: &KvCache, data: &LayerKv, r: &Reference, d: &Dims) -> Result<Acc, Error> {
     let mem = cache.memory();
     let mut acc = Acc {
@@ -407,11 +396,10 @@ fn measure(cache: &KvCache, data: &LayerKv, r: &Reference, d: &Dims) -> Result<A
         acc.nmse_v += ev.value();
     }
     let calibrated = cache.config().calibrate;
-    let scale = 1.0 / (hd as f32).sqrt();
     let group = d.n_head / d.n_head_kv;
     for (i, q) in data.q.chunks_exact(d.n_head * hd).enumerate() {
         let scores = if calibrated {
-            cache.attention_scores(0, q, d.n_head, scale)?
+            cache.attention_scores(0, q, d.n_head, scale(d))?
         } else {
             st.scores(q, d)
         };

@@ -37,6 +37,35 @@ fn points(rows: &[Row]) -> (Vec<(f64, f64, String)>, f64, f64) {
     (pts, y0, y1)
 }
 
+/// Label font size, and a generous width per character for placing labels.
+const FONT: i32 = 13;
+const CHAR_W: i32 = 7;
+
+/// Offsets of each point's label from the point (pixels), chosen greedily among right/left,
+/// above/below so that labels do not cover each other where a free place exists.
+fn place_labels(at: &[(i32, i32)], len: &[usize]) -> Vec<(i32, i32)> {
+    let mut boxes: Vec<[i32; 4]> = Vec::new();
+    let mut out = Vec::new();
+    for (&(x, y), &n) in at.iter().zip(len) {
+        let w = CHAR_W * n as i32;
+        let options = [(7, -FONT - 2), (7, 3), (-7 - w, -FONT - 2), (-7 - w, 3)];
+        let rect = |(dx, dy): (i32, i32)| [x + dx, y + dy, x + dx + w, y + dy + FONT];
+        let free = |r: [i32; 4]| {
+            boxes
+                .iter()
+                .all(|b| r[2] <= b[0] || b[2] <= r[0] || r[3] <= b[1] || b[3] <= r[1])
+        };
+        let off = options
+            .iter()
+            .copied()
+            .find(|&o| free(rect(o)))
+            .unwrap_or(options[0]);
+        boxes.push(rect(off));
+        out.push(off);
+    }
+    out
+}
+
 /// Write the plot of `rows` to `path`, with `title` on top.
 pub fn plot(rows: &[Row], title: &str, path: &Path) -> Result<(), Error> {
     let err = |e: &dyn std::fmt::Display| Error::Io {
@@ -62,13 +91,19 @@ pub fn plot(rows: &[Row], title: &str, path: &Path) -> Result<(), Error> {
         .x_desc("effective bits per value (mean of K and V)")
         .y_desc("decode output NMSE vs f16")
         .y_label_formatter(&|y| format!("{y:.0e}"))
+        .light_line_style(WHITE)
         .draw()
         .map_err(|e| err(&e))?;
+    let at: Vec<(i32, i32)> = pts
+        .iter()
+        .map(|p| chart.backend_coord(&(p.0, p.1)))
+        .collect();
+    let offsets = place_labels(&at, &pts.iter().map(|p| p.2.len()).collect::<Vec<_>>());
     chart
-        .draw_series(pts.iter().map(|(x, y, name)| {
+        .draw_series(pts.iter().zip(offsets).map(|((x, y, name), off)| {
             EmptyElement::at((*x, *y))
                 + Circle::new((0, 0), 4, BLUE.filled())
-                + Text::new(name.clone(), (7, -7), ("sans-serif", 13))
+                + Text::new(name.clone(), off, ("sans-serif", FONT))
         }))
         .map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))
@@ -103,6 +138,16 @@ mod tests {
         assert_eq!(pts[0].2, "f16 (0)");
         assert_eq!(pts[2], (1.2, 0.3, "k".to_string()));
         assert!(y0 <= 2e-4 && y1 >= 0.3, "{y0} {y1}");
+    }
+
+    #[test]
+    fn labels_avoid_each_other() {
+        // Three points on top of each other: right-above, right-below, left-above.
+        let off = place_labels(&[(100, 100), (100, 100), (100, 100)], &[4, 4, 4]);
+        assert_eq!(off, [(7, -15), (7, 3), (-35, -15)]);
+        // Points far apart keep the first place.
+        let off = place_labels(&[(0, 0), (500, 500)], &[10, 10]);
+        assert_eq!(off, [(7, -15), (7, -15)]);
     }
 
     #[test]

@@ -17,7 +17,7 @@
 
 use std::borrow::Cow;
 
-use super::{Dims, KvSource, LayerKv, Span};
+use super::{Dims, KvSource, LayerKv, Span, dot};
 use crate::Error;
 use crate::kv::{HEAD_DIMS, Modality};
 use crate::rng::Rng;
@@ -247,39 +247,36 @@ impl Synth {
             .flat_map(|i| (h * group..(h + 1) * group).map(move |qh| (i * c.n_head + qh) * d))
             .map(|o| &q[o..o + d])
             .collect();
-        let mut u = vec![0f64; d];
+        let mut u = vec![0f32; d];
         for qv in &queries {
-            u.iter_mut().zip(*qv).for_each(|(a, &b)| *a += b as f64);
+            u.iter_mut().zip(*qv).for_each(|(a, &b)| *a += b);
         }
-        let norm = u.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let norm = dot(&u, &u).sqrt();
         u.iter_mut().for_each(|x| *x /= norm);
-        let dot = |a: &[f32], b: &[f64]| a.iter().zip(b).map(|(&x, &y)| x as f64 * y).sum::<f64>();
-        let dot32 =
-            |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(&x, &y)| x * y).sum::<f32>() as f64;
         // Every SINK_STRIDE-th token stands in for its neighbours: enough for a log-sum-exp.
         let others: Vec<&[f32]> = (1..c.n_tokens())
             .step_by(SINK_STRIDE)
             .map(|t| &k[(t * hkv + h) * d..][..d])
             .collect();
         let weight = ((c.n_tokens() - 1) as f64 / others.len().max(1) as f64).ln();
-        let k0: Vec<f64> = k[h * d..(h + 1) * d].iter().map(|&x| x as f64).collect();
+        let k0 = &k[h * d..(h + 1) * d];
         let mut need: Vec<f64> = queries
             .iter()
             .filter_map(|qv| {
-                let along = scale * dot(qv, &u);
-                let s: Vec<f64> = others.iter().map(|kt| scale * dot32(qv, kt)).collect();
+                let along = scale * dot(qv, &u) as f64;
+                let s: Vec<f64> = others.iter().map(|kt| scale * dot(qv, kt) as f64).collect();
                 let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let lse = max + s.iter().map(|x| (x - max).exp()).sum::<f64>().ln() + weight;
-                (along > 0.0).then(|| (lse - scale * dot(qv, &k0)) / along)
+                (along > 0.0).then(|| (lse - scale * dot(qv, k0) as f64) / along)
             })
             .collect();
         if need.is_empty() {
             return;
         }
         need.sort_by(f64::total_cmp);
-        let beta = need[need.len() / 2].max(0.0);
+        let beta = need[need.len() / 2].max(0.0) as f32;
         for (x, &ui) in k[h * d..(h + 1) * d].iter_mut().zip(&u) {
-            *x += (beta * ui) as f32;
+            *x += beta * ui;
         }
     }
 
@@ -288,11 +285,9 @@ impl Synth {
     fn latents(&self, rng: &mut Rng) -> Vec<f32> {
         let c = &self.cfg;
         let mut lat = rng.normals(c.n_prompt * LATENT);
-        let g = c.grid;
-        let frame = g * g * LATENT;
         let mut prev: Vec<f32> = Vec::new();
         for _ in 0..c.n_frames {
-            let fresh = smooth_field(rng, g);
+            let fresh = smooth_field(rng, c.grid);
             let cur: Vec<f32> = if prev.is_empty() {
                 fresh
             } else {
@@ -302,7 +297,6 @@ impl Synth {
                     .map(|(&p, &f)| FRAME_CORR * p + keep * f)
                     .collect()
             };
-            debug_assert_eq!(cur.len(), frame);
             lat.extend_from_slice(&cur);
             prev = cur;
         }
@@ -341,10 +335,11 @@ impl KvSource for Synth {
             ""
         };
         format!(
-            "synthetic {like}KV (seed {}): {} layers, {} query / {} KV heads, D {}; \
+            "synthetic {like}KV (seed {}): {} layer{}, {} query / {} KV heads, D {}; \
              {} text + {} frames x {} visual + {} text tokens; {} queries",
             c.seed,
             c.n_layer,
+            if c.n_layer == 1 { "" } else { "s" },
             c.n_head,
             c.n_head_kv,
             c.head_dim,
@@ -464,49 +459,47 @@ fn smooth_field(rng: &mut Rng, g: usize) -> Vec<f32> {
     let w: Vec<f32> = (-radius..=radius)
         .map(|i| (-(i * i) as f32 / (2.0 * PATCH_CORR * PATCH_CORR)).exp())
         .collect();
-    let white = rng.normals(g * g * LATENT);
-    // Separable blur: along columns, then rows; track the summed squared weights per point.
-    let blur = |src: &[f32], stride: usize| -> (Vec<f32>, Vec<f32>) {
-        let mut out = vec![0f32; src.len()];
-        let mut energy = vec![0f32; g];
-        for p in 0..g {
-            for (k, &wk) in w.iter().enumerate() {
-                let q = p as isize + k as isize - radius;
-                if (0..g as isize).contains(&q) {
-                    energy[p] += wk * wk;
-                }
-            }
-        }
-        for a in 0..g {
-            for p in 0..g {
-                for (k, &wk) in w.iter().enumerate() {
-                    let q = p as isize + k as isize - radius;
-                    if !(0..g as isize).contains(&q) {
-                        continue;
-                    }
-                    // `stride` picks the axis: the blurred index is p (or q), the other is a.
-                    let (dst, srci) = if stride == 1 {
-                        (a * g + p, a * g + q as usize)
-                    } else {
-                        (p * g + a, q as usize * g + a)
-                    };
-                    for l in 0..LATENT {
-                        out[dst * LATENT + l] += wk * src[srci * LATENT + l];
-                    }
-                }
-            }
-        }
-        (out, energy)
-    };
-    let (cols, e_col) = blur(&white, 1);
-    let (both, e_row) = blur(&cols, g);
-    both.chunks_exact(LATENT)
-        .enumerate()
-        .flat_map(|(i, x)| {
-            let norm = (e_row[i / g] * e_col[i % g]).sqrt();
-            x.iter().map(move |v| v / norm)
+    let w = &w;
+    // The taps of position `p` that fall inside the grid: (position, weight).
+    let taps = |p: usize| {
+        (-radius..=radius).filter_map(move |k| {
+            let q = p as isize + k;
+            (0..g as isize)
+                .contains(&q)
+                .then(|| (q as usize, w[(k + radius) as usize]))
         })
-        .collect()
+    };
+    let energy: Vec<f32> = (0..g).map(|p| taps(p).map(|(_, x)| x * x).sum()).collect();
+    let white = rng.normals(g * g * LATENT);
+    let at = |r: usize, c: usize| (r * g + c) * LATENT..(r * g + c + 1) * LATENT;
+    // Separable: blur along each row, then along each column.
+    let mut rows = vec![0f32; white.len()];
+    let mut both = vec![0f32; white.len()];
+    for r in 0..g {
+        for c in 0..g {
+            for (q, x) in taps(c) {
+                let src = &white[at(r, q)];
+                rows[at(r, c)]
+                    .iter_mut()
+                    .zip(src)
+                    .for_each(|(o, &s)| *o += x * s);
+            }
+        }
+    }
+    for r in 0..g {
+        for c in 0..g {
+            for (q, x) in taps(r) {
+                let src = &rows[at(q, c)];
+                both[at(r, c)]
+                    .iter_mut()
+                    .zip(src)
+                    .for_each(|(o, &s)| *o += x * s);
+            }
+            let norm = (energy[r] * energy[c]).sqrt();
+            both[at(r, c)].iter_mut().for_each(|o| *o /= norm);
+        }
+    }
+    both
 }
 
 #[cfg(test)]
@@ -575,6 +568,39 @@ mod tests {
         assert_eq!(next, 2144);
         assert!(spans[1..9].iter().all(|s| s.modality == Modality::Visual));
         assert!(spans[9..].iter().all(|s| s.len == 1));
+    }
+
+    #[test]
+    fn smooth_field_has_unit_variance_and_local_correlation() {
+        let seed = Rng::fresh_seed();
+        println!("seed {seed}");
+        let mut rng = Rng::new(seed);
+        let (g, draws) = (16, 64);
+        let mut var = vec![0f64; g * g];
+        let (mut near, mut far) = (0f64, 0f64);
+        for _ in 0..draws {
+            let f = smooth_field(&mut rng, g);
+            let x = |r: usize, c: usize, l: usize| f[(r * g + c) * LATENT + l] as f64;
+            for (p, v) in var.iter_mut().enumerate() {
+                for l in 0..LATENT {
+                    *v += x(p / g, p % g, l).powi(2) / (draws * LATENT) as f64;
+                }
+            }
+            for l in 0..LATENT {
+                near += x(5, 5, l) * x(5, 6, l);
+                far += x(5, 5, l) * x(5, 13, l);
+            }
+        }
+        let n = (draws * LATENT) as f64;
+        let (near, far) = (near / n, far / n);
+        // Interior and border points alike: the rescaling accounts for missing taps.
+        for (p, &v) in var.iter().enumerate() {
+            assert!((0.8..1.25).contains(&v), "point {p}: variance {v}");
+        }
+        // Neighbours at distance 1 correlate as exp(-1 / (4 PATCH_CORR^2)) = 0.89.
+        let want = (-1.0 / (4.0 * (PATCH_CORR as f64).powi(2))).exp();
+        assert!((near - want).abs() < 0.08, "near {near} want {want}");
+        assert!(far.abs() < 0.1, "far {far}");
     }
 
     #[test]
