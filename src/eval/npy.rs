@@ -31,16 +31,16 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<Array, Error> {
     if bytes.len() < 10 || &bytes[..6] != MAGIC {
         return Err(bad("not a .npy file (no \\x93NUMPY magic)".into()));
     }
-    let (header_len, start) = match bytes[6] {
+    let (header_len, start): (usize, usize) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (
-            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
-            12,
-        ),
+        2 | 3 => match bytes.get(8..12) {
+            Some(b) => (u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize, 12),
+            None => return Err(bad("truncated header".into())),
+        },
         v => return Err(bad(format!("unsupported .npy format version {v}"))),
     };
     let header = bytes
-        .get(start..start + header_len)
+        .get(start..start.saturating_add(header_len))
         .ok_or_else(|| bad("header runs past the end of the file".into()))?;
     let header = std::str::from_utf8(header).map_err(|_| bad("header is not UTF-8".into()))?;
     let h = Header::parse(header).map_err(|e| bad(format!("malformed header ({e}): {header}")))?;
@@ -319,6 +319,7 @@ mod tests {
         );
         short.truncate(30);
         assert!(err(&short).contains("past the end"));
+        assert!(err(b"\x93NUMPY\x02\x00\x10\x00").contains("truncated"));
     }
 
     #[test]
