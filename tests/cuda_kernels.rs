@@ -139,9 +139,16 @@ fn quantize_and_dequantize_match_the_cpu() {
                         if g != c {
                             let at = (0..len).find(|&j| g[j] != c[j]).unwrap_or(0);
                             let differ = (0..len).filter(|&j| g[j] != c[j]).count();
+                            let x0: Vec<f32> = xs[i][..4].to_vec();
+                            let mut back = vec![f16::ZERO; 4];
+                            if as_f16 {
+                                let first: usize = ns[..i].iter().sum();
+                                rows.download(&mut back, 2 * first * d, &stream).unwrap();
+                            }
                             failures.push(format!(
                                 "{f} d={d} {role:?} n={n} block {i} from {}: {differ} of {len} \
-                                 bytes differ, first at {at}: gpu {:?} cpu {:?}",
+                                 bytes differ, first at {at}: gpu {:?} cpu {:?}; x {x0:?}, \
+                                 rows on the device {back:?}",
                                 if as_f16 { "f16" } else { "f32" },
                                 &g[at..(at + 8).min(len)],
                                 &c[at..(at + 8).min(len)]
