@@ -83,6 +83,7 @@ fn quantize_and_dequantize_match_the_cpu() {
     let Some(stream) = gpu() else { return };
     let mut rng = seeded();
     let params = QuantParams::default();
+    let mut failures = Vec::new();
     for f in device_formats() {
         for d in HEAD_DIMS {
             for role in roles(f) {
@@ -134,12 +135,25 @@ fn quantize_and_dequantize_match_the_cpu() {
                     arena.download(&mut gpu_bytes, 0, &stream).unwrap();
                     for (i, (&n, &off)) in ns.iter().zip(&offsets).enumerate() {
                         let len = f.imp().block_size(Shape { n, d, role }, 0, &params).total();
-                        assert_eq!(
-                            &gpu_bytes[off..off + len],
-                            &cpu[off..off + len],
-                            "{f} d={d} {role:?} n={n} block {i} from {}",
-                            if as_f16 { "f16" } else { "f32" }
-                        );
+                        let (g, c) = (&gpu_bytes[off..off + len], &cpu[off..off + len]);
+                        if g != c {
+                            let at = (0..len).find(|&j| g[j] != c[j]).unwrap_or(0);
+                            let differ = (0..len).filter(|&j| g[j] != c[j]).count();
+                            let x0: Vec<f32> = xs[i][..4].to_vec();
+                            let mut back = vec![f16::ZERO; 4];
+                            if as_f16 {
+                                let first: usize = ns[..i].iter().sum();
+                                rows.download(&mut back, 2 * first * d, &stream).unwrap();
+                            }
+                            failures.push(format!(
+                                "{f} d={d} {role:?} n={n} block {i} from {}: {differ} of {len} \
+                                 bytes differ, first at {at}: gpu {:?} cpu {:?}; x {x0:?}, \
+                                 rows on the device {back:?}",
+                                if as_f16 { "f16" } else { "f32" },
+                                &g[at..(at + 8).min(len)],
+                                &c[at..(at + 8).min(len)]
+                            ));
+                        }
                     }
                 }
                 // Dequantize the CPU's blocks on the GPU into a poisoned buffer.
@@ -176,6 +190,14 @@ fn quantize_and_dequantize_match_the_cpu() {
             }
         }
     }
+    for f in &failures {
+        eprintln!("{f}");
+    }
+    assert!(
+        failures.is_empty(),
+        "{} blocks differ from the CPU's bytes",
+        failures.len()
+    );
 }
 
 /// One block of K and V of one KV head, quantized on the CPU.
