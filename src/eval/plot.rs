@@ -8,32 +8,36 @@ use plotters::prelude::*;
 use super::Row;
 use crate::Error;
 
-/// Where a row with zero error (the f16 reference) is drawn on the log axis: one decade
-/// under the smallest non-zero error.
+/// Plot coordinates `(mean bits, output NMSE, label)` and the log y range. A zero error (the
+/// f16 reference) is drawn a decade under the smallest non-zero one, a non-finite one (an
+/// all-zero reference output) at the top.
 fn points(rows: &[Row]) -> (Vec<(f64, f64, String)>, f64, f64) {
-    let positive = rows.iter().map(|r| r.nmse_out).filter(|&e| e > 0.0);
-    let lo = positive.clone().fold(f64::INFINITY, f64::min);
-    let hi = positive.fold(0.0, f64::max);
+    let shown = rows
+        .iter()
+        .map(|r| r.nmse_out)
+        .filter(|e| e.is_finite() && *e > 0.0);
+    let lo = shown.clone().fold(f64::INFINITY, f64::min);
+    let hi = shown.fold(0.0, f64::max);
     let (lo, hi) = if lo.is_finite() {
         (lo, hi)
     } else {
         (1e-3, 1.0)
     };
     let floor = lo / 10.0;
+    // Whole decades around the points.
+    let y0 = 10f64.powf((floor.log10() - 0.2).floor());
+    let y1 = 10f64.powf((hi.log10() + 0.2).ceil());
     let pts = rows
         .iter()
         .map(|r| {
             let x = (r.bits_k + r.bits_v) / 2.0;
-            if r.nmse_out > 0.0 {
-                (x, r.nmse_out, r.name.clone())
-            } else {
-                (x, floor, format!("{} (0)", r.name))
+            match r.nmse_out {
+                e if !e.is_finite() => (x, y1, format!("{} (inf)", r.name)),
+                e if e > 0.0 => (x, e, r.name.clone()),
+                _ => (x, floor, format!("{} (0)", r.name)),
             }
         })
         .collect();
-    // Whole decades around the points.
-    let y0 = 10f64.powf((floor.log10() - 0.2).floor());
-    let y1 = 10f64.powf((hi.log10() + 0.2).ceil());
     (pts, y0, y1)
 }
 
@@ -132,12 +136,14 @@ mod tests {
             row("f16", 16.0, 0.0),
             row("q4_0", 4.5, 2e-3),
             row("k", 1.2, 0.3),
+            row("z", 2.0, f64::INFINITY),
         ];
         let (pts, y0, y1) = points(&rows);
         assert_eq!(pts[0].1, 2e-4);
         assert_eq!(pts[0].2, "f16 (0)");
         assert_eq!(pts[2], (1.2, 0.3, "k".to_string()));
-        assert!(y0 <= 2e-4 && y1 >= 0.3, "{y0} {y1}");
+        assert_eq!((y0, y1), (1e-4, 1.0));
+        assert_eq!(pts[3], (2.0, 1.0, "z (inf)".to_string()));
     }
 
     #[test]
