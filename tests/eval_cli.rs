@@ -269,3 +269,28 @@ fn synthetic_default_rows() {
         );
     }
 }
+
+/// llama.cpp's own spelling `-ctk K -ctv V` selects the same row as `--ctk K --ctv V`.
+#[test]
+fn llama_cpp_cache_type_flags() {
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = kvbits(args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let short = json(&[
+        "eval", "-ctk", "q8_0", "-ctv", "q4_0", "--layers", "1", "--json",
+    ]);
+    let long = json(&[
+        "eval", "--ctk", "q8_0", "--ctv", "q4_0", "--layers", "1", "--json",
+    ]);
+    assert_eq!(short, long);
+    let rows = short["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["bits_k"].as_f64(), Some(8.5));
+    assert_eq!(rows[0]["bits_v"].as_f64(), Some(4.5));
+}

@@ -27,9 +27,20 @@ enum Command {
     Bench(bench::Args),
 }
 
+/// llama.cpp spells its cache-type flags `-ctk` and `-ctv`, which clap cannot take as short
+/// options: accept them as `--ctk` and `--ctv`.
+fn llama_style(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    args.map(|a| match a.to_str() {
+        Some("-ctk") => "--ctk".into(),
+        Some("-ctv") => "--ctv".into(),
+        _ => a,
+    })
+    .collect()
+}
+
 /// Run the command line; the process exit code (errors go to stderr, exit 1).
 pub fn main() -> i32 {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(llama_style(std::env::args_os()));
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Eval(args) => eval::run(args),
