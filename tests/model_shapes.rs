@@ -5,7 +5,7 @@
 use kvbits::Error;
 use kvbits::gguf::{Gguf, GgufError, GgufWriter, MetaValue, ValueType};
 use kvbits::kv::{FormatId, HEAD_DIMS};
-use kvbits::model::{ModelShape, VisionShape, demo};
+use kvbits::model::{COVERED_PROJECTORS, ModelShape, VisionShape, demo};
 use kvbits::rng::Rng;
 
 fn fresh_rng(test: &str) -> Rng {
@@ -815,24 +815,9 @@ fn pixtral_scales_large_images_down_to_the_longest_edge() {
     }
 }
 
-const COVERED: [&str; 12] = [
-    "qwen2vl_merger",
-    "qwen2.5vl_merger",
-    "qwen3vl_merger",
-    "internvl",
-    "mlp",
-    "mlp_norm",
-    "ldp",
-    "ldpv2",
-    "gemma3",
-    "idefics3",
-    "pixtral",
-    "llama4",
-];
-
 #[test]
 fn every_covered_projector_has_a_count() {
-    for p in COVERED {
+    for p in COVERED_PROJECTORS {
         let mut w = clip(p, 448, 14);
         w.add("clip.vision.spatial_merge_size", 2u32).unwrap();
         let n = tokens(&w, Some((448, 448)));
@@ -849,7 +834,7 @@ fn unknown_projector_is_unsupported_and_lists_the_covered() {
             panic!("{p}: expected Unsupported, got {e:?}");
         };
         assert!(msg.contains(&format!("'{p}'")), "{msg}");
-        for c in COVERED {
+        for c in COVERED_PROJECTORS {
             assert!(msg.contains(c), "'{msg}' does not list {c}");
         }
     }
