@@ -71,7 +71,8 @@ impl CacheConfig {
             v_visual: v,
             block_tokens: BlockTokens::Fixed(128),
             quant: QuantParams::default(),
-            calibrate: false,
+            // CalibQuant's calibration is on by default wherever q1_calib holds visual keys.
+            calibrate: k == FormatId::Q1Calib,
             calib_delta: 3.0,
             protect_fraction: 0.0,
             pivot_factor: None,
