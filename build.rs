@@ -70,11 +70,23 @@ mod cuda {
             .flag("-lineinfo")
             .flag("--expt-relaxed-constexpr")
             .flag("-Xptxas=-warn-spills");
-        for sm in ["80", "86", "89", "90"] {
+        // KVBITS_CUDA_ARCHS="90" builds one target, for quick builds aimed at a known GPU.
+        println!("cargo:rerun-if-env-changed=KVBITS_CUDA_ARCHS");
+        let archs = env::var("KVBITS_CUDA_ARCHS").unwrap_or_else(|_| "80;86;89;90".into());
+        let archs: Vec<&str> = archs
+            .split([';', ','])
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .collect();
+        for sm in &archs {
             build.flag(format!("-gencode=arch=compute_{sm},code=sm_{sm}"));
         }
         // PTX of the newest target, for GPUs newer than this list.
-        build.flag("-gencode=arch=compute_90,code=compute_90");
+        if let Some(newest) = archs.iter().max() {
+            build.flag(format!(
+                "-gencode=arch=compute_{newest},code=compute_{newest}"
+            ));
+        }
         build.files(&sources).compile("kvbits_cuda");
 
         let lib = ["lib64", "lib"]
