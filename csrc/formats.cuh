@@ -5,10 +5,13 @@
 
 #include "f16.cu"
 #include "q1_calib.cu"
+#include "q2_had.cu"
 
 #define KVB_FORMATS(X) \
     X(kvb::F16, kvb::FmtF16) \
-    X(kvb::Q1_CALIB, kvb::FmtQ1Calib)
+    X(kvb::Q1_CALIB, kvb::FmtQ1Calib) \
+    X(kvb::Q2_HAD, kvb::FmtQ2Had) \
+    X(kvb::Q4_HAD, kvb::FmtQ4Had)
 
 namespace kvb {
 
