@@ -82,7 +82,9 @@ impl QuantBatch {
                     d: head_dim,
                     role: j.role,
                 };
-                let bytes = format.imp().block_size(shape, 0, params).total();
+                // With protect flags the block may hold every token protected: the largest.
+                let worst = if j.protect.is_some() { j.n } else { 0 };
+                let bytes = format.imp().block_size(shape, worst, params).total();
                 if j.out_offset + bytes > arena.len() || j.out_offset % 16 != 0 {
                     return Err(Error::InvalidArgument(format!(
                         "block of {bytes} bytes at offset {} of a {}-byte arena \
