@@ -3,6 +3,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace kvb {
 
@@ -64,6 +65,54 @@ struct FmtF16 {
     }
 
     __device__ static void finish(const uint8_t *, int, int, float *, float *) {}
+
+    // ---- tensor-core decode (decode_mma.cuh) ----------------------------------------
+    // Rows are staged in shared memory padded by 16 bytes, so the eight rows an ldmatrix
+    // reads fall in distinct banks; tokens past the block are zero-filled (no NaN can reach
+    // the tensor cores through a masked token).
+
+    static constexpr bool kScaled = false;      // no per-block scales to stage
+    static constexpr int kSmemRow = 2 * D + 16;
+
+    __device__ static void stage_rows(uint8_t *dst, const uint8_t *blk, int c0, int len, int lane) {
+        constexpr int kPieces = 2 * D / 16;
+        const int padded = (len + 15) & ~15;
+        for (int i = lane; i < padded * kPieces; i += 32) {
+            const int tok = i / kPieces, p = i % kPieces;
+            const uint8_t *src = blk + (int64_t)(c0 + min(tok, len - 1)) * 2 * D + 16 * p;
+            cp_async16(dst + tok * kSmemRow + 16 * p, src, tok < len ? 16 : 0);
+        }
+    }
+
+    // The query in B-fragment slot order, natural channels: slot k of step s is 16s + k.
+    __device__ static void mma_query(const float *qh, const uint8_t *, int t,
+                                     float (&qv)[D / 16][4], float &base) {
+#pragma unroll
+        for (int s = 0; s < D / 16; ++s) {
+            const int c = 16 * s + 2 * t;
+            qv[s][0] = qh[c], qv[s][1] = qh[c + 1], qv[s][2] = qh[c + 8], qv[s][3] = qh[c + 9];
+        }
+        base = 0.f;
+    }
+
+    // A fragments of a 16-token tile: keys (tokens x channels) and values transposed
+    // (channels x tokens), straight from the staged rows.
+    struct KeyTile {
+        const uint8_t *rows;
+        __device__ KeyTile(const uint8_t *tile, int lane) {
+            const int j = lane >> 3, r = lane & 7;
+            rows = tile + (r + 8 * (j & 1)) * kSmemRow + 16 * (j >> 1);
+        }
+        __device__ void frag(int s, uint32_t (&a)[4]) const { ldmatrix_x4(a, rows + 32 * s); }
+    };
+    struct ValueTile {
+        const uint8_t *rows;
+        __device__ ValueTile(const uint8_t *tile, int lane) {
+            const int j = lane >> 3, r = lane & 7;
+            rows = tile + (r + 8 * (j >> 1)) * kSmemRow + 16 * (j & 1);
+        }
+        __device__ void frag(int m, uint32_t (&a)[4]) const { ldmatrix_x4_trans(a, rows + 32 * m); }
+    };
 };
 
 }  // namespace kvb

@@ -3,6 +3,7 @@
 
 #include <cuda_runtime.h>
 
+#include "decode_mma.cuh"
 #include "formats.cuh"
 
 namespace kvb {
@@ -68,18 +69,6 @@ __global__ void __launch_bounds__(kThreads)
 // kChunk tokens: scores, scale and calibrate, online-softmax update, accumulate values.
 // Partial (max, sum, acc) per item and head go to scratch; combine_kernel merges them.
 
-struct Scratch {
-    float *span_range;  // [n_seq][n_spans][n_head][2]: min, max of calibrated-span logits
-    float *partial;     // [n_work][G][D + 2]: max, sum, acc
-};
-
-__host__ __device__ inline Scratch scratch_layout(float *base, int n_seq, int n_spans, int n_head) {
-    Scratch s;
-    s.span_range = base;
-    s.partial = base + (size_t)n_seq * n_spans * n_head * 2;
-    return s;
-}
-
 template <int D>
 __device__ void prepare_keys(int fmt, const uint8_t *blk, int n, const float *q, int G, float *qt) {
     switch (fmt) {
@@ -116,16 +105,6 @@ __device__ void finish_values(int fmt, const uint8_t *blk, int n, int G, float *
         KVB_FORMATS(KVB_FIN)
 #undef KVB_FIN
     }
-}
-
-// Order-preserving float atomics (min and max over logits).
-__device__ inline void atomic_min_f(float *a, float v) {
-    if (v >= 0.f) atomicMin(reinterpret_cast<int *>(a), __float_as_int(v));
-    else atomicMax(reinterpret_cast<unsigned *>(a), __float_as_uint(v));
-}
-__device__ inline void atomic_max_f(float *a, float v) {
-    if (v >= 0.f) atomicMax(reinterpret_cast<int *>(a), __float_as_int(v));
-    else atomicMin(reinterpret_cast<unsigned *>(a), __float_as_uint(v));
 }
 
 __global__ void init_span_range(float *range, int n) {
@@ -254,27 +233,54 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(kvb_cuda_decode_args a
 }
 
 // Merge the items of each (sequence, query head): out = Σ e^(m_i - M) acc_i / Σ e^(m_i - M) l_i.
+// Warps take items in turn (a lane reads channels lane + 32k of each item, so an item is one
+// coalesced read), then the warps' sums meet in shared memory.
+constexpr int kCombineThreads = 256;
+
 template <int D>
-__global__ void __launch_bounds__(kThreads) combine_kernel(kvb_cuda_decode_args a) {
+__global__ void __launch_bounds__(kCombineThreads) combine_kernel(kvb_cuda_decode_args a) {
+    constexpr int kPer = (D + 31) / 32, kWarps = kCombineThreads / 32;
+    __shared__ float sums[kWarps][D + 1];  // Σ e·acc per channel, then Σ e·l
+    __shared__ float red[kWarps];
     const int G = a.n_head / a.n_head_kv;
     const int seq = blockIdx.x / a.n_head, h = blockIdx.x % a.n_head, kv = h / G, g = h % G;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     Scratch scr = scratch_layout(a.scratch, a.n_seq, a.n_spans, a.n_head);
     const int i0 = a.work_begin[seq * a.n_head_kv + kv], i1 = a.work_begin[seq * a.n_head_kv + kv + 1];
+    auto item = [&](int i) { return scr.partial + ((size_t)i * G + g) * (D + 2); };
     float M = -INFINITY;
-    for (int i = i0; i < i1; ++i) M = fmaxf(M, scr.partial[((size_t)i * G + g) * (D + 2)]);
-    float L = 0.f;
-    for (int i = i0; i < i1; ++i) {
-        const float *p = scr.partial + ((size_t)i * G + g) * (D + 2);
-        L += p[1] * __expf(p[0] - M);
-    }
-    float *out = a.out + ((size_t)seq * a.n_head + h) * D;
-    for (int c = threadIdx.x; c < D; c += kThreads) {
-        float v = 0.f;
-        for (int i = i0; i < i1; ++i) {
-            const float *p = scr.partial + ((size_t)i * G + g) * (D + 2);
-            v += p[2 + c] * __expf(p[0] - M);
+    for (int i = i0 + threadIdx.x; i < i1; i += kCombineThreads) M = fmaxf(M, item(i)[0]);
+    M = warp_max(M);
+    if (lane == 0) red[warp] = M;
+    __syncthreads();
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, red[w]);
+    float L = 0.f, v[kPer] = {};
+    if (M != -INFINITY) {
+#pragma unroll 4
+        for (int i = i0 + warp; i < i1; i += kWarps) {
+            const float *p = item(i);
+            const float e = __expf(p[0] - M);
+            L += p[1] * e;
+#pragma unroll
+            for (int k = 0; k < kPer; ++k)
+                if (lane + 32 * k < D) v[k] += p[2 + lane + 32 * k] * e;
         }
-        out[c] = L > 0.f ? v / L : 0.f;
+    }
+#pragma unroll
+    for (int k = 0; k < kPer; ++k)
+        if (lane + 32 * k < D) sums[warp][lane + 32 * k] = v[k];
+    if (lane == 0) sums[warp][D] = L;
+    __syncthreads();
+    float *out = a.out + ((size_t)seq * a.n_head + h) * D;
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) total += sums[w][D];
+    for (int c = threadIdx.x; c < D; c += kCombineThreads) {
+        float acc = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) acc += sums[w][c];
+        out[c] = total > 0.f ? acc / total : 0.f;
     }
 }
 
@@ -335,7 +341,34 @@ extern "C" int kvb_cuda_attention_decode(const kvb_cuda_decode_args *args, kvb_c
     cudaStream_t s = static_cast<cudaStream_t>(stream);
     const int G = a.n_head / a.n_head_kv;
     cudaError_t err = cudaSuccess;
+    auto set_smem = [&](const void *kernel, size_t bytes) {
+        if (err == cudaSuccess)
+            err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+    };
+    constexpr uint32_t kMmaFormats = (1u << F16) | (1u << Q1_CALIB);
+    const bool mma = !a.generic_only && G <= MmaDecode<64>::kHeads && a.formats_used != 0 &&
+                     (a.formats_used & ~kMmaFormats) == 0;
     bool ok = with_head_dim(a.head_dim, [&]<int D>() {
+        if constexpr (D <= 128) {
+            if (mma) {
+                const bool has_f16 = (a.formats_used >> F16) & 1;
+                const size_t smem = MmaDecode<D>::smem_bytes(has_f16, false);
+                const size_t smem_range = MmaDecode<D>::smem_bytes(has_f16, true);
+                set_smem((const void *)decode_mma_kernel<D, false>, smem);
+                set_smem((const void *)decode_mma_kernel<D, true>, smem_range);
+                if (err != cudaSuccess) return;
+                constexpr int kThreadsMma = MmaDecode<D>::kWarps * 32;
+                if (a.n_spans > 0) {
+                    int n = a.n_seq * a.n_spans * a.n_head;
+                    init_span_range<<<(n + 255) / 256, 256, 0, s>>>(a.scratch, n);
+                    decode_mma_kernel<D, true><<<a.n_work, kThreadsMma, smem_range, s>>>(a);
+                }
+                decode_mma_kernel<D, false><<<a.n_work, kThreadsMma, smem, s>>>(a);
+                combine_kernel<D><<<a.n_seq * a.n_head, kCombineThreads, 0, s>>>(a);
+                err = cudaGetLastError();
+                return;
+            }
+        }
         size_t smem = decode_smem<D>(G);
         for (const void *k : {(const void *)decode_kernel<D>, (const void *)span_range_kernel<D>}) {
             err = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
@@ -347,7 +380,7 @@ extern "C" int kvb_cuda_attention_decode(const kvb_cuda_decode_args *args, kvb_c
             span_range_kernel<D><<<a.n_work, kThreads, smem, s>>>(a);
         }
         decode_kernel<D><<<a.n_work, kThreads, smem, s>>>(a);
-        combine_kernel<D><<<a.n_seq * a.n_head, kThreads, 0, s>>>(a);
+        combine_kernel<D><<<a.n_seq * a.n_head, kCombineThreads, 0, s>>>(a);
         err = cudaGetLastError();
     });
     return ok ? (int)err : (int)KVB_CUDA_INVALID_ARGUMENT;

@@ -118,6 +118,8 @@ typedef struct {
     int32_t n_work, n_seq, n_head, n_head_kv, head_dim;
     int32_t n_spans; /* calibrated span ids are 0..n_spans, per sequence */
     float scale, calib_delta;
+    uint32_t formats_used; /* bit f set when some block holds format id f: picks the kernels */
+    int32_t generic_only;  /* 1: skip the tensor-core path (tests compare the two) */
 } kvb_cuda_decode_args;
 
 /* Scratch the decode launcher needs for these sizes. */

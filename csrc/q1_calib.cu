@@ -4,6 +4,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace kvb {
 
@@ -31,8 +32,9 @@ struct FmtQ1Calib {
             }
             lo[c] = round_f16(alpha * mn);
             hi[c] = round_f16(alpha * mx);
-            st_f16_at(out, 2 * c, lo[c]);
-            st_f16_at(out, 2 * (D + c), hi[c]);
+            // Blocks start 16-byte aligned, so the scales are aligned f16 stores.
+            reinterpret_cast<__half *>(out)[c] = __float2half_rn(lo[c]);
+            reinterpret_cast<__half *>(out)[D + c] = __float2half_rn(hi[c]);
         }
         __syncthreads();
         for (int i = threadIdx.x; i < n * kRow; i += kThreads) {
@@ -110,6 +112,119 @@ struct FmtQ1Calib {
     }
 
     __device__ static void finish(const uint8_t *, int, int, float *, float *) {}
+
+    // ---- tensor-core decode (decode_mma.cuh) ----------------------------------------
+    // Bits become exact 0/1 f16 operands (bits_to_half2); the block's scales stay out of the
+    // tensor cores: keys fold them into the query (post-scaling), values into the output at
+    // the block's end (lo·Σp + (hi − lo)·Σ p·bit).
+    //
+    // Key slots of k-step s (halfword s of a token's bits, channels 16s..16s+15): thread t
+    // takes bits t, t+8 (slots 2t, 2t+1) and t+4, t+12 (slots 2t+8, 2t+9), so each register
+    // is one mask-and-multiply of the halfword spread as [bits 0-15 | bits 8-15].
+    // Value m-tile m is halfword m: row g is channel 16m + g, row g + 8 is 16m + g + 8.
+
+    static constexpr bool kScaled = true;  // stage lo[D], hi[D] with every chunk
+    static constexpr int kSmemRow = kRow;
+    static constexpr int kWords = (D / 16 + 1) / 2;  // 32-bit words holding a token's bits
+
+    __device__ static void stage_rows(uint8_t *dst, const uint8_t *blk, int c0, int len, int lane) {
+        const uint8_t *src = blk + kBits + (int64_t)c0 * kRow;
+        const int bytes = len * kRow;
+        for (int p = lane; 16 * p < bytes; p += 32) cp_async16(dst + 16 * p, src + 16 * p, min(16, bytes - 16 * p));
+    }
+
+    // One token's bits from shared memory, with the widest loads its row alignment allows.
+    __device__ static void load_row(const uint8_t *row, uint32_t (&w)[kWords]) {
+        if constexpr (kRow % 16 == 0) {
+#pragma unroll
+            for (int i = 0; i < kWords / 4; ++i) {
+                uint4 v = reinterpret_cast<const uint4 *>(row)[i];
+                w[4 * i] = v.x, w[4 * i + 1] = v.y, w[4 * i + 2] = v.z, w[4 * i + 3] = v.w;
+            }
+        } else if constexpr (kRow % 8 == 0) {
+#pragma unroll
+            for (int i = 0; i < kWords / 2; ++i) {
+                uint2 v = reinterpret_cast<const uint2 *>(row)[i];
+                w[2 * i] = v.x, w[2 * i + 1] = v.y;
+            }
+        } else if constexpr (kRow % 4 == 0) {
+#pragma unroll
+            for (int i = 0; i < kWords; ++i) w[i] = reinterpret_cast<const uint32_t *>(row)[i];
+        } else {
+            const uint16_t *h = reinterpret_cast<const uint16_t *>(row);
+#pragma unroll
+            for (int i = 0; i < kWords; ++i)
+                w[i] = h[2 * i] | (2 * i + 1 < D / 16 ? (uint32_t)h[2 * i + 1] << 16 : 0u);
+        }
+    }
+
+    __device__ static void mma_query(const float *qh, const uint8_t *scales, int t,
+                                     float (&qv)[D / 16][4], float &base) {
+        const __half *lo = reinterpret_cast<const __half *>(scales), *hi = lo + D;
+        constexpr int kSlot[4] = {0, 8, 4, 12};
+        base = 0.f;
+#pragma unroll
+        for (int s = 0; s < D / 16; ++s) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int c = 16 * s + t + kSlot[i];
+                const float l = __half2float(lo[c]);
+                qv[s][i] = qh[c] * (__half2float(hi[c]) - l);
+                base += qh[c] * l;
+            }
+        }
+    }
+
+    struct KeyTile {
+        uint32_t w0[kWords], w1[kWords];  // tokens g and g + 8
+        int t;
+        __device__ KeyTile(const uint8_t *tile, int lane) : t(lane & 3) {
+            load_row(tile + (lane >> 2) * kRow, w0);
+            load_row(tile + ((lane >> 2) + 8) * kRow, w1);
+        }
+        __device__ void frag(int s, uint32_t (&a)[4]) const {
+            const uint32_t sel = s & 1 ? 0x4332u : 0x4110u;
+            const uint32_t x0 = __byte_perm(w0[s / 2], 0u, sel), x1 = __byte_perm(w1[s / 2], 0u, sel);
+            a[0] = bits_to_half2(x0, t), a[1] = bits_to_half2(x1, t);
+            a[2] = bits_to_half2(x0, t + 4), a[3] = bits_to_half2(x1, t + 4);
+        }
+    };
+
+    struct ValueTile {
+        uint32_t r0[kWords], r1[kWords], r8[kWords], r9[kWords];  // tokens 2t, 2t+1, 2t+8, 2t+9
+        int g;
+        __device__ ValueTile(const uint8_t *tile, int lane) : g(lane >> 2) {
+            const int t = lane & 3;
+            load_row(tile + (2 * t) * kRow, r0);
+            load_row(tile + (2 * t + 1) * kRow, r1);
+            load_row(tile + (2 * t + 8) * kRow, r8);
+            load_row(tile + (2 * t + 9) * kRow, r9);
+        }
+        __device__ void frag(int m, uint32_t (&a)[4]) const {
+            const uint32_t sel = m & 1 ? 0x7632u : 0x5410u;
+            const uint32_t u = __byte_perm(r0[m / 2], r1[m / 2], sel);
+            const uint32_t v = __byte_perm(r8[m / 2], r9[m / 2], sel);
+            a[0] = bits_to_half2(u, g), a[1] = bits_to_half2(u >> 8, g);
+            a[2] = bits_to_half2(v, g), a[3] = bits_to_half2(v >> 8, g);
+        }
+    };
+
+    // acc += lo·Σp + (hi − lo)·Σ p·bit for the block just finished; bits[m] is the C fragment
+    // of m-tile m (heads 2t, 2t+1), psum the block's Σp of those heads.
+    __device__ static void mma_fold(const uint8_t *scales, int g, const float (&bits)[D / 16][4],
+                                    const float (&psum)[2], float (&acc)[D / 16][4]) {
+        const __half *lo = reinterpret_cast<const __half *>(scales), *hi = lo + D;
+#pragma unroll
+        for (int m = 0; m < D / 16; ++m) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int c = 16 * m + g + 8 * r;
+                const float l = __half2float(lo[c]), d = __half2float(hi[c]) - l;
+                acc[m][2 * r] += d * bits[m][2 * r] + l * psum[0];
+                acc[m][2 * r + 1] += d * bits[m][2 * r + 1] + l * psum[1];
+            }
+        }
+    }
 };
 
 }  // namespace kvb

@@ -384,10 +384,17 @@ fn decode_attention_matches_the_cpu() {
                                     span,
                                 });
                             }
-                            // Split the head's blocks into work items of 1-2 blocks.
+                            // Split the head's blocks into work items of 1-2 blocks, or
+                            // (head 0) one item of all, so a warp's next block is prefetched.
                             let mut b = 0;
                             while b < plan.len() {
-                                let len = if b % 2 == 0 { 2.min(plan.len() - b) } else { 1 };
+                                let len = if kv == 0 {
+                                    plan.len()
+                                } else if b % 2 == 0 {
+                                    2.min(plan.len() - b)
+                                } else {
+                                    1
+                                };
                                 work.push(WorkItem {
                                     seq,
                                     kv_head: kv as i32,
@@ -400,7 +407,7 @@ fn decode_attention_matches_the_cpu() {
                         }
                     }
                     let q: Vec<f32> = rng.normals(n_seq as usize * n_head * d);
-                    let plan = DecodePlan::new(
+                    let mut plan = DecodePlan::new(
                         &descs,
                         &work,
                         n_seq as usize,
@@ -411,14 +418,6 @@ fn decode_attention_matches_the_cpu() {
                         &stream,
                     )
                     .unwrap();
-                    let arena = DeviceBuffer::from_slice(&arena, &stream).unwrap();
-                    let qd = DeviceBuffer::from_slice(&q, &stream).unwrap();
-                    let out = DeviceBuffer::new(q.len() * 4).unwrap();
-                    out.fill(0xFF, &stream).unwrap();
-                    plan.launch(&arena, &qd, &out, scale_of(d), delta, &stream)
-                        .unwrap();
-                    let mut got = vec![0f32; q.len()];
-                    out.download(&mut got, 0, &stream).unwrap();
                     let g = n_head / n_head_kv;
                     let mut want = vec![0f32; q.len()];
                     for seq in 0..n_seq as usize {
@@ -434,15 +433,35 @@ fn decode_attention_matches_the_cpu() {
                             want[at..at + d].copy_from_slice(&r);
                         }
                     }
-                    assert!(
-                        got.iter().all(|v| v.is_finite()),
-                        "{kf}/{vf} d={d}: unwritten or non-finite output"
-                    );
-                    let e = rel_err(&got, &want);
-                    assert!(
-                        e < 1e-3,
-                        "{kf}/{vf} d={d} heads {n_head}/{n_head_kv}: rel err {e}"
-                    );
+                    // Both kernel paths where the tensor-core one applies: f16/q1_calib, D <= 128.
+                    let both = [kf, vf]
+                        .iter()
+                        .all(|f| matches!(f, FormatId::F16 | FormatId::Q1Calib))
+                        && d <= 128;
+                    for generic in if both { vec![true, false] } else { vec![true] } {
+                        plan.generic_only = generic;
+                        let path = if generic { "generic" } else { "tensor-core" };
+                        let arena = DeviceBuffer::from_slice(&arena, &stream).unwrap();
+                        let qd = DeviceBuffer::from_slice(&q, &stream).unwrap();
+                        let out = DeviceBuffer::new(q.len() * 4).unwrap();
+                        out.fill(0xFF, &stream).unwrap();
+                        plan.launch(&arena, &qd, &out, scale_of(d), delta, &stream)
+                            .unwrap();
+                        let mut got = vec![0f32; q.len()];
+                        out.download(&mut got, 0, &stream).unwrap();
+                        assert!(
+                            got.iter().all(|v| v.is_finite()),
+                            "{kf}/{vf} d={d}: unwritten or non-finite output"
+                        );
+                        let e = rel_err(&got, &want);
+                        eprintln!(
+                            "{kf}/{vf} d={d} heads {n_head}/{n_head_kv} {path}: rel err {e:.2e}"
+                        );
+                        assert!(
+                            e < 1e-3,
+                            "{kf}/{vf} d={d} heads {n_head}/{n_head_kv} {path}: rel err {e}"
+                        );
+                    }
                 }
             }
         }

@@ -214,6 +214,11 @@ pub struct DecodePlan {
     pub n_head_kv: usize,
     pub head_dim: usize,
     pub n_spans: usize,
+    /// Bit `f` set when some block holds format id `f`: the launcher takes the tensor-core
+    /// kernels when every format is one they read.
+    pub formats_used: u32,
+    /// Use the generic kernels even where the tensor-core ones apply (tests compare both).
+    pub generic_only: bool,
 }
 
 impl DecodePlan {
@@ -253,7 +258,12 @@ impl DecodePlan {
                 n_spans as i32,
             )
         };
+        let formats_used = blocks
+            .iter()
+            .fold(0u32, |m, b| m | 1 << b.k_format | 1 << b.v_format);
         Ok(DecodePlan {
+            formats_used,
+            generic_only: false,
             blocks: DeviceBuffer::from_slice(blocks, stream)?,
             work: DeviceBuffer::from_slice(work, stream)?,
             work_begin: DeviceBuffer::from_slice(&begin, stream)?,
@@ -297,6 +307,8 @@ impl DecodePlan {
             n_spans: self.n_spans as i32,
             scale,
             calib_delta,
+            formats_used: self.formats_used,
+            generic_only: self.generic_only.into(),
         };
         // SAFETY: every pointer is a live device buffer of the sizes the plan was built for.
         check(

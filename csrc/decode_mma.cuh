@@ -1,0 +1,416 @@
+// Tensor-core decode attention for work whose blocks hold keys and values as f16 or q1_calib,
+// head dims up to 128 and up to 8 query heads per KV head (every preset shape we benchmark).
+// Other work takes the generic kernels in kernels.cu.
+//
+// Per work item a CTA of kWarps warps; warp w takes blocks w, w + kWarps, ... of the item and
+// streams them through two shared-memory stages with cp.async (the next chunk is in flight
+// while this one is computed). Per 16-token tile, with tokens as the MMA rows and the G query
+// heads as its 8 columns:
+//   scores  S[tok][head] = K[tok][ch] · Q[ch][head]   (k-steps over channels)
+//   values  O[ch][head] += V[ch][tok] · P[tok][head]  (m-tiles over channels, P by movmatrix)
+// Code bits expand to exact f16 0/1; the query (with the softmax scale and, for q1_calib
+// keys, the block's hi − lo folded in) is split into f16 hi + lo parts scaled by a power of
+// two, so scores keep about 22 bits; P is rounded to f16 once and the softmax sum counts the
+// rounded values, so the output is a convex combination of exactly what was multiplied.
+// Partial (max, sum, acc) per item go to the scratch layout of the generic kernel, and
+// combine_kernel merges them.
+//
+// CalibQuant spans: the RANGE instance of the same kernel scores the calibrated blocks only
+// and records each span's logit range (keys only, no values read); the main pass then maps
+// logits affinely per span.
+#pragma once
+
+#include "f16.cu"
+#include "mma.cuh"
+#include "q1_calib.cu"
+
+namespace kvb {
+
+template <int D>
+struct MmaDecode {
+    static constexpr int kSteps = D / 16;
+    static constexpr int kWarps = 4;
+    static constexpr int kHeads = 8;                // query heads per KV head, one n-tile
+    static constexpr int kScales = 8 * D;           // K then V lo[D], hi[D] at a stage's head
+    static constexpr int kQBytes = 4 * kHeads * D;  // the scaled query, f32
+    static constexpr unsigned kAll = 0xffffffffu;
+
+    // Bytes of one stage: the scales, then 16 tokens where f16 rows may come (8.7 KB at
+    // D = 128), else a whole 128-token block of bits; RANGE stages no values. Small stages
+    // leave room for more CTAs per multiprocessor.
+    __host__ __device__ static int stage_bytes(bool has_f16, bool range) {
+        const int row = (range ? 1 : 2) * (has_f16 ? 2 * D + 16 : D / 8);
+        return kScales + (has_f16 ? 16 : 128) * row;
+    }
+    static size_t smem_bytes(bool has_f16, bool range) {
+        return kQBytes + (size_t)kWarps * 2 * stage_bytes(has_f16, range);
+    }
+
+    __device__ static int row_bytes(int fmt) {
+        return fmt == F16 ? FmtF16<D>::kSmemRow : FmtQ1Calib<D>::kSmemRow;
+    }
+
+    struct Chunk {
+        int b;    // index into args.blocks; -1 past the end
+        int c0;   // first token of the chunk in the block
+        int len;  // tokens in the chunk
+        int cap;  // tokens the stage holds for this block's formats (sets where V rows start)
+        kvb_cuda_block blk;
+    };
+
+    // First chunk of the first block at or after item-relative block `rel` that this pass
+    // reads (every kWarps-th block; RANGE reads calibrated blocks only).
+    template <bool kRange>
+    __device__ static Chunk block_chunk(const kvb_cuda_decode_args &a, const kvb_cuda_work &w, int rel, int stage) {
+        for (; rel < w.n_blocks; rel += kWarps) {
+            const kvb_cuda_block blk = a.blocks[w.first_block + rel];
+            if (kRange && blk.span < 0) continue;
+            const int row = row_bytes(blk.k_format) + (kRange ? 0 : row_bytes(blk.v_format));
+            const int cap = ((stage - kScales) / row) & ~15;
+            return {w.first_block + rel, 0, min(blk.n, cap), cap, blk};
+        }
+        return {-1, 0, 0, 0, {}};
+    }
+
+    template <bool kRange>
+    __device__ static Chunk next_chunk(const kvb_cuda_decode_args &a, const kvb_cuda_work &w, const Chunk &c, int stage) {
+        if (c.c0 + c.len < c.blk.n) {
+            Chunk n = c;
+            n.c0 += c.len;
+            n.len = min(c.blk.n - n.c0, c.cap);
+            return n;
+        }
+        return block_chunk<kRange>(a, w, c.b - w.first_block + kWarps, stage);
+    }
+
+    __device__ static void stage_bytes(uint8_t *dst, const uint8_t *src, int bytes, int lane) {
+        for (int p = lane; 16 * p < bytes; p += 32) cp_async16(dst + 16 * p, src + 16 * p, 16);
+    }
+
+    // Start the copies of chunk `c` into stage `st` (asynchronous; the caller commits).
+    template <bool kRange>
+    __device__ static void stage(uint8_t *st, const uint8_t *arena, const Chunk &c, int lane) {
+        const uint8_t *kb = arena + c.blk.k_offset, *vb = arena + c.blk.v_offset;
+        uint8_t *krows = st + kScales;
+        if (c.blk.k_format == Q1_CALIB) {
+            stage_bytes(st, kb, 4 * D, lane);
+            FmtQ1Calib<D>::stage_rows(krows, kb, c.c0, c.len, lane);
+        } else {
+            FmtF16<D>::stage_rows(krows, kb, c.c0, c.len, lane);
+        }
+        if (kRange) return;
+        uint8_t *vrows = krows + c.cap * row_bytes(c.blk.k_format);
+        if (c.blk.v_format == Q1_CALIB) {
+            stage_bytes(st + 4 * D, vb, 4 * D, lane);
+            FmtQ1Calib<D>::stage_rows(vrows, vb, c.c0, c.len, lane);
+        } else {
+            FmtF16<D>::stage_rows(vrows, vb, c.c0, c.len, lane);
+        }
+    }
+
+    // The query of head g for the block's key format as B fragments (hi and lo f16 parts,
+    // scaled by 2^k so the largest is below 2^14), and per head 2t, 2t+1 the factor and offset
+    // that turn the MMA result into a logit.
+    struct Query {
+        uint32_t hi[kSteps][2], lo[kSteps][2];
+        float inv_scale[2], base[2];
+    };
+
+    __device__ static void prepare(Query &q, const float *qs, int k_format, const uint8_t *scales, int lane) {
+        const int g = lane >> 2, t = lane & 3;
+        float qv[kSteps][4], base;
+        if (k_format == Q1_CALIB) FmtQ1Calib<D>::mma_query(qs + g * D, scales, t, qv, base);
+        else FmtF16<D>::mma_query(qs + g * D, scales, t, qv, base);
+        float amax = 0.f;
+#pragma unroll
+        for (int s = 0; s < kSteps; ++s)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) amax = fmaxf(amax, fabsf(qv[s][i]));
+#pragma unroll
+        for (int o = 1; o < 4; o <<= 1) {
+            amax = fmaxf(amax, __shfl_xor_sync(kAll, amax, o));
+            base += __shfl_xor_sync(kAll, base, o);
+        }
+        int e = 0;
+        frexpf(amax, &e);
+        const float sq = amax > 0.f ? ldexpf(1.f, 14 - e) : 1.f;
+#pragma unroll
+        for (int s = 0; s < kSteps; ++s) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const float x0 = qv[s][2 * r] * sq, x1 = qv[s][2 * r + 1] * sq;
+                const __half2 h = __floats2half2_rn(x0, x1);
+                q.hi[s][r] = *reinterpret_cast<const uint32_t *>(&h);
+                q.lo[s][r] = half2_bits(x0 - __low2float(h), x1 - __high2float(h));
+            }
+        }
+        const float inv = 1.f / sq;
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            q.inv_scale[hh] = __shfl_sync(kAll, inv, 8 * t + 4 * hh);
+            q.base[hh] = __shfl_sync(kAll, base, 8 * t + 4 * hh);
+        }
+    }
+
+    // S (16 tokens x 8 heads) of one tile. Four accumulators (hi and lo parts, even and odd
+    // k-steps) keep the chain of dependent MMAs a quarter as long.
+    __device__ static void tile_scores(const Query &q, int k_format, const uint8_t *rows, int lane, float (&c)[4]) {
+        float part[4][4] = {};
+        uint32_t a[4];
+        if (k_format == Q1_CALIB) {
+            const typename FmtQ1Calib<D>::KeyTile kt(rows, lane);
+#pragma unroll
+            for (int s = 0; s < kSteps; ++s) {
+                kt.frag(s, a);
+                mma_16816(part[s & 1], a, q.hi[s][0], q.hi[s][1]);
+                mma_16816(part[2 + (s & 1)], a, q.lo[s][0], q.lo[s][1]);
+            }
+        } else {
+            const typename FmtF16<D>::KeyTile kt(rows, lane);
+#pragma unroll
+            for (int s = 0; s < kSteps; ++s) {
+                kt.frag(s, a);
+                mma_16816(part[s & 1], a, q.hi[s][0], q.hi[s][1]);
+                mma_16816(part[2 + (s & 1)], a, q.lo[s][0], q.lo[s][1]);
+            }
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) c[e] = (part[0][e] + part[1][e]) + (part[2][e] + part[3][e]);
+    }
+
+    // Reduce over the 8 lanes of one t (the tokens of a tile).
+    __device__ static float max_over_tokens(float v) {
+#pragma unroll
+        for (int o = 4; o < 32; o <<= 1) v = fmaxf(v, __shfl_xor_sync(kAll, v, o));
+        return v;
+    }
+    __device__ static float min_over_tokens(float v) {
+#pragma unroll
+        for (int o = 4; o < 32; o <<= 1) v = fminf(v, __shfl_xor_sync(kAll, v, o));
+        return v;
+    }
+    __device__ static float sum_over_tokens(float v) {
+#pragma unroll
+        for (int o = 4; o < 32; o <<= 1) v += __shfl_xor_sync(kAll, v, o);
+        return v;
+    }
+};
+
+// Order-preserving float atomics (min and max over logits).
+__device__ inline void atomic_min_f(float *a, float v) {
+    if (v >= 0.f) atomicMin(reinterpret_cast<int *>(a), __float_as_int(v));
+    else atomicMax(reinterpret_cast<unsigned *>(a), __float_as_uint(v));
+}
+__device__ inline void atomic_max_f(float *a, float v) {
+    if (v >= 0.f) atomicMax(reinterpret_cast<int *>(a), __float_as_int(v));
+    else atomicMin(reinterpret_cast<unsigned *>(a), __float_as_uint(v));
+}
+
+// Scratch of the decode launch: span ranges, then one partial per work item.
+struct Scratch {
+    float *span_range;  // [n_seq][n_spans][n_head][2]: min, max of calibrated-span logits
+    float *partial;     // [n_work][G][D + 2]: max, sum, acc
+};
+
+__host__ __device__ inline Scratch scratch_layout(float *base, int n_seq, int n_spans, int n_head) {
+    Scratch s;
+    s.span_range = base;
+    s.partial = base + (size_t)n_seq * n_spans * n_head * 2;
+    return s;
+}
+
+// Online softmax over one tile's logits v (tokens g, g+8 x heads 2t, 2t+1; all-masked so far:
+// reference 0, not -inf - -inf), then P·V into acc (f16 values) or vbits and psum (q1_calib,
+// folded at the block's end).
+template <int D>
+__device__ __forceinline__ void tile_softmax_values(const float (&v)[4], int v_format,
+                                                   const uint8_t *rows, int lane, float (&mx)[2],
+                                                   float (&lsum)[2], float (&psum)[2],
+                                                   float (&acc)[D / 16][4], float (&vbits)[D / 16][4]) {
+    using M = MmaDecode<D>;
+    constexpr int kSteps = M::kSteps;
+    float corr[2], ref[2];
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        const float m_new = fmaxf(mx[hh], M::max_over_tokens(fmaxf(v[hh], v[hh + 2])));
+        ref[hh] = m_new == -INFINITY ? 0.f : m_new;
+        corr[hh] = __expf(mx[hh] - ref[hh]);
+        mx[hh] = m_new;
+    }
+    if (__any_sync(M::kAll, corr[0] != 1.f || corr[1] != 1.f)) {
+#pragma unroll
+        for (int m = 0; m < kSteps; ++m) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[m][e] *= corr[e & 1], vbits[m][e] *= corr[e & 1];
+        }
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) lsum[hh] *= corr[hh], psum[hh] *= corr[hh];
+    }
+    const __half2 p01 = __floats2half2_rn(__expf(v[0] - ref[0]), __expf(v[1] - ref[1]));
+    const __half2 p23 = __floats2half2_rn(__expf(v[2] - ref[0]), __expf(v[3] - ref[1]));
+    const float ps0 = __low2float(p01) + __low2float(p23), ps1 = __high2float(p01) + __high2float(p23);
+    lsum[0] += ps0, lsum[1] += ps1;
+    const uint32_t b0 = movmatrix_trans(*reinterpret_cast<const uint32_t *>(&p01));
+    const uint32_t b1 = movmatrix_trans(*reinterpret_cast<const uint32_t *>(&p23));
+    uint32_t af[4];
+    if (v_format == Q1_CALIB) {
+        psum[0] += ps0, psum[1] += ps1;
+        const typename FmtQ1Calib<D>::ValueTile vt(rows, lane);
+#pragma unroll
+        for (int m = 0; m < kSteps; ++m) {
+            vt.frag(m, af);
+            mma_16816(vbits[m], af, b0, b1);
+        }
+    } else {
+        const typename FmtF16<D>::ValueTile vt(rows, lane);
+#pragma unroll
+        for (int m = 0; m < kSteps; ++m) {
+            vt.frag(m, af);
+            mma_16816(acc[m], af, b0, b1);
+        }
+    }
+}
+
+template <int D, bool kRange>
+__global__ void __launch_bounds__(MmaDecode<D>::kWarps * 32)
+    decode_mma_kernel(kvb_cuda_decode_args a) {
+    using M = MmaDecode<D>;
+    constexpr int kSteps = M::kSteps;
+    extern __shared__ __align__(16) uint8_t mma_smem[];
+    uint8_t *smem = mma_smem;
+    float *qs = reinterpret_cast<float *>(smem);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int stage_sz = M::stage_bytes((a.formats_used >> F16) & 1, kRange);
+    uint8_t *stages = smem + M::kQBytes + warp * 2 * stage_sz;
+    const kvb_cuda_work w = a.work[blockIdx.x];
+    const int G = a.n_head / a.n_head_kv;
+    const Scratch scr = scratch_layout(a.scratch, a.n_seq, a.n_spans, a.n_head);
+    const float *qsrc = a.q + ((size_t)w.seq * a.n_head + (size_t)w.kv_head * G) * D;
+    for (int i = threadIdx.x; i < M::kHeads * D; i += M::kWarps * 32) qs[i] = i < G * D ? qsrc[i] * a.scale : 0.f;
+    __syncthreads();
+
+    // Online softmax state of heads 2t, 2t+1; acc[m] is the C fragment of m-tile m.
+    float mx[2] = {-INFINITY, -INFINITY}, lsum[2] = {0.f, 0.f};
+    float lo_seen[2] = {INFINITY, INFINITY}, hi_seen[2] = {-INFINITY, -INFINITY};  // RANGE
+    float acc[kSteps][4] = {}, vbits[kSteps][4] = {}, psum[2] = {0.f, 0.f};
+    typename M::Query q;
+    float ca[2] = {1.f, 1.f}, cb[2] = {0.f, 0.f};  // logit = ca·mma + cb
+    bool f16_prepared = false;
+
+    typename M::Chunk cur = M::template block_chunk<kRange>(a, w, warp, stage_sz);
+    if (cur.b >= 0) M::template stage<kRange>(stages, a.arena, cur, lane);
+    cp_async_commit();
+    int slot = 0;
+    while (cur.b >= 0) {
+        const typename M::Chunk nxt = M::template next_chunk<kRange>(a, w, cur, stage_sz);
+        if (nxt.b >= 0) M::template stage<kRange>(stages + (slot ^ 1) * stage_sz, a.arena, nxt, lane);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncwarp();
+        const uint8_t *st = stages + slot * stage_sz;
+        const kvb_cuda_block &blk = cur.blk;
+        if (cur.c0 == 0) {
+            if (blk.k_format == Q1_CALIB || !f16_prepared) {
+                M::prepare(q, qs, blk.k_format, st, lane);
+                f16_prepared = blk.k_format == F16;
+            }
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                // CalibQuant: a' = lo + (a - lo)(hi - lo - δ)/(hi - lo) over the span's logits;
+                // a span whose range is within δ keeps its scores.
+                float lo = 0.f, ratio = 1.f;
+                const int h = w.kv_head * G + 2 * t + hh;
+                if (!kRange && blk.span >= 0 && 2 * t + hh < G) {
+                    const float *r = scr.span_range + (((size_t)w.seq * a.n_spans + blk.span) * a.n_head + h) * 2;
+                    const float range = r[1] - r[0];
+                    if (range > a.calib_delta) lo = r[0], ratio = (range - a.calib_delta) / range;
+                }
+                ca[hh] = q.inv_scale[hh] * ratio;
+                cb[hh] = lo + (q.base[hh] - lo) * ratio;
+            }
+            if (!kRange && blk.v_format == Q1_CALIB) {
+#pragma unroll
+                for (int m = 0; m < kSteps; ++m) vbits[m][0] = vbits[m][1] = vbits[m][2] = vbits[m][3] = 0.f;
+                psum[0] = psum[1] = 0.f;
+            }
+        }
+        const int rk = M::row_bytes(blk.k_format), rv = M::row_bytes(blk.v_format);
+        const uint8_t *krows = st + M::kScales, *vrows = krows + cur.cap * rk;
+        for (int t0 = 0; t0 < cur.len; t0 += 16) {
+            float c[4];
+            M::tile_scores(q, blk.k_format, krows + t0 * rk, lane, c);
+            float v[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int tok = cur.c0 + t0 + g + 8 * (e >> 1);
+                v[e] = tok < blk.n ? ca[e & 1] * c[e] + cb[e & 1] : -INFINITY;
+            }
+            if constexpr (kRange) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    if (v[e] != -INFINITY) lo_seen[e & 1] = fminf(lo_seen[e & 1], v[e]);
+                    hi_seen[e & 1] = fmaxf(hi_seen[e & 1], v[e]);
+                }
+            } else {
+                tile_softmax_values<D>(v, blk.v_format, vrows + t0 * rv, lane, mx, lsum, psum, acc, vbits);
+            }
+        }
+        if (cur.c0 + cur.len == blk.n) {  // the block ends here
+            if constexpr (kRange) {
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const float lo = M::min_over_tokens(lo_seen[hh]), hi = M::max_over_tokens(hi_seen[hh]);
+                    if (g == 0 && 2 * t + hh < G) {
+                        const int h = w.kv_head * G + 2 * t + hh;
+                        float *r = scr.span_range + (((size_t)w.seq * a.n_spans + blk.span) * a.n_head + h) * 2;
+                        atomic_min_f(r, lo);
+                        atomic_max_f(r + 1, hi);
+                    }
+                    lo_seen[hh] = INFINITY, hi_seen[hh] = -INFINITY;
+                }
+            } else if (blk.v_format == Q1_CALIB) {
+                const float ps[2] = {M::sum_over_tokens(psum[0]), M::sum_over_tokens(psum[1])};
+                FmtQ1Calib<D>::mma_fold(st + 4 * D, g, vbits, ps, acc);
+            }
+        }
+        __syncwarp();
+        cur = nxt;
+        slot ^= 1;
+    }
+    cp_async_wait<0>();
+    if constexpr (kRange) return;
+
+    // Merge the warps in shared memory, then write the item's partial.
+    __syncthreads();
+    float *merge = reinterpret_cast<float *>(smem + M::kQBytes);  // [kWarps][8][D + 2]
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        const float l = M::sum_over_tokens(lsum[hh]);
+        float *row = merge + ((size_t)warp * M::kHeads + 2 * t + hh) * (D + 2);
+        if (g == 0) row[0] = mx[hh], row[1] = l;
+#pragma unroll
+        for (int m = 0; m < kSteps; ++m) {
+            row[2 + 16 * m + g] = acc[m][hh];
+            row[2 + 16 * m + g + 8] = acc[m][hh + 2];
+        }
+    }
+    __syncthreads();
+    float *part = scr.partial + (size_t)blockIdx.x * G * (D + 2);
+    for (int i = threadIdx.x; i < G * (D + 2); i += M::kWarps * 32) {
+        const int h = i / (D + 2), j = i % (D + 2);
+        float mmax = -INFINITY;
+        for (int k = 0; k < M::kWarps; ++k) mmax = fmaxf(mmax, merge[(k * M::kHeads + h) * (D + 2)]);
+        float val = 0.f;
+        if (j == 0) {
+            val = mmax;
+        } else if (mmax != -INFINITY) {
+            for (int k = 0; k < M::kWarps; ++k) {
+                const float *row = merge + (k * M::kHeads + h) * (D + 2);
+                val += row[0] == -INFINITY ? 0.f : __expf(row[0] - mmax) * row[j];
+            }
+        }
+        part[i] = val;
+    }
+}
+
+}  // namespace kvb
