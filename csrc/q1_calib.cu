@@ -18,10 +18,88 @@ struct FmtQ1Calib {
         return 4LL * D + (int64_t)n * kRow;
     }
 
-    // Thread per channel for the ranges, then thread per (token, byte) for the bits.
+    // Eight channels of token t as f32: one 16-byte load from f16 rows, two from f32 rows.
+    template <bool kF16>
+    __device__ static void load8(Src x, int t, int c0, float (&v)[8]) {
+        const int64_t i = (int64_t)t * x.stride + c0;
+        if constexpr (kF16) {
+            const uint4 u = *reinterpret_cast<const uint4 *>(static_cast<const __half *>(x.data) + i);
+            const __half2 *h = reinterpret_cast<const __half2 *>(&u);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) v[2 * k] = __low2float(h[k]), v[2 * k + 1] = __high2float(h[k]);
+        } else {
+            const float4 *f = reinterpret_cast<const float4 *>(static_cast<const float *>(x.data) + i);
+            const float4 a = f[0], b = f[1];
+            v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+        }
+    }
+
+    // Ranges then bits, a thread per 8 channels of a token (16-byte loads, coalesced along the
+    // row); the per-channel min and max of the token groups meet in shared memory.
+    template <bool kF16>
+    __device__ static void quantize_rows(Src x, int n, float alpha, uint8_t *out, float *smem) {
+        constexpr int kGroups = kThreads / kRow;  // tokens read side by side
+        constexpr int kBatch = 4;
+        float *mn = smem, *mx = smem + kGroups * D, *mid = smem + 2 * kGroups * D;
+        const int j = threadIdx.x % kRow, tg = threadIdx.x / kRow;
+        if (tg < kGroups) {
+            float lo[8], hi[8];
+#pragma unroll
+            for (int k = 0; k < 8; ++k) lo[k] = INFINITY, hi[k] = -INFINITY;
+            // kBatch loads in flight before the first is used: a block is a few round trips.
+            for (int t0 = tg; t0 < n; t0 += kBatch * kGroups) {
+                float v[kBatch][8];
+#pragma unroll
+                for (int u = 0; u < kBatch; ++u) load8<kF16>(x, min(t0 + u * kGroups, n - 1), 8 * j, v[u]);
+#pragma unroll
+                for (int u = 0; u < kBatch; ++u)
+#pragma unroll
+                    for (int k = 0; k < 8; ++k) lo[k] = fminf(lo[k], v[u][k]), hi[k] = fmaxf(hi[k], v[u][k]);
+            }
+#pragma unroll
+            for (int k = 0; k < 8; ++k) mn[tg * D + 8 * j + k] = lo[k], mx[tg * D + 8 * j + k] = hi[k];
+        }
+        __syncthreads();
+        for (int c = threadIdx.x; c < D; c += kThreads) {
+            float lo = INFINITY, hi = -INFINITY;
+            for (int k = 0; k < kGroups; ++k) lo = fminf(lo, mn[k * D + c]), hi = fmaxf(hi, mx[k * D + c]);
+            lo = round_f16(alpha * lo);
+            hi = round_f16(alpha * hi);
+            // Blocks start 16-byte aligned, so the scales are aligned f16 stores.
+            reinterpret_cast<__half *>(out)[c] = __float2half_rn(lo);
+            reinterpret_cast<__half *>(out)[D + c] = __float2half_rn(hi);
+            mid[c] = (lo + hi) * 0.5f;
+        }
+        __syncthreads();
+        for (int i0 = threadIdx.x; i0 < n * kRow; i0 += kBatch * kThreads) {
+            float v[kBatch][8];
+#pragma unroll
+            for (int u = 0; u < kBatch; ++u) {
+                const int i = min(i0 + u * kThreads, n * kRow - 1);
+                load8<kF16>(x, i / kRow, (i % kRow) * 8, v[u]);
+            }
+#pragma unroll
+            for (int u = 0; u < kBatch; ++u) {
+                const int i = i0 + u * kThreads, c0 = (i % kRow) * 8;
+                if (i >= n * kRow) break;
+                unsigned byte = 0;
+#pragma unroll
+                for (int k = 0; k < 8; ++k) byte |= (v[u][k] > mid[c0 + k] ? 1u : 0u) << k;
+                out[kBits + i] = (uint8_t)byte;
+            }
+        }
+    }
+
+    // Rows whose 8-channel groups are not 16-byte aligned take the scalar loop.
     __device__ static void quantize(Src x, int n, int role, const uint8_t *, QuantParams p,
                                     uint8_t *out, float *smem) {
-        float alpha = role == KEY ? p.calib_alpha_k : p.calib_alpha_v;
+        const float alpha = role == KEY ? p.calib_alpha_k : p.calib_alpha_v;
+        const int elem = x.is_f16 ? 2 : 4;
+        if ((reinterpret_cast<uintptr_t>(x.data) | (uintptr_t)(x.stride * elem)) % 16 == 0) {
+            if (x.is_f16) quantize_rows<true>(x, n, alpha, out, smem);
+            else quantize_rows<false>(x, n, alpha, out, smem);
+            return;
+        }
         float *lo = smem, *hi = smem + D;
         for (int c = threadIdx.x; c < D; c += kThreads) {
             float mn = INFINITY, mx = -INFINITY;
@@ -32,7 +110,6 @@ struct FmtQ1Calib {
             }
             lo[c] = round_f16(alpha * mn);
             hi[c] = round_f16(alpha * mx);
-            // Blocks start 16-byte aligned, so the scales are aligned f16 stores.
             reinterpret_cast<__half *>(out)[c] = __float2half_rn(lo[c]);
             reinterpret_cast<__half *>(out)[D + c] = __float2half_rn(hi[c]);
         }

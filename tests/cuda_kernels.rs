@@ -101,11 +101,16 @@ fn quantize_and_dequantize_match_the_cpu() {
                 }
                 let all: Vec<f32> = xs.concat();
                 let all16: Vec<f16> = all.iter().map(|&v| f16::from_f32(v)).collect();
-                for as_f16 in [true, false] {
+                // Rows 16-byte aligned (vector loads) and shifted by one value (scalar path).
+                for (as_f16, shift) in [(true, 0), (false, 0), (true, 1), (false, 1)] {
                     let rows = if as_f16 {
-                        DeviceBuffer::from_slice(&all16, &stream).unwrap()
+                        let mut v = vec![f16::ZERO; shift];
+                        v.extend_from_slice(&all16);
+                        DeviceBuffer::from_slice(&v, &stream).unwrap()
                     } else {
-                        DeviceBuffer::from_slice(&all, &stream).unwrap()
+                        let mut v = vec![0f32; shift];
+                        v.extend_from_slice(&all);
+                        DeviceBuffer::from_slice(&v, &stream).unwrap()
                     };
                     let arena = DeviceBuffer::new(cpu.len()).unwrap();
                     arena.fill(0, &stream).unwrap();
@@ -118,7 +123,7 @@ fn quantize_and_dequantize_match_the_cpu() {
                                 rows: DeviceRows {
                                     buf: &rows,
                                     f16: as_f16,
-                                    offset: first * d,
+                                    offset: shift + first * d,
                                     stride: d,
                                 },
                                 n,
@@ -143,10 +148,11 @@ fn quantize_and_dequantize_match_the_cpu() {
                             let mut back = vec![f16::ZERO; 4];
                             if as_f16 {
                                 let first: usize = ns[..i].iter().sum();
-                                rows.download(&mut back, 2 * first * d, &stream).unwrap();
+                                rows.download(&mut back, 2 * (shift + first * d), &stream)
+                                    .unwrap();
                             }
                             failures.push(format!(
-                                "{f} d={d} {role:?} n={n} block {i} from {}: {differ} of {len} \
+                                "{f} d={d} {role:?} n={n} block {i} from {} (shift {shift}): {differ} of {len} \
                                  bytes differ, first at {at}: gpu {:?} cpu {:?}; x {x0:?}, \
                                  rows on the device {back:?}",
                                 if as_f16 { "f16" } else { "f32" },
