@@ -71,21 +71,20 @@ struct FmtQ1Calib {
             mid[c] = (lo + hi) * 0.5f;
         }
         __syncthreads();
-        for (int i0 = threadIdx.x; i0 < n * kRow; i0 += kBatch * kThreads) {
-            float v[kBatch][8];
+        for (int i0 = threadIdx.x; i0 < n * kRow; i0 += 2 * kThreads) {
+            float v[2][8];
 #pragma unroll
-            for (int u = 0; u < kBatch; ++u) {
+            for (int u = 0; u < 2; ++u) {
                 const int i = min(i0 + u * kThreads, n * kRow - 1);
                 load8<kF16>(x, i / kRow, (i % kRow) * 8, v[u]);
             }
 #pragma unroll
-            for (int u = 0; u < kBatch; ++u) {
+            for (int u = 0; u < 2; ++u) {
                 const int i = i0 + u * kThreads, c0 = (i % kRow) * 8;
-                if (i >= n * kRow) break;
                 unsigned byte = 0;
 #pragma unroll
                 for (int k = 0; k < 8; ++k) byte |= (v[u][k] > mid[c0 + k] ? 1u : 0u) << k;
-                out[kBits + i] = (uint8_t)byte;
+                if (i < n * kRow) out[kBits + i] = (uint8_t)byte;
             }
         }
     }
