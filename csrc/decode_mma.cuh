@@ -38,41 +38,53 @@ struct MmaDecode {
     // Bytes of one stage: the scales, then 16 tokens where f16 rows may come (8.7 KB at
     // D = 128), else a whole 128-token block of bits; RANGE stages no values. Small stages
     // leave room for more CTAs per multiprocessor.
-    __host__ __device__ static int stage_bytes(bool has_f16, bool range) {
-        const int row = (range ? 1 : 2) * (has_f16 ? 2 * D + 16 : D / 8);
+    __host__ __device__ static int stage_size(bool has_f16, bool keys_only) {
+        const int row = (keys_only ? 1 : 2) * (has_f16 ? 2 * D + 16 : D / 8);
         return kScales + (has_f16 ? 16 : 128) * row;
     }
-    static size_t smem_bytes(bool has_f16, bool range) {
-        return kQBytes + (size_t)kWarps * 2 * stage_bytes(has_f16, range);
+    // Single-pass calibration keeps every logit of the item's span: [tokens][8 heads] f32.
+    static constexpr int kLocalTokens = KVB_CUDA_LOCAL_SPAN_TOKENS;
+    static constexpr size_t kLogitBytes = sizeof(float) * kLocalTokens * kHeads;
+    static constexpr size_t kRangeBytes = sizeof(float) * kWarps * kHeads * 2;
+    static size_t smem_bytes(bool has_f16, bool keys_only, bool local) {
+        return kQBytes + (size_t)kWarps * 2 * stage_size(has_f16, keys_only) +
+               (local ? kLogitBytes + kRangeBytes : 0);
     }
 
     __device__ static int row_bytes(int fmt) {
         return fmt == F16 ? FmtF16<D>::kSmemRow : FmtQ1Calib<D>::kSmemRow;
     }
 
+    // Which rows a sweep stages: keys, values or both.
+    enum Parts : int { kKeys = 1, kValues = 2, kBoth = 3 };
+
     struct Chunk {
-        int b;    // index into args.blocks; -1 past the end
-        int c0;   // first token of the chunk in the block
-        int len;  // tokens in the chunk
-        int cap;  // tokens the stage holds for this block's formats (sets where V rows start)
+        int b;     // index into args.blocks; -1 past the end
+        int c0;    // first token of the chunk in the block
+        int len;   // tokens in the chunk
+        int cap;   // tokens the stage holds for this block's formats (sets where V rows start)
+        int tok0;  // the block's first token, counted from the work item's first
         kvb_cuda_block blk;
     };
 
-    // First chunk of the first block at or after item-relative block `rel` that this pass
-    // reads (every kWarps-th block; RANGE reads calibrated blocks only).
-    template <bool kRange>
+    // First chunk of the first block at or after item-relative block `rel` that this sweep
+    // reads (every kWarps-th block; with kCalibOnly, calibrated blocks only).
+    template <int kParts, bool kCalibOnly>
     __device__ static Chunk block_chunk(const kvb_cuda_decode_args &a, const kvb_cuda_work &w, int rel, int stage) {
         for (; rel < w.n_blocks; rel += kWarps) {
             const kvb_cuda_block blk = a.blocks[w.first_block + rel];
-            if (kRange && blk.span < 0) continue;
-            const int row = row_bytes(blk.k_format) + (kRange ? 0 : row_bytes(blk.v_format));
+            if (kCalibOnly && blk.span < 0) continue;
+            const int row = (kParts & kKeys ? row_bytes(blk.k_format) : 0) +
+                            (kParts & kValues ? row_bytes(blk.v_format) : 0);
             const int cap = ((stage - kScales) / row) & ~15;
-            return {w.first_block + rel, 0, min(blk.n, cap), cap, blk};
+            int tok0 = 0;
+            for (int i = 0; i < rel; ++i) tok0 += a.blocks[w.first_block + i].n;
+            return {w.first_block + rel, 0, min(blk.n, cap), cap, tok0, blk};
         }
-        return {-1, 0, 0, 0, {}};
+        return {-1, 0, 0, 0, 0, {}};
     }
 
-    template <bool kRange>
+    template <int kParts, bool kCalibOnly>
     __device__ static Chunk next_chunk(const kvb_cuda_decode_args &a, const kvb_cuda_work &w, const Chunk &c, int stage) {
         if (c.c0 + c.len < c.blk.n) {
             Chunk n = c;
@@ -80,32 +92,70 @@ struct MmaDecode {
             n.len = min(c.blk.n - n.c0, c.cap);
             return n;
         }
-        return block_chunk<kRange>(a, w, c.b - w.first_block + kWarps, stage);
+        return block_chunk<kParts, kCalibOnly>(a, w, c.b - w.first_block + kWarps, stage);
     }
 
-    __device__ static void stage_bytes(uint8_t *dst, const uint8_t *src, int bytes, int lane) {
+    __device__ static void copy_bytes(uint8_t *dst, const uint8_t *src, int bytes, int lane) {
         for (int p = lane; 16 * p < bytes; p += 32) cp_async16(dst + 16 * p, src + 16 * p, 16);
     }
 
-    // Start the copies of chunk `c` into stage `st` (asynchronous; the caller commits).
-    template <bool kRange>
+    // Where a stage's value rows start.
+    template <int kParts>
+    __device__ static int values_at(const Chunk &c) {
+        return kScales + (kParts & kKeys ? c.cap * row_bytes(c.blk.k_format) : 0);
+    }
+
+    // Start the copies of chunk `c` into stage `st` (asynchronous; the caller commits):
+    // K scales at 0, V scales at 4D, then the rows.
+    template <int kParts>
     __device__ static void stage(uint8_t *st, const uint8_t *arena, const Chunk &c, int lane) {
-        const uint8_t *kb = arena + c.blk.k_offset, *vb = arena + c.blk.v_offset;
-        uint8_t *krows = st + kScales;
-        if (c.blk.k_format == Q1_CALIB) {
-            stage_bytes(st, kb, 4 * D, lane);
-            FmtQ1Calib<D>::stage_rows(krows, kb, c.c0, c.len, lane);
-        } else {
-            FmtF16<D>::stage_rows(krows, kb, c.c0, c.len, lane);
+        if (kParts & kKeys) {
+            const uint8_t *kb = arena + c.blk.k_offset;
+            if (c.blk.k_format == Q1_CALIB) {
+                copy_bytes(st, kb, 4 * D, lane);
+                FmtQ1Calib<D>::stage_rows(st + kScales, kb, c.c0, c.len, lane);
+            } else {
+                FmtF16<D>::stage_rows(st + kScales, kb, c.c0, c.len, lane);
+            }
         }
-        if (kRange) return;
-        uint8_t *vrows = krows + c.cap * row_bytes(c.blk.k_format);
-        if (c.blk.v_format == Q1_CALIB) {
-            stage_bytes(st + 4 * D, vb, 4 * D, lane);
-            FmtQ1Calib<D>::stage_rows(vrows, vb, c.c0, c.len, lane);
-        } else {
-            FmtF16<D>::stage_rows(vrows, vb, c.c0, c.len, lane);
+        if (kParts & kValues) {
+            const uint8_t *vb = arena + c.blk.v_offset;
+            uint8_t *vrows = st + values_at<kParts>(c);
+            if (c.blk.v_format == Q1_CALIB) {
+                copy_bytes(st + 4 * D, vb, 4 * D, lane);
+                FmtQ1Calib<D>::stage_rows(vrows, vb, c.c0, c.len, lane);
+            } else {
+                FmtF16<D>::stage_rows(vrows, vb, c.c0, c.len, lane);
+            }
         }
+    }
+
+    // One warp's blocks of a work item, chunk by chunk through two stages (the next chunk's
+    // copies are in flight while this one is used): start(stage, chunk) where a block begins,
+    // tile(stage, chunk, t0) per 16 tokens, end(stage, chunk) where it ends.
+    template <int kParts, bool kCalibOnly, typename Start, typename Tile, typename End>
+    __device__ static void sweep(const kvb_cuda_decode_args &a, const kvb_cuda_work &w, uint8_t *stages,
+                                 int stage_sz, int warp, int lane, Start &&start, Tile &&tile, End &&end) {
+        Chunk cur = block_chunk<kParts, kCalibOnly>(a, w, warp, stage_sz);
+        if (cur.b >= 0) stage<kParts>(stages, a.arena, cur, lane);
+        cp_async_commit();
+        int slot = 0;
+        while (cur.b >= 0) {
+            const Chunk nxt = next_chunk<kParts, kCalibOnly>(a, w, cur, stage_sz);
+            if (nxt.b >= 0) stage<kParts>(stages + (slot ^ 1) * stage_sz, a.arena, nxt, lane);
+            cp_async_commit();
+            cp_async_wait<1>();
+            __syncwarp();
+            const uint8_t *st = stages + slot * stage_sz;
+            if (cur.c0 == 0) start(st, cur);
+            for (int t0 = 0; t0 < cur.len; t0 += 16) tile(st, cur, t0);
+            if (cur.c0 + cur.len == cur.blk.n) end(st, cur);
+            __syncwarp();
+            cur = nxt;
+            slot ^= 1;
+        }
+        cp_async_wait<0>();
+        __syncwarp();
     }
 
     // The query of head g for the block's key format as B fragments (hi and lo f16 parts,
@@ -271,17 +321,25 @@ __device__ __forceinline__ void tile_softmax_values(const float (&v)[4], int v_f
     }
 }
 
-template <int D, bool kRange>
+// RANGE: the logit range of every calibrated span (atomics into scratch). ATTEND: softmax and
+// P·V over the item, spans calibrated from that range. LOCAL: the item is one whole calibrated
+// span; its logits stay in shared memory between a key sweep and a value sweep, so keys are
+// read and scored once.
+enum class Pass { kRange, kAttend, kLocal };
+
+template <int D, Pass kPass>
 __global__ void __launch_bounds__(MmaDecode<D>::kWarps * 32)
     decode_mma_kernel(kvb_cuda_decode_args a) {
     using M = MmaDecode<D>;
     constexpr int kSteps = M::kSteps;
+    constexpr bool kKeysOnly = kPass == Pass::kRange;
     extern __shared__ __align__(16) uint8_t mma_smem[];
     uint8_t *smem = mma_smem;
     float *qs = reinterpret_cast<float *>(smem);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int stage_sz = M::stage_bytes((a.formats_used >> F16) & 1, kRange);
+    const int stage_sz = M::stage_size((a.formats_used >> F16) & 1, kKeysOnly);
     uint8_t *stages = smem + M::kQBytes + warp * 2 * stage_sz;
+    float *logits = reinterpret_cast<float *>(smem + M::kQBytes + M::kWarps * 2 * stage_sz);
     const kvb_cuda_work w = a.work[blockIdx.x];
     const int G = a.n_head / a.n_head_kv;
     const Scratch scr = scratch_layout(a.scratch, a.n_seq, a.n_spans, a.n_head);
@@ -291,94 +349,151 @@ __global__ void __launch_bounds__(MmaDecode<D>::kWarps * 32)
 
     // Online softmax state of heads 2t, 2t+1; acc[m] is the C fragment of m-tile m.
     float mx[2] = {-INFINITY, -INFINITY}, lsum[2] = {0.f, 0.f};
-    float lo_seen[2] = {INFINITY, INFINITY}, hi_seen[2] = {-INFINITY, -INFINITY};  // RANGE
+    float lo_seen[2] = {INFINITY, INFINITY}, hi_seen[2] = {-INFINITY, -INFINITY};
     float acc[kSteps][4] = {}, vbits[kSteps][4] = {}, psum[2] = {0.f, 0.f};
     typename M::Query q;
     float ca[2] = {1.f, 1.f}, cb[2] = {0.f, 0.f};  // logit = ca·mma + cb
     bool f16_prepared = false;
 
-    typename M::Chunk cur = M::template block_chunk<kRange>(a, w, warp, stage_sz);
-    if (cur.b >= 0) M::template stage<kRange>(stages, a.arena, cur, lane);
-    cp_async_commit();
-    int slot = 0;
-    while (cur.b >= 0) {
-        const typename M::Chunk nxt = M::template next_chunk<kRange>(a, w, cur, stage_sz);
-        if (nxt.b >= 0) M::template stage<kRange>(stages + (slot ^ 1) * stage_sz, a.arena, nxt, lane);
-        cp_async_commit();
-        cp_async_wait<1>();
-        __syncwarp();
-        const uint8_t *st = stages + slot * stage_sz;
-        const kvb_cuda_block &blk = cur.blk;
-        if (cur.c0 == 0) {
-            if (blk.k_format == Q1_CALIB || !f16_prepared) {
-                M::prepare(q, qs, blk.k_format, st, lane);
-                f16_prepared = blk.k_format == F16;
-            }
+    // A block begins: the query for its keys, and (ATTEND) its span's calibration.
+    auto start_keys = [&](const uint8_t *st, const typename M::Chunk &c) {
+        const kvb_cuda_block &blk = c.blk;
+        if (blk.k_format == Q1_CALIB || !f16_prepared) {
+            M::prepare(q, qs, blk.k_format, st, lane);
+            f16_prepared = blk.k_format == F16;
+        }
 #pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                // CalibQuant: a' = lo + (a - lo)(hi - lo - δ)/(hi - lo) over the span's logits;
-                // a span whose range is within δ keeps its scores.
-                float lo = 0.f, ratio = 1.f;
+        for (int hh = 0; hh < 2; ++hh) {
+            // CalibQuant: a' = lo + (a - lo)(hi - lo - δ)/(hi - lo) over the span's logits;
+            // a span whose range is within δ keeps its scores.
+            float lo = 0.f, ratio = 1.f;
+            if (kPass == Pass::kAttend && blk.span >= 0 && 2 * t + hh < G) {
                 const int h = w.kv_head * G + 2 * t + hh;
-                if (!kRange && blk.span >= 0 && 2 * t + hh < G) {
-                    const float *r = scr.span_range + (((size_t)w.seq * a.n_spans + blk.span) * a.n_head + h) * 2;
-                    const float range = r[1] - r[0];
-                    if (range > a.calib_delta) lo = r[0], ratio = (range - a.calib_delta) / range;
-                }
-                ca[hh] = q.inv_scale[hh] * ratio;
-                cb[hh] = lo + (q.base[hh] - lo) * ratio;
+                const float *r = scr.span_range + (((size_t)w.seq * a.n_spans + blk.span) * a.n_head + h) * 2;
+                const float range = r[1] - r[0];
+                if (range > a.calib_delta) lo = r[0], ratio = (range - a.calib_delta) / range;
             }
-            if (!kRange && blk.v_format == Q1_CALIB) {
-#pragma unroll
-                for (int m = 0; m < kSteps; ++m) vbits[m][0] = vbits[m][1] = vbits[m][2] = vbits[m][3] = 0.f;
-                psum[0] = psum[1] = 0.f;
-            }
+            ca[hh] = q.inv_scale[hh] * ratio;
+            cb[hh] = lo + (q.base[hh] - lo) * ratio;
         }
-        const int rk = M::row_bytes(blk.k_format), rv = M::row_bytes(blk.v_format);
-        const uint8_t *krows = st + M::kScales, *vrows = krows + cur.cap * rk;
-        for (int t0 = 0; t0 < cur.len; t0 += 16) {
-            float c[4];
-            M::tile_scores(q, blk.k_format, krows + t0 * rk, lane, c);
-            float v[4];
+    };
+    auto start_values = [&](const typename M::Chunk &c) {
+        if (c.blk.v_format != Q1_CALIB) return;
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int tok = cur.c0 + t0 + g + 8 * (e >> 1);
-                v[e] = tok < blk.n ? ca[e & 1] * c[e] + cb[e & 1] : -INFINITY;
-            }
-            if constexpr (kRange) {
+        for (int m = 0; m < kSteps; ++m) vbits[m][0] = vbits[m][1] = vbits[m][2] = vbits[m][3] = 0.f;
+        psum[0] = psum[1] = 0.f;
+    };
+    auto tile_logits = [&](const uint8_t *st, const typename M::Chunk &c, int t0, float (&v)[4]) {
+        float s[4];
+        M::tile_scores(q, c.blk.k_format, st + M::kScales + t0 * M::row_bytes(c.blk.k_format), lane, s);
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    if (v[e] != -INFINITY) lo_seen[e & 1] = fminf(lo_seen[e & 1], v[e]);
-                    hi_seen[e & 1] = fmaxf(hi_seen[e & 1], v[e]);
-                }
-            } else {
-                tile_softmax_values<D>(v, blk.v_format, vrows + t0 * rv, lane, mx, lsum, psum, acc, vbits);
-            }
+        for (int e = 0; e < 4; ++e) {
+            const int tok = c.c0 + t0 + g + 8 * (e >> 1);
+            v[e] = tok < c.blk.n ? ca[e & 1] * s[e] + cb[e & 1] : -INFINITY;
         }
-        if (cur.c0 + cur.len == blk.n) {  // the block ends here
-            if constexpr (kRange) {
+    };
+    auto see = [&](const float (&v)[4]) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            if (v[e] != -INFINITY) lo_seen[e & 1] = fminf(lo_seen[e & 1], v[e]);
+            hi_seen[e & 1] = fmaxf(hi_seen[e & 1], v[e]);
+        }
+    };
+    auto values = [&](const uint8_t *st, const typename M::Chunk &c, int t0, const float (&v)[4], int parts) {
+        const int at = parts == M::kBoth ? M::template values_at<M::kBoth>(c) : M::template values_at<M::kValues>(c);
+        tile_softmax_values<D>(v, c.blk.v_format, st + at + t0 * M::row_bytes(c.blk.v_format), lane, mx, lsum,
+                               psum, acc, vbits);
+    };
+    auto end_values = [&](const uint8_t *st, const typename M::Chunk &c) {
+        if (c.blk.v_format != Q1_CALIB) return;
+        const float ps[2] = {M::sum_over_tokens(psum[0]), M::sum_over_tokens(psum[1])};
+        FmtQ1Calib<D>::mma_fold(st + 4 * D, g, vbits, ps, acc);
+    };
+
+    if constexpr (kPass == Pass::kRange) {
+        M::template sweep<M::kKeys, true>(
+            a, w, stages, stage_sz, warp, lane, start_keys,
+            [&](const uint8_t *st, const typename M::Chunk &c, int t0) {
+                float v[4];
+                tile_logits(st, c, t0, v);
+                see(v);
+            },
+            [&](const uint8_t *, const typename M::Chunk &c) {
 #pragma unroll
                 for (int hh = 0; hh < 2; ++hh) {
                     const float lo = M::min_over_tokens(lo_seen[hh]), hi = M::max_over_tokens(hi_seen[hh]);
                     if (g == 0 && 2 * t + hh < G) {
                         const int h = w.kv_head * G + 2 * t + hh;
-                        float *r = scr.span_range + (((size_t)w.seq * a.n_spans + blk.span) * a.n_head + h) * 2;
+                        float *r = scr.span_range + (((size_t)w.seq * a.n_spans + c.blk.span) * a.n_head + h) * 2;
                         atomic_min_f(r, lo);
                         atomic_max_f(r + 1, hi);
                     }
                     lo_seen[hh] = INFINITY, hi_seen[hh] = -INFINITY;
                 }
-            } else if (blk.v_format == Q1_CALIB) {
-                const float ps[2] = {M::sum_over_tokens(psum[0]), M::sum_over_tokens(psum[1])};
-                FmtQ1Calib<D>::mma_fold(st + 4 * D, g, vbits, ps, acc);
-            }
+            });
+        return;
+    } else if constexpr (kPass == Pass::kAttend) {
+        M::template sweep<M::kBoth, false>(
+            a, w, stages, stage_sz, warp, lane,
+            [&](const uint8_t *st, const typename M::Chunk &c) {
+                start_keys(st, c);
+                start_values(c);
+            },
+            [&](const uint8_t *st, const typename M::Chunk &c, int t0) {
+                float v[4];
+                tile_logits(st, c, t0, v);
+                values(st, c, t0, v, M::kBoth);
+            },
+            end_values);
+    } else {
+        // Key sweep: logits of the item's tokens into shared memory, and their range.
+        auto at = [&](const typename M::Chunk &c, int t0, int e) {
+            return (c.tok0 + c.c0 + t0 + g + 8 * (e >> 1)) * M::kHeads + 2 * t + (e & 1);
+        };
+        M::template sweep<M::kKeys, false>(
+            a, w, stages, stage_sz, warp, lane, start_keys,
+            [&](const uint8_t *st, const typename M::Chunk &c, int t0) {
+                float v[4];
+                tile_logits(st, c, t0, v);
+                see(v);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) logits[at(c, t0, e)] = v[e];
+            },
+            [](const uint8_t *, const typename M::Chunk &) {});
+        // The span's range per head, over the warps.
+        float *range = logits + M::kLocalTokens * M::kHeads;  // [kWarps][8][2]
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const float lo = M::min_over_tokens(lo_seen[hh]), hi = M::max_over_tokens(hi_seen[hh]);
+            if (g == 0) range[(warp * M::kHeads + 2 * t + hh) * 2] = lo, range[(warp * M::kHeads + 2 * t + hh) * 2 + 1] = hi;
         }
-        __syncwarp();
-        cur = nxt;
-        slot ^= 1;
+        __syncthreads();
+        float lo_c[2], ratio[2];
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            float lo = INFINITY, hi = -INFINITY;
+#pragma unroll
+            for (int k = 0; k < M::kWarps; ++k)
+                lo = fminf(lo, range[(k * M::kHeads + 2 * t + hh) * 2]), hi = fmaxf(hi, range[(k * M::kHeads + 2 * t + hh) * 2 + 1]);
+            const float r = hi - lo;
+            lo_c[hh] = 0.f, ratio[hh] = 1.f;
+            if (r > a.calib_delta) lo_c[hh] = lo, ratio[hh] = (r - a.calib_delta) / r;
+        }
+        // Value sweep: calibrated logits back from shared memory.
+        M::template sweep<M::kValues, false>(
+            a, w, stages, stage_sz, warp, lane,
+            [&](const uint8_t *, const typename M::Chunk &c) { start_values(c); },
+            [&](const uint8_t *st, const typename M::Chunk &c, int t0) {
+                float v[4];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float x = logits[at(c, t0, e)];
+                    v[e] = lo_c[e & 1] + (x - lo_c[e & 1]) * ratio[e & 1];
+                }
+                values(st, c, t0, v, M::kValues);
+            },
+            end_values);
     }
-    cp_async_wait<0>();
-    if constexpr (kRange) return;
 
     // Merge the warps in shared memory, then write the item's partial.
     __syncthreads();

@@ -351,19 +351,26 @@ extern "C" int kvb_cuda_attention_decode(const kvb_cuda_decode_args *args, kvb_c
     bool ok = with_head_dim(a.head_dim, [&]<int D>() {
         if constexpr (D <= 128) {
             if (mma) {
-                const bool has_f16 = (a.formats_used >> F16) & 1;
-                const size_t smem = MmaDecode<D>::smem_bytes(has_f16, false);
-                const size_t smem_range = MmaDecode<D>::smem_bytes(has_f16, true);
-                set_smem((const void *)decode_mma_kernel<D, false>, smem);
-                set_smem((const void *)decode_mma_kernel<D, true>, smem_range);
-                if (err != cudaSuccess) return;
+                const bool has_f16 = (a.formats_used >> F16) & 1, local = a.local_spans && a.n_spans > 0;
                 constexpr int kThreadsMma = MmaDecode<D>::kWarps * 32;
-                if (a.n_spans > 0) {
-                    int n = a.n_seq * a.n_spans * a.n_head;
-                    init_span_range<<<(n + 255) / 256, 256, 0, s>>>(a.scratch, n);
-                    decode_mma_kernel<D, true><<<a.n_work, kThreadsMma, smem_range, s>>>(a);
+                if (local) {
+                    const size_t smem = MmaDecode<D>::smem_bytes(has_f16, false, true);
+                    set_smem((const void *)decode_mma_kernel<D, Pass::kLocal>, smem);
+                    if (err != cudaSuccess) return;
+                    decode_mma_kernel<D, Pass::kLocal><<<a.n_work, kThreadsMma, smem, s>>>(a);
+                } else {
+                    const size_t smem = MmaDecode<D>::smem_bytes(has_f16, false, false);
+                    const size_t smem_range = MmaDecode<D>::smem_bytes(has_f16, true, false);
+                    set_smem((const void *)decode_mma_kernel<D, Pass::kAttend>, smem);
+                    set_smem((const void *)decode_mma_kernel<D, Pass::kRange>, smem_range);
+                    if (err != cudaSuccess) return;
+                    if (a.n_spans > 0) {
+                        int n = a.n_seq * a.n_spans * a.n_head;
+                        init_span_range<<<(n + 255) / 256, 256, 0, s>>>(a.scratch, n);
+                        decode_mma_kernel<D, Pass::kRange><<<a.n_work, kThreadsMma, smem_range, s>>>(a);
+                    }
+                    decode_mma_kernel<D, Pass::kAttend><<<a.n_work, kThreadsMma, smem, s>>>(a);
                 }
-                decode_mma_kernel<D, false><<<a.n_work, kThreadsMma, smem, s>>>(a);
                 combine_kernel<D><<<a.n_seq * a.n_head, kCombineThreads, 0, s>>>(a);
                 err = cudaGetLastError();
                 return;

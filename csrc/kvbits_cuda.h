@@ -120,7 +120,12 @@ typedef struct {
     float scale, calib_delta;
     uint32_t formats_used; /* bit f set when some block holds format id f: picks the kernels */
     int32_t generic_only;  /* 1: skip the tensor-core path (tests compare the two) */
+    int32_t local_spans;   /* 1: every work item is one whole calibrated span of at most
+                              KVB_CUDA_LOCAL_SPAN_TOKENS tokens, calibrated in one pass */
 } kvb_cuda_decode_args;
+
+/* Tokens a work item may hold for one-pass calibration (its logits stay in shared memory). */
+enum { KVB_CUDA_LOCAL_SPAN_TOKENS = 2048 };
 
 /* Scratch the decode launcher needs for these sizes. */
 size_t kvb_cuda_decode_scratch_bytes(int32_t n_work, int32_t n_seq, int32_t n_head,

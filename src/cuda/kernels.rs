@@ -219,6 +219,32 @@ pub struct DecodePlan {
     pub formats_used: u32,
     /// Use the generic kernels even where the tensor-core ones apply (tests compare both).
     pub generic_only: bool,
+    /// Every work item is one whole calibrated span that fits one pass (see
+    /// [`one_pass_spans`]); cleared, spans are calibrated by a range pass first.
+    pub local_spans: bool,
+}
+
+/// Whether every work item holds exactly the blocks of one calibrated span, no more than
+/// `KVB_CUDA_LOCAL_SPAN_TOKENS` tokens: then the kernels keep the span's logits on chip and
+/// read its keys once.
+pub fn one_pass_spans(blocks: &[BlockDesc], work: &[WorkItem]) -> bool {
+    let mut owners = std::collections::HashSet::new();
+    !work.is_empty()
+        && work.iter().all(|w| {
+            let Some(items) = usize::try_from(w.first_block)
+                .ok()
+                .zip(usize::try_from(w.n_blocks).ok())
+                .and_then(|(first, n)| blocks.get(first..first.checked_add(n)?))
+            else {
+                return false;
+            };
+            let span = items.first().map_or(-1, |b| b.span);
+            let tokens: i64 = items.iter().map(|b| i64::from(b.n)).sum();
+            span >= 0
+                && items.iter().all(|b| b.span == span)
+                && tokens <= i64::from(sys::KVB_CUDA_LOCAL_SPAN_TOKENS)
+                && owners.insert((w.seq, span))
+        })
 }
 
 impl DecodePlan {
@@ -264,6 +290,7 @@ impl DecodePlan {
         Ok(DecodePlan {
             formats_used,
             generic_only: false,
+            local_spans: one_pass_spans(blocks, work),
             blocks: DeviceBuffer::from_slice(blocks, stream)?,
             work: DeviceBuffer::from_slice(work, stream)?,
             work_begin: DeviceBuffer::from_slice(&begin, stream)?,
@@ -309,6 +336,7 @@ impl DecodePlan {
             calib_delta,
             formats_used: self.formats_used,
             generic_only: self.generic_only.into(),
+            local_spans: self.local_spans.into(),
         };
         // SAFETY: every pointer is a live device buffer of the sizes the plan was built for.
         check(
