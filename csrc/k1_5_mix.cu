@@ -3,7 +3,8 @@
 // coefficients (Re Z_0, Re Z_{Dl/2}, Re Z_1, Im Z_1, …) keep one sign bit each, with a
 // per-coefficient scale f16(mean_t |coef|). Layout (FORMATS.md): channel mask (D/8 bytes),
 // (lo, s) per 2-bit channel, scale per coefficient, then per token the 2-bit codes (Dh/4 bytes)
-// and the sign bits (Dl/8 bytes). Fields start at any byte, so they are read bytewise.
+// and the sign bits (Dl/8 bytes). The f16 fields are 2-byte aligned (D/8 is even), records
+// start at any byte.
 //
 // Exactness. Bit for bit with the CPU: the mask (ranges max - min in f32, widest first, ties
 // to the lower channel), the (lo, s) pairs and the 2-bit codes (MinMax, single IEEE
@@ -160,12 +161,13 @@ struct FmtK1_5Mix {
         twiddles(dl, cos_t, sin_t);
         for (int j = threadIdx.x; j < dl; j += kThreads) sums[j] = 0.0;
         __syncthreads();
+        __half *params = reinterpret_cast<__half *>(out + kMask);
         for (int j = threadIdx.x; j < L.dh; j += kThreads) {
             const int c = hi_ch[j];
             const MinMax mm = MinMax::make(mn[c], mx[c], kLevels);
             lo[j] = mm.lo, step[j] = mm.step;
-            st_f16_at(out, kMask + 4 * j, mm.lo);
-            st_f16_at(out, kMask + 4 * j + 2, mm.step);
+            params[2 * j] = __float2half_rn(mm.lo);
+            params[2 * j + 1] = __float2half_rn(mm.step);
         }
         __syncthreads();
         // kFftTokens tokens at a time: gather, transform, write the records, sum |coef|.
@@ -200,7 +202,8 @@ struct FmtK1_5Mix {
             __syncthreads();
         }
         // f16(f32(mean)): half's f16::from_f64 on x86 with F16C.
-        for (int j = threadIdx.x; j < dl; j += kThreads) st_f16_at(out, L.scales + 2 * j, (float)(sums[j] / n));
+        __half *scales = reinterpret_cast<__half *>(out + L.scales);
+        for (int j = threadIdx.x; j < dl; j += kThreads) scales[j] = __float2half_rn((float)(sums[j] / n));
     }
 
     // Warp per token: 2-bit channels directly, low-range channels by an f64 inverse DFT of the

@@ -26,7 +26,7 @@ struct Q4Codec {
         // The CPU starts from max = +0 and replaces it only on a strictly larger magnitude.
         const float s = (a > 0.f ? vmax : 0.f) / -8.f;
         const float inv = s != 0.f ? 1.f / s : 0.f;
-        if (lane == 0) st_f16_at(grp, 0, s);
+        if (lane == 0) *reinterpret_cast<__half *>(grp) = __float2half_rn(s);  // rows, groups even
         const int code = min(15, (int)__fadd_rn(__fmul_rn(v, inv), 8.5f));
         const int high = __shfl_down_sync(0xffffffffu, code, L / 2);
         if (lane < L / 2) grp[2 + lane] = (uint8_t)(code | high << 4);

@@ -16,7 +16,7 @@ struct Q8Codec {
         const float s = amax / 127.f;
         // ggml takes the inverse of the f32 scale, then stores the scale as f16.
         const float inv = s != 0.f ? 1.f / s : 0.f;
-        if (lane == 0) st_f16_at(grp, 0, s);
+        if (lane == 0) *reinterpret_cast<__half *>(grp) = __float2half_rn(s);  // rows, groups even
         // Clamped as Rust's saturating `as i8`.
         if (lane < L) grp[2 + lane] = (uint8_t)(int8_t)max(-128, min(127, (int)roundf(v * inv)));
     }

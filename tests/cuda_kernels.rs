@@ -47,10 +47,17 @@ fn roles(f: FormatId) -> Vec<Role> {
     }
 }
 
+/// Formats the kernels implement; `KVBITS_GPU_FORMATS=f16,q8_0` narrows them (to isolate a
+/// format whose kernel faults, as a CUDA fault ends every later launch of the process).
 fn device_formats() -> Vec<FormatId> {
+    let only = std::env::var("KVBITS_GPU_FORMATS").ok();
     let fs: Vec<FormatId> = FormatId::ALL
         .into_iter()
         .filter(|&f| kernels::supports(f))
+        .filter(|f| {
+            only.as_ref()
+                .is_none_or(|o| o.split(',').any(|n| n == f.info().name))
+        })
         .collect();
     eprintln!("formats on the device: {fs:?}");
     fs
@@ -194,19 +201,25 @@ fn quantize_and_dequantize_match_the_cpu() {
                     let mut want = vec![0f32; n * d];
                     let len = f.imp().block_size(shape, 0, &params).total();
                     f.imp().dequantize(&cpu[off..off + len], shape, &mut want);
+                    let block = &cpu[off..off + len];
                     for (i, &w) in want.iter().enumerate() {
                         let g = got[first * d + i];
-                        assert!(!g.is_nan(), "{f} d={d} n={n}: element {i} not written");
-                        if g != f16::from_f32(w) && f == FormatId::K1_5Mix {
-                            let block = &cpu[off..off + len];
-                            assert!(
-                                k1_5_mix_value_tolerated(block, d, i % d, w, g),
-                                "{f} d={d} n={n} element {i}: gpu {g} cpu {w}"
-                            );
+                        if g.is_nan() {
+                            failures.push(format!("{f} d={d} n={n}: element {i} not written"));
+                            break;
+                        }
+                        if g == f16::from_f32(w) {
+                            continue;
+                        }
+                        if f == FormatId::K1_5Mix && k1_5_mix_value_tolerated(block, d, i % d, w, g)
+                        {
                             eprintln!("{f} d={d} n={n} element {i}: tolerated gpu {g} cpu {w}");
                             continue;
                         }
-                        assert_eq!(g, f16::from_f32(w), "{f} d={d} {role:?} n={n} element {i}");
+                        failures.push(format!(
+                            "{f} d={d} {role:?} n={n} dequantized element {i}: gpu {g} cpu {w}"
+                        ));
+                        break;
                     }
                     first += n;
                 }
@@ -435,6 +448,7 @@ fn decode_attention_matches_the_cpu() {
         .filter(|f| f.info().applies != Applies::Keys)
         .collect();
     let (scale_of, delta) = (|d: usize| 1.0 / (d as f32).sqrt(), 3.0f32);
+    let mut failures = Vec::new();
     for d in HEAD_DIMS {
         for &(n_head, n_head_kv) in &[(28usize, 4usize), (8, 2)] {
             for &kf in &keys {
@@ -567,19 +581,21 @@ fn decode_attention_matches_the_cpu() {
                             want[at..at + d].copy_from_slice(&r);
                         }
                     }
-                    assert!(
-                        got.iter().all(|v| v.is_finite()),
-                        "{kf}/{vf} d={d}: unwritten or non-finite output"
-                    );
                     let e = rel_err(&got, &want);
-                    assert!(
-                        e < 1e-3,
-                        "{kf}/{vf} d={d} heads {n_head}/{n_head_kv}: rel err {e}"
-                    );
+                    let failure = if !got.iter().all(|v| v.is_finite()) {
+                        format!("{kf}/{vf} d={d}: unwritten or non-finite output")
+                    } else if !(e < 1e-3) {
+                        format!("{kf}/{vf} d={d} heads {n_head}/{n_head_kv}: rel err {e}")
+                    } else {
+                        continue;
+                    };
+                    eprintln!("{failure}");
+                    failures.push(failure);
                 }
             }
         }
     }
+    assert!(failures.is_empty(), "{} K/V pairs differ", failures.len());
 }
 
 /// Formats that keep caller-chosen tokens apart (v1_58_tern's salient tokens, q2_had's and
@@ -613,7 +629,12 @@ fn protected_tokens_match_the_cpu() {
                         let rows = DeviceBuffer::from_slice(&x, &stream).unwrap();
                         let flags: Vec<u8> = mask.iter().map(|&m| m as u8).collect();
                         let flags = DeviceBuffer::from_slice(&flags, &stream).unwrap();
-                        let worst = f.imp().block_size(shape, n, &params).total();
+                        // Not always n_p = n: a v1_58_tern block with 2 of 9 tokens protected
+                        // is larger than with all 9.
+                        let worst = (0..=n)
+                            .map(|p| f.imp().block_size(shape, p, &params).total())
+                            .max()
+                            .unwrap();
                         let arena = DeviceBuffer::new(align16(worst)).unwrap();
                         arena.fill(0xA5, &stream).unwrap();
                         let job = QuantJob {
