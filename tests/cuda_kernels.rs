@@ -584,7 +584,7 @@ fn decode_attention_matches_the_cpu() {
                     let e = rel_err(&got, &want);
                     let failure = if !got.iter().all(|v| v.is_finite()) {
                         format!("{kf}/{vf} d={d}: unwritten or non-finite output")
-                    } else if !(e < 1e-3) {
+                    } else if e.is_nan() || e >= 1e-3 {
                         format!("{kf}/{vf} d={d} heads {n_head}/{n_head_kv}: rel err {e}")
                     } else {
                         continue;
@@ -789,4 +789,56 @@ fn decode_attention_with_protected_values_matches_the_cpu() {
             assert!(e < 1e-3, "{vf} d={d} protected values: rel err {e}");
         }
     }
+}
+
+/// The k1_5_mix tolerance itself, on the CPU (no GPU needed): it accepts a flipped sign bit
+/// only where the CPU's coefficient is 0 to rounding, a scale only as the f16 next to a
+/// rounding midpoint, and nothing else.
+#[test]
+fn k1_5_mix_tolerance_accepts_only_rounding_ties() {
+    let mut rng = seeded();
+    let (n, d) = (20, 128);
+    let mut x = kv_like(&mut rng, n, d);
+    // Token 0 constant over every channel: every coefficient but DC is 0 on the CPU too.
+    x[..d].fill(0.5);
+    let shape = Shape {
+        n,
+        d,
+        role: Role::Key,
+    };
+    let params = QuantParams::default();
+    let mut cpu = Vec::new();
+    FormatId::K1_5Mix
+        .imp()
+        .quantize(&x, shape, &[], &params, &mut cpu)
+        .unwrap();
+    assert_eq!(k1_5_mix_tolerated(&x, n, d, &cpu, &cpu), Ok(0));
+    let (dh, dl) = (d / 2, d / 2);
+    let (scales, codes, stride) = (d / 8 + 4 * dh, d / 8 + 4 * dh + 2 * dl, dh / 4 + dl / 8);
+    let flip = |t: usize, k: usize| {
+        let mut g = cpu.clone();
+        g[codes + t * stride + dh / 4 + k / 8] ^= 1 << (k % 8);
+        g
+    };
+    // Coefficient 5 of token 0 is 0: tolerated. Coefficient 0 (DC) of token 0 is 32: not.
+    assert_eq!(k1_5_mix_tolerated(&x, n, d, &flip(0, 5), &cpu), Ok(1));
+    assert!(k1_5_mix_tolerated(&x, n, d, &flip(0, 0), &cpu).is_err());
+    assert!(k1_5_mix_tolerated(&x, n, d, &flip(7, 3), &cpu).is_err());
+    // A scale one f16 away from the CPU's, its mean nowhere near the midpoint: not tolerated.
+    let mut g = cpu.clone();
+    g[scales + 6] ^= 1;
+    assert!(k1_5_mix_tolerated(&x, n, d, &g, &cpu).is_err());
+    // A 2-bit code: never.
+    let mut g = cpu.clone();
+    g[codes + 3 * stride] ^= 1;
+    assert!(k1_5_mix_tolerated(&x, n, d, &g, &cpu).is_err());
+    // Decoded values: a low-range channel next to a midpoint, not one far from it.
+    let low = (0..d).find(|&c| (cpu[c / 8] >> (c % 8)) & 1 == 0).unwrap();
+    let (a, b) = (
+        f16::from_f32(0.5),
+        f16::from_bits(f16::from_f32(0.5).to_bits() + 1),
+    );
+    let mid = ((a.to_f64() + b.to_f64()) / 2.0) as f32;
+    assert!(k1_5_mix_value_tolerated(&cpu, d, low, mid, b));
+    assert!(!k1_5_mix_value_tolerated(&cpu, d, low, 0.5, b));
 }
