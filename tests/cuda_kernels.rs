@@ -356,9 +356,64 @@ struct CpuBlock {
     span: i32,
 }
 
+impl CpuBlock {
+    /// Random keys and values of `n` tokens quantized on the CPU, values with `protect`.
+    #[allow(clippy::too_many_arguments)]
+    fn random(
+        rng: &mut Rng,
+        kf: FormatId,
+        vf: FormatId,
+        n: usize,
+        d: usize,
+        span: i32,
+        protect: &[bool],
+        params: &QuantParams,
+    ) -> CpuBlock {
+        let mut quantize = |f: FormatId, role, protect: &[bool]| {
+            let mut b = Vec::new();
+            let x = kv_like(&mut *rng, n, d);
+            f.imp()
+                .quantize(&x, Shape { n, d, role }, protect, params, &mut b)
+                .unwrap();
+            b
+        };
+        let kb = quantize(kf, Role::Key, &[]);
+        let vb = quantize(vf, Role::Value, protect);
+        CpuBlock {
+            kf,
+            vf,
+            kb,
+            vb,
+            n,
+            span,
+        }
+    }
+}
+
 /// One sequence's blocks of one KV head.
 struct HeadBlocks {
     blocks: Vec<CpuBlock>,
+}
+
+impl HeadBlocks {
+    /// Append `b` to the arena (K and V 16-byte aligned) and the block table.
+    fn push(&mut self, b: CpuBlock, arena: &mut Vec<u8>, descs: &mut Vec<BlockDesc>) {
+        arena.resize(align16(arena.len()), 0);
+        let k_offset = arena.len() as u64;
+        arena.extend_from_slice(&b.kb);
+        arena.resize(align16(arena.len()), 0);
+        let v_offset = arena.len() as u64;
+        arena.extend_from_slice(&b.vb);
+        descs.push(BlockDesc {
+            k_offset,
+            v_offset,
+            n: b.n as i32,
+            k_format: b.kf as i32,
+            v_format: b.vf as i32,
+            span: b.span,
+        });
+        self.blocks.push(b);
+    }
 }
 
 /// CPU reference: softmax over all blocks' post-scaled scores (calibrated per span) of
@@ -478,58 +533,17 @@ fn decode_attention_matches_the_cpu() {
                                 } else {
                                     -1
                                 };
-                                let mut kb = Vec::new();
-                                let mut vb = Vec::new();
-                                k_fmt
-                                    .imp()
-                                    .quantize(
-                                        &kv_like(&mut rng, n, d),
-                                        Shape {
-                                            n,
-                                            d,
-                                            role: Role::Key,
-                                        },
-                                        &[],
-                                        &params,
-                                        &mut kb,
-                                    )
-                                    .unwrap();
-                                v_fmt
-                                    .imp()
-                                    .quantize(
-                                        &kv_like(&mut rng, n, d),
-                                        Shape {
-                                            n,
-                                            d,
-                                            role: Role::Value,
-                                        },
-                                        &[],
-                                        &params,
-                                        &mut vb,
-                                    )
-                                    .unwrap();
-                                arena.resize(align16(arena.len()), 0);
-                                let k_offset = arena.len() as u64;
-                                arena.extend_from_slice(&kb);
-                                arena.resize(align16(arena.len()), 0);
-                                let v_offset = arena.len() as u64;
-                                arena.extend_from_slice(&vb);
-                                descs.push(BlockDesc {
-                                    k_offset,
-                                    v_offset,
-                                    n: n as i32,
-                                    k_format: k_fmt as i32,
-                                    v_format: v_fmt as i32,
-                                    span,
-                                });
-                                hb.blocks.push(CpuBlock {
-                                    kf: k_fmt,
-                                    vf: v_fmt,
-                                    kb,
-                                    vb,
+                                let b = CpuBlock::random(
+                                    &mut rng,
+                                    k_fmt,
+                                    v_fmt,
                                     n,
+                                    d,
                                     span,
-                                });
+                                    &[],
+                                    &params,
+                                );
+                                hb.push(b, &mut arena, &mut descs);
                             }
                             // Split the head's blocks into work items of 1-2 blocks.
                             let mut b = 0;
@@ -715,49 +729,8 @@ fn decode_attention_with_protected_values_matches_the_cpu() {
                 for (b, n) in [300usize, 128, 45].into_iter().enumerate() {
                     let frac = [0.1f32, 0.5, 1.0][b];
                     let mask: Vec<bool> = (0..n).map(|_| rng.uniform() < frac).collect();
-                    let (mut kb, mut vb) = (Vec::new(), Vec::new());
-                    let shape = |role| Shape { n, d, role };
-                    FormatId::F16
-                        .imp()
-                        .quantize(
-                            &kv_like(&mut rng, n, d),
-                            shape(Role::Key),
-                            &[],
-                            &params,
-                            &mut kb,
-                        )
-                        .unwrap();
-                    vf.imp()
-                        .quantize(
-                            &kv_like(&mut rng, n, d),
-                            shape(Role::Value),
-                            &mask,
-                            &params,
-                            &mut vb,
-                        )
-                        .unwrap();
-                    arena.resize(align16(arena.len()), 0);
-                    let k_offset = arena.len() as u64;
-                    arena.extend_from_slice(&kb);
-                    arena.resize(align16(arena.len()), 0);
-                    let v_offset = arena.len() as u64;
-                    arena.extend_from_slice(&vb);
-                    descs.push(BlockDesc {
-                        k_offset,
-                        v_offset,
-                        n: n as i32,
-                        k_format: FormatId::F16 as i32,
-                        v_format: vf as i32,
-                        span: -1,
-                    });
-                    hb.blocks.push(CpuBlock {
-                        kf: FormatId::F16,
-                        vf,
-                        kb,
-                        vb,
-                        n,
-                        span: -1,
-                    });
+                    let b = CpuBlock::random(&mut rng, FormatId::F16, vf, n, d, -1, &mask, &params);
+                    hb.push(b, &mut arena, &mut descs);
                 }
                 work.push(WorkItem {
                     seq: 0,
