@@ -19,6 +19,7 @@ struct TokenGroups {
     static constexpr int kGroupBytes = Codec::kHead + 32 * Codec::kBits / 8;
     static constexpr int kRow = Codec::kHead * kGroups + D * Codec::kBits / 8;
     static constexpr int kWarps = kThreads / 32;
+    static constexpr int kPrep = 0;
     static_assert(D % 16 == 0, "the last group holds 16 or 32 channels");
 
     __host__ __device__ static constexpr int len(int g) { return D - 32 * g < 32 ? D - 32 * g : 32; }
@@ -26,8 +27,6 @@ struct TokenGroups {
     __device__ static const uint8_t *group(const uint8_t *blk, int t, int g) {
         return blk + (int64_t)t * kRow + g * kGroupBytes;
     }
-
-    static constexpr int kPrep = 0;
 
     __host__ __device__ static int64_t bytes(int n, int, int, QuantParams) { return (int64_t)n * kRow; }
 
@@ -72,7 +71,7 @@ struct TokenGroups {
     }
 
     // Thread per channel, tokens in order, every head in registers. A warp's channels are one
-    // group, so its header reads are uniform and its code reads one or two words.
+    // group, so its header reads are uniform and its code reads one contiguous run.
     __device__ static void accumulate(const uint8_t *blk, int, int t0, int t1, const float *p,
                                       int G, float *acc, float *) {
         for (int c = threadIdx.x; c < D; c += kThreads) {
