@@ -47,10 +47,17 @@ fn roles(f: FormatId) -> Vec<Role> {
     }
 }
 
+/// Formats the kernels implement; `KVBITS_GPU_FORMATS=f16,q8_0` narrows them (to isolate a
+/// format whose kernel faults, as a CUDA fault ends every later launch of the process).
 fn device_formats() -> Vec<FormatId> {
+    let only = std::env::var("KVBITS_GPU_FORMATS").ok();
     let fs: Vec<FormatId> = FormatId::ALL
         .into_iter()
         .filter(|&f| kernels::supports(f))
+        .filter(|f| {
+            only.as_ref()
+                .is_none_or(|o| o.split(',').any(|n| n == f.info().name))
+        })
         .collect();
     eprintln!("formats on the device: {fs:?}");
     fs
@@ -141,6 +148,20 @@ fn quantize_and_dequantize_match_the_cpu() {
                     for (i, (&n, &off)) in ns.iter().zip(&offsets).enumerate() {
                         let len = f.imp().block_size(Shape { n, d, role }, 0, &params).total();
                         let (g, c) = (&gpu_bytes[off..off + len], &cpu[off..off + len]);
+                        if g != c && f == FormatId::K1_5Mix {
+                            match k1_5_mix_tolerated(&xs[i], n, d, g, c) {
+                                Ok(k) => {
+                                    eprintln!(
+                                        "{f} d={d} n={n}: {k} rounding-tolerated differences"
+                                    );
+                                    continue;
+                                }
+                                Err(e) => {
+                                    failures.push(format!("{f} d={d} n={n} block {i}: {e}"));
+                                    continue;
+                                }
+                            }
+                        }
                         if g != c {
                             let at = (0..len).find(|&j| g[j] != c[j]).unwrap_or(0);
                             let differ = (0..len).filter(|&j| g[j] != c[j]).count();
@@ -186,10 +207,25 @@ fn quantize_and_dequantize_match_the_cpu() {
                     let mut want = vec![0f32; n * d];
                     let len = f.imp().block_size(shape, 0, &params).total();
                     f.imp().dequantize(&cpu[off..off + len], shape, &mut want);
+                    let block = &cpu[off..off + len];
                     for (i, &w) in want.iter().enumerate() {
                         let g = got[first * d + i];
-                        assert!(!g.is_nan(), "{f} d={d} n={n}: element {i} not written");
-                        assert_eq!(g, f16::from_f32(w), "{f} d={d} {role:?} n={n} element {i}");
+                        if g.is_nan() {
+                            failures.push(format!("{f} d={d} n={n}: element {i} not written"));
+                            break;
+                        }
+                        if g == f16::from_f32(w) {
+                            continue;
+                        }
+                        if f == FormatId::K1_5Mix && k1_5_mix_value_tolerated(block, d, i % d, w, g)
+                        {
+                            eprintln!("{f} d={d} n={n} element {i}: tolerated gpu {g} cpu {w}");
+                            continue;
+                        }
+                        failures.push(format!(
+                            "{f} d={d} {role:?} n={n} dequantized element {i}: gpu {g} cpu {w}"
+                        ));
+                        break;
                     }
                     first += n;
                 }
@@ -206,6 +242,116 @@ fn quantize_and_dequantize_match_the_cpu() {
     );
 }
 
+/// The f16 at byte `at` of a block.
+fn f16_at(b: &[u8], at: usize) -> f16 {
+    f16::from_le_bytes([b[at], b[at + 1]])
+}
+
+/// k1_5_mix's rFFT rounding on the GPU differs from realfft's (csrc/k1_5_mix.cu says why).
+/// Both are within `4·Dl·ε·Σ|z|` of the exact coefficients, so the GPU may differ only in
+/// - a sign bit whose CPU coefficient lies within that bound of 0;
+/// - a scale, to the adjacent f16, whose CPU mean lies within an f32 ulp plus that bound of
+///   the midpoint between the two (the CPU rounds the mean f64 -> f32 -> f16).
+///
+/// Everything else (mask, ranges, 2-bit codes) must be equal. The CPU's coefficients are
+/// recomputed as src/kv/formats/k1_5_mix.rs computes them. Returns the tolerated count.
+fn k1_5_mix_tolerated(
+    x: &[f32],
+    n: usize,
+    d: usize,
+    gpu: &[u8],
+    cpu: &[u8],
+) -> Result<usize, String> {
+    let mask = &cpu[..d / 8];
+    if gpu[..d / 8] != *mask {
+        return Err(format!(
+            "channel masks differ: gpu {:?} cpu {mask:?}",
+            &gpu[..d / 8]
+        ));
+    }
+    let high = |c: usize| (mask[c / 8] >> (c % 8)) & 1 == 1;
+    let lo: Vec<usize> = (0..d).filter(|&c| !high(c)).collect();
+    let (dh, dl) = (d - lo.len(), lo.len());
+    let (scales, codes, stride) = (d / 8 + 4 * dh, d / 8 + 4 * dh + 2 * dl, dh / 4 + dl / 8);
+    if gpu[d / 8..scales] != cpu[d / 8..scales] {
+        return Err("2-bit channel ranges differ".into());
+    }
+    let plan = realfft::RealFftPlanner::<f64>::new().plan_fft_forward(dl);
+    let mut coef = vec![0f64; n * dl];
+    let mut bound = vec![0f64; n];
+    for t in 0..n {
+        let mut z: Vec<f64> = lo.iter().map(|&c| x[t * d + c] as f64).collect();
+        bound[t] = 4.0 * dl as f64 * f64::EPSILON * z.iter().map(|v| v.abs()).sum::<f64>();
+        let mut bins = plan.make_output_vec();
+        plan.process(&mut z, &mut bins).unwrap();
+        let row = &mut coef[t * dl..(t + 1) * dl];
+        row[0] = bins[0].re;
+        row[1] = bins[dl / 2].re;
+        for k in 1..dl / 2 {
+            row[2 * k] = bins[k].re;
+            row[2 * k + 1] = bins[k].im;
+        }
+    }
+    let max_bound = bound.iter().fold(0f64, |a, &b| a.max(b));
+    let mut tolerated = 0;
+    for k in 0..dl {
+        let (g, c) = (f16_at(gpu, scales + 2 * k), f16_at(cpu, scales + 2 * k));
+        if g.to_bits() == c.to_bits() {
+            continue;
+        }
+        let mean = (0..n).map(|t| coef[t * dl + k].abs()).sum::<f64>() / n as f64;
+        let mid = (g.to_f64() + c.to_f64()) / 2.0;
+        let slack = mid.abs() * f32::EPSILON as f64 + max_bound;
+        if g.to_bits().abs_diff(c.to_bits()) != 1 || (mean - mid).abs() > slack {
+            return Err(format!(
+                "scale {k}: gpu {g} cpu {c}, CPU mean {mean} is not within {slack} of {mid}"
+            ));
+        }
+        tolerated += 1;
+    }
+    for t in 0..n {
+        let (g, c) = (
+            &gpu[codes + t * stride..][..stride],
+            &cpu[codes + t * stride..][..stride],
+        );
+        if g[..dh / 4] != c[..dh / 4] {
+            return Err(format!("token {t}: 2-bit codes differ"));
+        }
+        for k in 0..dl {
+            let bit = |r: &[u8]| (r[dh / 4 + k / 8] >> (k % 8)) & 1;
+            if bit(g) != bit(c) {
+                let v = coef[t * dl + k];
+                if v.abs() > bound[t] {
+                    return Err(format!(
+                        "token {t} coefficient {k}: sign bits differ at {v} (tolerated within {})",
+                        bound[t]
+                    ));
+                }
+                tolerated += 1;
+            }
+        }
+    }
+    Ok(tolerated)
+}
+
+/// A k1_5_mix value the GPU decodes to the f16 next to the CPU's: only a low-range channel
+/// (an inverse DFT) whose CPU value `w` lies within an f32 ulp plus the transforms' rounding
+/// (`4·Dl·ε` of `2·Σ scale / Dl`, a bound on the sum's terms) of the midpoint between the two.
+fn k1_5_mix_value_tolerated(block: &[u8], d: usize, c: usize, w: f32, g: f16) -> bool {
+    let want = f16::from_f32(w);
+    if (block[c / 8] >> (c % 8)) & 1 == 1 || g.to_bits().abs_diff(want.to_bits()) != 1 {
+        return false;
+    }
+    let dh: usize = block[..d / 8].iter().map(|b| b.count_ones() as usize).sum();
+    let dl = d - dh;
+    let scales: f64 = (0..dl)
+        .map(|k| f16_at(block, d / 8 + 4 * dh + 2 * k).to_f64())
+        .sum();
+    let bound = 4.0 * dl as f64 * f64::EPSILON * 2.0 * scales / dl as f64;
+    let mid = (g.to_f64() + want.to_f64()) / 2.0;
+    (w as f64 - mid).abs() <= mid.abs() * f32::EPSILON as f64 + bound
+}
+
 /// One block of K and V of one KV head, quantized on the CPU.
 struct CpuBlock {
     kf: FormatId,
@@ -216,9 +362,64 @@ struct CpuBlock {
     span: i32,
 }
 
+impl CpuBlock {
+    /// Random keys and values of `n` tokens quantized on the CPU, values with `protect`.
+    #[allow(clippy::too_many_arguments)]
+    fn random(
+        rng: &mut Rng,
+        kf: FormatId,
+        vf: FormatId,
+        n: usize,
+        d: usize,
+        span: i32,
+        protect: &[bool],
+        params: &QuantParams,
+    ) -> CpuBlock {
+        let mut quantize = |f: FormatId, role, protect: &[bool]| {
+            let mut b = Vec::new();
+            let x = kv_like(&mut *rng, n, d);
+            f.imp()
+                .quantize(&x, Shape { n, d, role }, protect, params, &mut b)
+                .unwrap();
+            b
+        };
+        let kb = quantize(kf, Role::Key, &[]);
+        let vb = quantize(vf, Role::Value, protect);
+        CpuBlock {
+            kf,
+            vf,
+            kb,
+            vb,
+            n,
+            span,
+        }
+    }
+}
+
 /// One sequence's blocks of one KV head.
 struct HeadBlocks {
     blocks: Vec<CpuBlock>,
+}
+
+impl HeadBlocks {
+    /// Append `b` to the arena (K and V 16-byte aligned) and the block table.
+    fn push(&mut self, b: CpuBlock, arena: &mut Vec<u8>, descs: &mut Vec<BlockDesc>) {
+        arena.resize(align16(arena.len()), 0);
+        let k_offset = arena.len() as u64;
+        arena.extend_from_slice(&b.kb);
+        arena.resize(align16(arena.len()), 0);
+        let v_offset = arena.len() as u64;
+        arena.extend_from_slice(&b.vb);
+        descs.push(BlockDesc {
+            k_offset,
+            v_offset,
+            n: b.n as i32,
+            k_format: b.kf as i32,
+            v_format: b.vf as i32,
+            span: b.span,
+        });
+        self.blocks.push(b);
+    }
 }
 
 /// CPU reference: softmax over all blocks' post-scaled scores (calibrated per span) of
@@ -308,6 +509,7 @@ fn decode_attention_matches_the_cpu() {
         .filter(|f| f.info().applies != Applies::Keys)
         .collect();
     let (scale_of, delta) = (|d: usize| 1.0 / (d as f32).sqrt(), 3.0f32);
+    let mut failures = Vec::new();
     for d in HEAD_DIMS {
         for &(n_head, n_head_kv) in &[(28usize, 4usize), (8, 2)] {
             for &kf in &keys {
@@ -337,58 +539,17 @@ fn decode_attention_matches_the_cpu() {
                                 } else {
                                     -1
                                 };
-                                let mut kb = Vec::new();
-                                let mut vb = Vec::new();
-                                k_fmt
-                                    .imp()
-                                    .quantize(
-                                        &kv_like(&mut rng, n, d),
-                                        Shape {
-                                            n,
-                                            d,
-                                            role: Role::Key,
-                                        },
-                                        &[],
-                                        &params,
-                                        &mut kb,
-                                    )
-                                    .unwrap();
-                                v_fmt
-                                    .imp()
-                                    .quantize(
-                                        &kv_like(&mut rng, n, d),
-                                        Shape {
-                                            n,
-                                            d,
-                                            role: Role::Value,
-                                        },
-                                        &[],
-                                        &params,
-                                        &mut vb,
-                                    )
-                                    .unwrap();
-                                arena.resize(align16(arena.len()), 0);
-                                let k_offset = arena.len() as u64;
-                                arena.extend_from_slice(&kb);
-                                arena.resize(align16(arena.len()), 0);
-                                let v_offset = arena.len() as u64;
-                                arena.extend_from_slice(&vb);
-                                descs.push(BlockDesc {
-                                    k_offset,
-                                    v_offset,
-                                    n: n as i32,
-                                    k_format: k_fmt as i32,
-                                    v_format: v_fmt as i32,
-                                    span,
-                                });
-                                hb.blocks.push(CpuBlock {
-                                    kf: k_fmt,
-                                    vf: v_fmt,
-                                    kb,
-                                    vb,
+                                let b = CpuBlock::random(
+                                    &mut rng,
+                                    k_fmt,
+                                    v_fmt,
                                     n,
+                                    d,
                                     span,
-                                });
+                                    &[],
+                                    &params,
+                                );
+                                hb.push(b, &mut arena, &mut descs);
                             }
                             // Split the head's blocks into work items of 1-2 blocks, or
                             // (head 0) one item of all, so a warp's next block is prefetched.
@@ -455,21 +616,366 @@ fn decode_attention_matches_the_cpu() {
                             .unwrap();
                         let mut got = vec![0f32; q.len()];
                         out.download(&mut got, 0, &stream).unwrap();
-                        assert!(
-                            got.iter().all(|v| v.is_finite()),
-                            "{kf}/{vf} d={d}: unwritten or non-finite output"
-                        );
                         let e = rel_err(&got, &want);
-                        eprintln!(
-                            "{kf}/{vf} d={d} heads {n_head}/{n_head_kv} {path}: rel err {e:.2e}"
-                        );
-                        assert!(
-                            e < 1e-3,
-                            "{kf}/{vf} d={d} heads {n_head}/{n_head_kv} {path}: rel err {e}"
-                        );
+                        let failure = if !got.iter().all(|v| v.is_finite()) {
+                            format!("{kf}/{vf} d={d} {path}: unwritten or non-finite output")
+                        } else if e.is_nan() || e >= 1e-3 {
+                            format!(
+                                "{kf}/{vf} d={d} heads {n_head}/{n_head_kv} {path}: rel err {e}"
+                            )
+                        } else {
+                            eprintln!(
+                                "{kf}/{vf} d={d} heads {n_head}/{n_head_kv} {path}: rel err {e:.2e}"
+                            );
+                            continue;
+                        };
+                        eprintln!("{failure}");
+                        failures.push(failure);
                     }
                 }
             }
         }
     }
+    assert!(failures.is_empty(), "{} K/V pairs differ", failures.len());
+}
+
+/// Formats that keep caller-chosen tokens apart (v1_58_tern's salient tokens, q2_had's and
+/// q4_had's pivots): quantized on the GPU with device protect flags, the block equals the
+/// CPU's with the same mask byte for byte (n_p, mask, every section moving with it), and
+/// decodes as the CPU's does. Masks: all clear, random, all set, first and last only.
+#[test]
+fn protected_tokens_match_the_cpu() {
+    let Some(stream) = gpu() else { return };
+    let mut rng = seeded();
+    let params = QuantParams::default();
+    let mut failures = Vec::new();
+    for f in device_formats().into_iter().filter(|f| f.imp().protects()) {
+        for d in HEAD_DIMS {
+            for role in roles(f) {
+                for n in [1usize, 9, 130, 300] {
+                    let masks: Vec<Vec<bool>> = vec![
+                        vec![false; n],
+                        (0..n).map(|_| rng.uniform() < 0.15).collect(),
+                        vec![true; n],
+                        (0..n).map(|t| t == 0 || t == n - 1).collect(),
+                    ];
+                    for mask in masks {
+                        let x = kv_like(&mut rng, n, d);
+                        let shape = Shape { n, d, role };
+                        let mut cpu = Vec::new();
+                        f.imp()
+                            .quantize(&x, shape, &mask, &params, &mut cpu)
+                            .unwrap();
+                        let n_p = mask.iter().filter(|&&m| m).count();
+                        let rows = DeviceBuffer::from_slice(&x, &stream).unwrap();
+                        let flags: Vec<u8> = mask.iter().map(|&m| m as u8).collect();
+                        let flags = DeviceBuffer::from_slice(&flags, &stream).unwrap();
+                        // Not always n_p = n: a v1_58_tern block with 2 of 9 tokens protected
+                        // is larger than with all 9.
+                        let worst = (0..=n)
+                            .map(|p| f.imp().block_size(shape, p, &params).total())
+                            .max()
+                            .unwrap();
+                        let arena = DeviceBuffer::new(align16(worst)).unwrap();
+                        arena.fill(0xA5, &stream).unwrap();
+                        let job = QuantJob {
+                            rows: DeviceRows {
+                                buf: &rows,
+                                f16: false,
+                                offset: 0,
+                                stride: d,
+                            },
+                            n,
+                            role,
+                            protect: Some((&flags, 0)),
+                            out_offset: 0,
+                        };
+                        kernels::quantize(f, d, &[job], &params, &arena, &stream).unwrap();
+                        let mut got = vec![0u8; cpu.len()];
+                        arena.download(&mut got, 0, &stream).unwrap();
+                        if got != cpu {
+                            let at = (0..cpu.len()).find(|&j| got[j] != cpu[j]).unwrap();
+                            failures.push(format!(
+                                "{f} d={d} {role:?} n={n} n_p={n_p}: {} of {} bytes differ, \
+                                 first at {at}: gpu {:?} cpu {:?}",
+                                (0..cpu.len()).filter(|&j| got[j] != cpu[j]).count(),
+                                cpu.len(),
+                                &got[at..(at + 8).min(cpu.len())],
+                                &cpu[at..(at + 8).min(cpu.len())]
+                            ));
+                            continue;
+                        }
+                        let out = DeviceBuffer::new(n * d * 2).unwrap();
+                        out.fill(0xFF, &stream).unwrap();
+                        kernels::dequantize(f, d, &[(0, n, role, 0, d)], &arena, &out, &stream)
+                            .unwrap();
+                        let mut dec = vec![f16::ZERO; n * d];
+                        out.download(&mut dec, 0, &stream).unwrap();
+                        let mut want = vec![0f32; n * d];
+                        f.imp().dequantize(&cpu, shape, &mut want);
+                        if let Some(i) = (0..n * d).find(|&i| dec[i] != f16::from_f32(want[i])) {
+                            failures.push(format!(
+                                "{f} d={d} {role:?} n={n} n_p={n_p}: dequantized element {i}: \
+                                 gpu {} cpu {}",
+                                dec[i], want[i]
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for f in &failures {
+        eprintln!("{f}");
+    }
+    assert!(
+        failures.is_empty(),
+        "{} protected blocks differ",
+        failures.len()
+    );
+}
+
+/// Decode attention over value blocks with protected tokens (several chunks, so ranks carry
+/// across chunks) equals the CPU's, f16 keys, GQA 4:1.
+#[test]
+fn decode_attention_with_protected_values_matches_the_cpu() {
+    let Some(stream) = gpu() else { return };
+    let mut rng = seeded();
+    let params = QuantParams::default();
+    let (n_head, n_head_kv) = (8usize, 2usize);
+    let values: Vec<FormatId> = device_formats()
+        .into_iter()
+        .filter(|f| f.imp().protects() && f.info().applies != Applies::Keys)
+        .collect();
+    for vf in values {
+        for d in HEAD_DIMS {
+            let mut arena = Vec::new();
+            let (mut descs, mut work, mut heads) = (Vec::new(), Vec::new(), Vec::new());
+            for kv in 0..n_head_kv {
+                let mut hb = HeadBlocks { blocks: vec![] };
+                for (b, n) in [300usize, 128, 45].into_iter().enumerate() {
+                    let frac = [0.1f32, 0.5, 1.0][b];
+                    let mask: Vec<bool> = (0..n).map(|_| rng.uniform() < frac).collect();
+                    let b = CpuBlock::random(&mut rng, FormatId::F16, vf, n, d, -1, &mask, &params);
+                    hb.push(b, &mut arena, &mut descs);
+                }
+                work.push(WorkItem {
+                    seq: 0,
+                    kv_head: kv as i32,
+                    first_block: (3 * kv) as i32,
+                    n_blocks: 3,
+                });
+                heads.push(hb);
+            }
+            let q: Vec<f32> = rng.normals(n_head * d);
+            let plan = DecodePlan::new(&descs, &work, 1, n_head, n_head_kv, d, 0, &stream).unwrap();
+            let arena = DeviceBuffer::from_slice(&arena, &stream).unwrap();
+            let qd = DeviceBuffer::from_slice(&q, &stream).unwrap();
+            let out = DeviceBuffer::new(q.len() * 4).unwrap();
+            out.fill(0xFF, &stream).unwrap();
+            let scale = 1.0 / (d as f32).sqrt();
+            plan.launch(&arena, &qd, &out, scale, 3.0, &stream).unwrap();
+            let mut got = vec![0f32; q.len()];
+            out.download(&mut got, 0, &stream).unwrap();
+            let g = n_head / n_head_kv;
+            let want: Vec<f32> = (0..n_head)
+                .flat_map(|h| cpu_attention(&heads[h / g], &q[h * d..(h + 1) * d], d, scale, 3.0))
+                .collect();
+            assert!(
+                got.iter().all(|v| v.is_finite()),
+                "{vf} d={d}: non-finite output"
+            );
+            let e = rel_err(&got, &want);
+            assert!(e < 1e-3, "{vf} d={d} protected values: rel err {e}");
+        }
+    }
+}
+
+/// The k1_5_mix tolerance itself, on the CPU (no GPU needed): it accepts a flipped sign bit
+/// only where the CPU's coefficient is 0 to rounding, a scale only as the f16 next to a
+/// rounding midpoint, and nothing else.
+#[test]
+fn k1_5_mix_tolerance_accepts_only_rounding_ties() {
+    let mut rng = seeded();
+    let (n, d) = (20, 128);
+    let mut x = kv_like(&mut rng, n, d);
+    // Token 0 constant over every channel: every coefficient but DC is 0 on the CPU too.
+    x[..d].fill(0.5);
+    let shape = Shape {
+        n,
+        d,
+        role: Role::Key,
+    };
+    let params = QuantParams::default();
+    let mut cpu = Vec::new();
+    FormatId::K1_5Mix
+        .imp()
+        .quantize(&x, shape, &[], &params, &mut cpu)
+        .unwrap();
+    assert_eq!(k1_5_mix_tolerated(&x, n, d, &cpu, &cpu), Ok(0));
+    let (dh, dl) = (d / 2, d / 2);
+    let (scales, codes, stride) = (d / 8 + 4 * dh, d / 8 + 4 * dh + 2 * dl, dh / 4 + dl / 8);
+    let flip = |t: usize, k: usize| {
+        let mut g = cpu.clone();
+        g[codes + t * stride + dh / 4 + k / 8] ^= 1 << (k % 8);
+        g
+    };
+    // Coefficient 5 of token 0 is 0: tolerated. Coefficient 0 (DC) of token 0 is 32: not.
+    assert_eq!(k1_5_mix_tolerated(&x, n, d, &flip(0, 5), &cpu), Ok(1));
+    assert!(k1_5_mix_tolerated(&x, n, d, &flip(0, 0), &cpu).is_err());
+    assert!(k1_5_mix_tolerated(&x, n, d, &flip(7, 3), &cpu).is_err());
+    // A scale one f16 away from the CPU's, its mean nowhere near the midpoint: not tolerated.
+    let mut g = cpu.clone();
+    g[scales + 6] ^= 1;
+    assert!(k1_5_mix_tolerated(&x, n, d, &g, &cpu).is_err());
+    // A 2-bit code: never.
+    let mut g = cpu.clone();
+    g[codes + 3 * stride] ^= 1;
+    assert!(k1_5_mix_tolerated(&x, n, d, &g, &cpu).is_err());
+    // Decoded values: a low-range channel next to a midpoint, not one far from it.
+    let low = (0..d).find(|&c| (cpu[c / 8] >> (c % 8)) & 1 == 0).unwrap();
+    let (a, b) = (
+        f16::from_f32(0.5),
+        f16::from_bits(f16::from_f32(0.5).to_bits() + 1),
+    );
+    let mid = ((a.to_f64() + b.to_f64()) / 2.0) as f32;
+    assert!(k1_5_mix_value_tolerated(&cpu, d, low, mid, b));
+    assert!(!k1_5_mix_value_tolerated(&cpu, d, low, 0.5, b));
+}
+
+/// Work items that are each one whole calibrated span take the one-pass kernel (logits kept on
+/// chip); it equals the CPU, the range-pass kernels and the generic kernels on the same blocks.
+#[test]
+fn calibration_in_one_pass_matches_the_cpu() {
+    let Some(stream) = gpu() else { return };
+    let mut rng = seeded();
+    let params = QuantParams::default();
+    let (delta, spans) = (3.0f32, [[128usize, 128, 61], [100, 128, 7]]);
+    for d in [64usize, 80, 128] {
+        for &(n_head, n_head_kv) in &[(28usize, 4usize), (8, 2)] {
+            for vf in [FormatId::Q1Calib, FormatId::F16] {
+                let n_seq = 2;
+                let (mut arena, mut descs, mut work, mut heads) = (vec![], vec![], vec![], vec![]);
+                for seq in 0..n_seq {
+                    for kv in 0..n_head_kv {
+                        let mut hb = HeadBlocks { blocks: vec![] };
+                        for (span, sizes) in spans.iter().enumerate() {
+                            work.push(WorkItem {
+                                seq,
+                                kv_head: kv as i32,
+                                first_block: descs.len() as i32,
+                                n_blocks: sizes.len() as i32,
+                            });
+                            for &n in sizes {
+                                let b = CpuBlock::random(
+                                    &mut rng,
+                                    FormatId::Q1Calib,
+                                    vf,
+                                    n,
+                                    d,
+                                    span as i32,
+                                    &[],
+                                    &params,
+                                );
+                                hb.push(b, &mut arena, &mut descs);
+                            }
+                        }
+                        heads.push(hb);
+                    }
+                }
+                let q: Vec<f32> = rng.normals(n_seq as usize * n_head * d);
+                let scale = 1.0 / (d as f32).sqrt();
+                let g = n_head / n_head_kv;
+                let mut want = vec![0f32; q.len()];
+                for seq in 0..n_seq as usize {
+                    for h in 0..n_head {
+                        let at = (seq * n_head + h) * d;
+                        let r = cpu_attention(
+                            &heads[seq * n_head_kv + h / g],
+                            &q[at..at + d],
+                            d,
+                            scale,
+                            delta,
+                        );
+                        want[at..at + d].copy_from_slice(&r);
+                    }
+                }
+                let mut plan = DecodePlan::new(
+                    &descs,
+                    &work,
+                    n_seq as usize,
+                    n_head,
+                    n_head_kv,
+                    d,
+                    spans.len(),
+                    &stream,
+                )
+                .unwrap();
+                assert!(
+                    plan.local_spans,
+                    "one item per span must take the one-pass kernel"
+                );
+                let (arena, qd) = (
+                    DeviceBuffer::from_slice(&arena, &stream).unwrap(),
+                    DeviceBuffer::from_slice(&q, &stream).unwrap(),
+                );
+                for (local, generic) in [(true, false), (false, false), (false, true)] {
+                    plan.local_spans = local;
+                    plan.generic_only = generic;
+                    let out = DeviceBuffer::new(q.len() * 4).unwrap();
+                    out.fill(0xFF, &stream).unwrap();
+                    plan.launch(&arena, &qd, &out, scale, delta, &stream)
+                        .unwrap();
+                    let mut got = vec![0f32; q.len()];
+                    out.download(&mut got, 0, &stream).unwrap();
+                    let e = rel_err(&got, &want);
+                    eprintln!(
+                        "q1_calib/{vf} d={d} heads {n_head}/{n_head_kv} one-pass {local} \
+                         generic {generic}: rel err {e:.2e}"
+                    );
+                    assert!(
+                        got.iter().all(|v| v.is_finite()) && e < 1e-3,
+                        "q1_calib/{vf} d={d} heads {n_head}/{n_head_kv} one-pass {local} \
+                         generic {generic}: rel err {e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The one-pass rule: every item exactly one calibrated span, whole, within the token limit.
+#[test]
+fn one_pass_needs_whole_calibrated_spans_per_item() {
+    let block = |n: i32, span: i32| BlockDesc {
+        k_offset: 0,
+        v_offset: 0,
+        n,
+        k_format: FormatId::Q1Calib as i32,
+        v_format: FormatId::Q1Calib as i32,
+        span,
+    };
+    let item = |first_block: i32, n_blocks: i32| WorkItem {
+        seq: 0,
+        kv_head: 0,
+        first_block,
+        n_blocks,
+    };
+    let two_spans = [block(128, 0), block(128, 0), block(64, 1)];
+    assert!(kernels::one_pass_spans(
+        &two_spans,
+        &[item(0, 2), item(2, 1)]
+    ));
+    // A span split over two items, two spans in one item, an uncalibrated block, too long,
+    // an item past the table.
+    assert!(!kernels::one_pass_spans(
+        &two_spans,
+        &[item(0, 1), item(1, 2)]
+    ));
+    assert!(!kernels::one_pass_spans(&two_spans, &[item(0, 3)]));
+    assert!(!kernels::one_pass_spans(&[block(16, -1)], &[item(0, 1)]));
+    let long = [block(2048, 0), block(1, 0)];
+    assert!(!kernels::one_pass_spans(&long, &[item(0, 2)]));
+    assert!(kernels::one_pass_spans(&long[..1], &[item(0, 1)]));
+    assert!(!kernels::one_pass_spans(&two_spans, &[item(2, 2)]));
 }

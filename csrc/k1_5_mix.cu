@@ -1,0 +1,342 @@
+// `k1_5_mix` (VidKV keys; src/kv/formats/k1_5_mix.rs): the Dh channels of widest range at
+// 2-bit per-channel min-max, the other Dl of each token through a real FFT whose Dl real
+// coefficients (Re Z_0, Re Z_{Dl/2}, Re Z_1, Im Z_1, …) keep one sign bit each, with a
+// per-coefficient scale f16(mean_t |coef|). Layout (FORMATS.md): channel mask (D/8 bytes),
+// (lo, s) per 2-bit channel, scale per coefficient, then per token the 2-bit codes (Dh/4 bytes)
+// and the sign bits (Dl/8 bytes). The f16 fields are 2-byte aligned (D/8 is even), records
+// start at any byte.
+//
+// Exactness. Bit for bit with the CPU: the mask (ranges max - min in f32, widest first, ties
+// to the lower channel), the (lo, s) pairs and the 2-bit codes (MinMax, single IEEE
+// operations), and the sign bits of coefficients 0 and 1 (DC and Nyquist: sums of the inputs,
+// exact in f64 for every f16-valued input, however ordered). Not guaranteed bit for bit:
+//  - the sign bits of the other coefficients and the scales. The CPU's rfft is realfft over
+//    rustfft in f64, whose algorithm, butterfly order and twiddles depend on the length and on
+//    the host's SIMD (rustfft picks AVX, SSE or scalar code at run time), so its rounding
+//    cannot be reproduced here. This file computes each coefficient as a direct f64 DFT
+//    (twiddles from sincospi). Both agree to a few f64 ulps of Σ_n |z_n|, so a sign bit can
+//    differ only where the CPU's coefficient is within that of 0 (e.g. a coefficient that is
+//    exactly 0 for the input, as the alternating sums Re Z_{Dl/4} can be), and a scale only
+//    where f32(mean) sits within as much of an f16 rounding midpoint. The mean itself sums
+//    |coef| per coefficient in token order, as the CPU, and rounds f64 → f32 → f16 as
+//    half's from_f64 does on x86 with F16C.
+//  - dequantized low-range channels: an f64 inverse DFT against the CPU's inverse rfft, equal
+//    after rounding to f16 unless the value sits within those ulps of an f16 midpoint.
+// tests/cuda_kernels.rs asserts exactly these conditions (k1_5_mix_tolerated).
+//
+// Attention never runs an inverse FFT: prepare folds the query through the adjoint of the
+// reconstruction (FORMATS.md), so a token's score is a constant plus a weight per set bit of
+// its record. Keys only (Applies::Keys): accumulate and finish are never called and do nothing.
+#pragma once
+
+#include "common.cuh"
+
+namespace kvb {
+
+template <int D>
+struct FmtK1_5Mix {
+    static constexpr int kMask = D / 8;  // bytes of the channel mask
+    // Per head: weights of the record's bits [0, D + Dh), the low-range query as scratch
+    // [D + Dh, 2D) while preparing, the constant term at 2D.
+    static constexpr int kPrep = 2 * D + 1;
+    static constexpr int kLevels = 3;
+    static constexpr int kMaxDl = D - 8 * ((D + 16) / 32);  // Dl at mix_fraction 0.25
+    static constexpr int kMaxDh = 8 * ((3 * D + 16) / 32);  // Dh at mix_fraction 0.75
+    static constexpr int kFftTokens = 8;                     // tokens per quantize step
+    static constexpr int kWarps = kThreads / 32;
+    static constexpr unsigned kAll = 0xffffffffu;
+
+    // The CPU's high_channels: mix_fraction·D/8 rounded half away from zero, times 8. A
+    // fraction the CPU refuses gets D/2, the size block_size (and so the arena check) assumes.
+    __host__ __device__ static int high_channels(float f) {
+        if (!(f >= 0.25f && f <= 0.75f)) return D / 2;
+        return (int)round((double)f * D / 8.0) * 8;
+    }
+
+    struct Layout {
+        int dh, dl, scales, codes, stride;
+        __host__ __device__ explicit Layout(int dh_)
+            : dh(dh_), dl(D - dh_), scales(kMask + 4 * dh_), codes(kMask + 4 * dh_ + 2 * (D - dh_)),
+              stride((D + dh_) / 8) {}
+    };
+
+    __device__ static bool is_high(const uint8_t *mask, int c) { return (mask[c >> 3] >> (c & 7)) & 1; }
+
+    // 2-bit channels below channel c (c = D: all of them).
+    __device__ static int rank(const uint8_t *mask, int c) {
+        int r = 0;
+        for (int b = 0; b < (c >> 3); ++b) r += __popc(mask[b]);
+        if (c & 7) r += __popc(mask[c >> 3] & ((1u << (c & 7)) - 1));
+        return r;
+    }
+
+    __device__ static Layout read(const uint8_t *blk) { return Layout(rank(blk, D)); }
+
+    __host__ __device__ static int64_t bytes(int n, int, int, QuantParams p) {
+        const Layout L(high_channels(p.mix_fraction));
+        return L.codes + (int64_t)n * L.stride;
+    }
+
+    // The 2-bit and the low-range channels in ascending order, from the mask (warp 0 only).
+    __device__ static void channel_lists(const uint8_t *mask, int *hi_ch, int *lo_ch) {
+        if (threadIdx.x >= 32) return;
+        const int lane = threadIdx.x;
+        int nh = 0, nl = 0;
+        for (int c0 = 0; c0 < D; c0 += 32) {
+            const int c = c0 + lane;
+            const bool valid = c < D, hi = valid && is_high(mask, c);
+            const unsigned on = __ballot_sync(kAll, hi), off = __ballot_sync(kAll, valid && !hi);
+            const unsigned below = (1u << lane) - 1;
+            if (hi) hi_ch[nh + __popc(on & below)] = c;
+            else if (valid) lo_ch[nl + __popc(off & below)] = c;
+            nh += __popc(on), nl += __popc(off);
+        }
+    }
+
+    // Coefficient j of the real signal z (length dl), in the CPU's order. DC and Nyquist are
+    // plain sums; the others a direct DFT against the twiddle tables (angle 2π·m/dl at m).
+    __device__ static double coefficient(const float *z, int dl, int j, const double *cos_t,
+                                         const double *sin_t) {
+        double acc = 0.0;
+        if (j < 2) {
+            for (int i = 0; i < dl; ++i) acc += j == 1 && (i & 1) ? -(double)z[i] : (double)z[i];
+            return acc;
+        }
+        const int k = j >> 1;
+        const double *tw = j & 1 ? sin_t : cos_t;
+        for (int i = 0, m = 0; i < dl; ++i) {
+            acc = fma((double)z[i], tw[m], acc);
+            m += k;
+            if (m >= dl) m -= dl;
+        }
+        return j & 1 ? -acc : acc;  // Im Z_k = -Σ z_i sin(2πki/dl)
+    }
+
+    __device__ static void twiddles(int dl, double *cos_t, double *sin_t) {
+        for (int m = threadIdx.x; m < dl; m += kThreads) sincospi(2.0 * m / dl, &sin_t[m], &cos_t[m]);
+    }
+
+    __device__ static void quantize(Src x, int n, int, const uint8_t *, QuantParams p, uint8_t *out,
+                                    float *smem) {
+        const Layout L(high_channels(p.mix_fraction));
+        const int dl = L.dl;
+        double *cos_t = reinterpret_cast<double *>(smem), *sin_t = cos_t + kMaxDl, *sums = sin_t + kMaxDl;
+        double *coef = sums + kMaxDl;  // [kFftTokens][dl]
+        float *mn = reinterpret_cast<float *>(coef + kFftTokens * kMaxDl), *mx = mn + D;
+        float *z = mx + D;  // [kFftTokens][dl]
+        float *lo = z + kFftTokens * kMaxDl, *step = lo + kMaxDh;
+        int *hi_ch = reinterpret_cast<int *>(step + kMaxDh), *lo_ch = hi_ch + kMaxDh;
+        static_assert(2 * (3 + kFftTokens) * kMaxDl + 2 * D + kFftTokens * kMaxDl + 3 * kMaxDh + kMaxDl <=
+                          12 * 1024,
+                      "fits the quantize kernel's shared memory");
+
+        // Ranges: thread per channel.
+        for (int c = threadIdx.x; c < D; c += kThreads) {
+            float a = INFINITY, b = -INFINITY;
+            for (int t = 0; t < n; ++t) {
+                const float v = x.at(t, c);
+                a = fminf(a, v), b = fmaxf(b, v);
+            }
+            mn[c] = a, mx[c] = b;
+        }
+        __syncthreads();
+        // Mask: channel c is 2-bit when fewer than Dh channels precede it in the CPU's order
+        // (range descending, then index), written a byte (8 channels) per thread.
+        for (int b = threadIdx.x; b < kMask; b += kThreads) {
+            unsigned byte = 0;
+            for (int i = 0; i < 8; ++i) {
+                const int c = 8 * b + i;
+                const float r = mx[c] - mn[c];
+                int before = 0;
+                for (int o = 0; o < D; ++o) {
+                    const float ro = mx[o] - mn[o];
+                    before += ro > r || (ro == r && o < c);
+                }
+                byte |= (before < L.dh ? 1u : 0u) << i;
+            }
+            out[b] = (uint8_t)byte;
+        }
+        __syncthreads();
+        channel_lists(out, hi_ch, lo_ch);
+        twiddles(dl, cos_t, sin_t);
+        for (int j = threadIdx.x; j < dl; j += kThreads) sums[j] = 0.0;
+        __syncthreads();
+        __half *params = reinterpret_cast<__half *>(out + kMask);
+        for (int j = threadIdx.x; j < L.dh; j += kThreads) {
+            const int c = hi_ch[j];
+            const MinMax mm = MinMax::make(mn[c], mx[c], kLevels);
+            lo[j] = mm.lo, step[j] = mm.step;
+            params[2 * j] = __float2half_rn(mm.lo);
+            params[2 * j + 1] = __float2half_rn(mm.step);
+        }
+        __syncthreads();
+        // kFftTokens tokens at a time: gather, transform, write the records, sum |coef|.
+        uint8_t *recs = out + L.codes;
+        const int code_bytes = L.dh / 4;
+        for (int tb = 0; tb < n; tb += kFftTokens) {
+            const int nt = min(kFftTokens, n - tb);
+            for (int i = threadIdx.x; i < nt * dl; i += kThreads) z[i] = x.at(tb + i / dl, lo_ch[i % dl]);
+            __syncthreads();
+            for (int i = threadIdx.x; i < nt * dl; i += kThreads)
+                coef[i] = coefficient(z + (i / dl) * dl, dl, i % dl, cos_t, sin_t);
+            __syncthreads();
+            for (int i = threadIdx.x; i < nt * L.stride; i += kThreads) {
+                const int tt = i / L.stride, b = i % L.stride, t = tb + tt;
+                unsigned byte = 0;
+                if (b < code_bytes) {
+#pragma unroll
+                    for (int k = 0; k < 4; ++k) {
+                        const int j = 4 * b + k;
+                        byte |= MinMax{lo[j], step[j]}.code(x.at(t, hi_ch[j]), kLevels) << (2 * k);
+                    }
+                } else {
+                    const double *ct = coef + tt * dl + 8 * (b - code_bytes);
+#pragma unroll
+                    for (int k = 0; k < 8; ++k) byte |= (ct[k] >= 0.0 ? 1u : 0u) << k;
+                }
+                recs[(int64_t)t * L.stride + b] = (uint8_t)byte;
+            }
+            // One thread per coefficient across all steps: tokens in order, as the CPU sums.
+            for (int j = threadIdx.x; j < dl; j += kThreads)
+                for (int tt = 0; tt < nt; ++tt) sums[j] += fabs(coef[tt * dl + j]);
+            __syncthreads();
+        }
+        // f16(f32(mean)): half's f16::from_f64 on x86 with F16C.
+        __half *scales = reinterpret_cast<__half *>(out + L.scales);
+        for (int j = threadIdx.x; j < dl; j += kThreads) scales[j] = __float2half_rn((float)(sums[j] / n));
+    }
+
+    // Warp per token: 2-bit channels directly, low-range channels by an f64 inverse DFT of the
+    // token's ±scale coefficients (staged per warp), divided by dl, rounded f64 → f32 → f16.
+    __device__ static void dequantize(const uint8_t *blk, int n, int, __half *out, int64_t stride) {
+        __shared__ double cos_t[kMaxDl], sin_t[kMaxDl], scale[kMaxDl], chat[kWarps][kMaxDl];
+        __shared__ int hi_ch[kMaxDh], lo_ch[kMaxDl];
+        __shared__ MinMax mm[kMaxDh];
+        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+        const Layout L = read(blk);
+        const int dl = L.dl;
+        channel_lists(blk, hi_ch, lo_ch);
+        twiddles(dl, cos_t, sin_t);
+        for (int j = threadIdx.x; j < L.dh; j += kThreads)
+            mm[j] = {ld_f16_at(blk, kMask + 4 * j), ld_f16_at(blk, kMask + 4 * j + 2)};
+        for (int k = threadIdx.x; k < dl; k += kThreads) scale[k] = ld_f16_at(blk, L.scales + 2 * k);
+        __syncthreads();
+        double *ch = chat[warp];
+        for (int t = warp; t < n; t += kWarps) {
+            const uint8_t *rec = blk + L.codes + (int64_t)t * L.stride;
+            __half *o = out + t * stride;
+            for (int j = lane; j < L.dh; j += 32) o[hi_ch[j]] = __float2half_rn(mm[j].value(code_at(rec, j, 2)));
+            for (int k = lane; k < dl; k += 32) ch[k] = code_at(rec + L.dh / 4, k, 1) ? scale[k] : -scale[k];
+            __syncwarp();
+            for (int i = lane; i < dl; i += 32) {
+                // ẑ_i = (ĉ_0 + (-1)^i ĉ_1 + 2 Σ_k (ĉ_2k cos(2πki/dl) - ĉ_2k+1 sin(2πki/dl))) / dl
+                double acc = 0.0;
+                for (int k = 1, m = i; k < dl / 2; ++k) {
+                    acc += ch[2 * k] * cos_t[m] - ch[2 * k + 1] * sin_t[m];
+                    m += i;
+                    if (m >= dl) m -= dl;
+                }
+                const double v = (ch[0] + (i & 1 ? -ch[1] : ch[1]) + 2.0 * acc) / dl;
+                o[lo_ch[i]] = __float2half_rn((float)v);
+            }
+            __syncwarp();
+        }
+    }
+
+    // Per block and head: code-bit weights q_c·s_j (low bit) and 2·q_c·s_j (high bit), sign-bit
+    // weights 2·f_k with f = adjoint(q_lo)·scale, and the constant Σ q_c·lo_j - Σ f_k: a set
+    // sign bit adds f_k, a clear one subtracts it.
+    __device__ static void prepare(const uint8_t *blk, int, const float *q, int G, float *qt) {
+        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+        const Layout L = read(blk);
+        const int dh = L.dh, dl = L.dl;
+        for (int c = threadIdx.x; c < D; c += kThreads) {
+            const int r = rank(blk, c);
+            if (is_high(blk, c)) {
+                const float st = ld_f16_at(blk, kMask + 4 * r + 2);
+                for (int g = 0; g < G; ++g) {
+                    const float qs = q[g * D + c] * st;
+                    qt[g * kPrep + 2 * r] = qs;
+                    qt[g * kPrep + 2 * r + 1] = 2.f * qs;
+                }
+            } else {
+                for (int g = 0; g < G; ++g) qt[g * kPrep + D + dh + (c - r)] = q[g * D + c];
+            }
+        }
+        __syncthreads();
+        // Thread per bin k of Q = rfft(q_lo), every head at once. The sign weights [2dh, D + dh)
+        // do not overlap the scratch [D + dh, 2D) other threads still read.
+        for (int k = threadIdx.x; k <= dl / 2; k += kThreads) {
+            float re[kMaxG] = {}, im[kMaxG] = {};
+            for (int i = 0, m = 0; i < dl; ++i) {
+                float sn, cs;
+                sincospif(2.f * m / dl, &sn, &cs);
+#pragma unroll
+                for (int h = 0; h < kMaxG; ++h) {
+                    if (h < G) {
+                        const float v = qt[h * kPrep + D + dh + i];
+                        re[h] += v * cs;
+                        im[h] -= v * sn;
+                    }
+                }
+                m += k;
+                if (m >= dl) m -= dl;
+            }
+            // w_0 = Re Q_0/dl, w_1 = Re Q_{dl/2}/dl, w_2k = 2 Re Q_k/dl, w_2k+1 = 2 Im Q_k/dl.
+            const bool edge = k == 0 || 2 * k == dl;
+            const int j = k == 0 ? 0 : edge ? 1 : 2 * k;
+            const float twice_w = (edge ? 2.f : 4.f) / dl;
+            const float s_re = ld_f16_at(blk, L.scales + 2 * j), s_im = edge ? 0.f : ld_f16_at(blk, L.scales + 2 * j + 2);
+#pragma unroll
+            for (int h = 0; h < kMaxG; ++h) {
+                if (h < G) {
+                    float *w = qt + h * kPrep + 2 * dh;
+                    w[j] = twice_w * re[h] * s_re;
+                    if (!edge) w[j + 1] = twice_w * im[h] * s_im;
+                }
+            }
+        }
+        __syncthreads();
+        for (int g = warp; g < G; g += kWarps) {
+            float sum = 0.f;
+            for (int c = lane; c < D; c += 32)
+                if (is_high(blk, c)) sum += q[g * D + c] * ld_f16_at(blk, kMask + 4 * rank(blk, c));
+            for (int k = lane; k < dl; k += 32) sum -= 0.5f * qt[g * kPrep + 2 * dh + k];
+            sum = warp_sum(sum);
+            if (lane == 0) qt[g * kPrep + 2 * D] = sum;
+        }
+    }
+
+    // Thread per token: its record's bits (codes, then signs) against every head's weights,
+    // a byte read serving all heads.
+    __device__ static void scores(const uint8_t *blk, int, int t0, int t1, const float *,
+                                  const float *qt, int G, float *s) {
+        const Layout L = read(blk);
+        for (int t = t0 + threadIdx.x; t < t1; t += kThreads) {
+            const uint8_t *rec = blk + L.codes + (int64_t)t * L.stride;
+            float dot[kMaxG];
+#pragma unroll
+            for (int h = 0; h < kMaxG; ++h) dot[h] = h < G ? qt[h * kPrep + 2 * D] : 0.f;
+            for (int b = 0; b < L.stride; ++b) {
+                const unsigned byte = rec[b];
+#pragma unroll
+                for (int h = 0; h < kMaxG; ++h) {
+                    if (h < G) {
+                        const float *w = qt + h * kPrep + 8 * b;
+#pragma unroll
+                        for (int i = 0; i < 8; ++i) dot[h] += (byte >> i) & 1 ? w[i] : 0.f;
+                    }
+                }
+            }
+#pragma unroll
+            for (int h = 0; h < kMaxG; ++h)
+                if (h < G) s[h * kChunk + (t - t0)] = dot[h];
+        }
+    }
+
+    __device__ static void accumulate(const uint8_t *, int, int, int, const float *, int, float *,
+                                      float *) {}
+    __device__ static void finish(const uint8_t *, int, int, float *, float *) {}
+};
+
+}  // namespace kvb

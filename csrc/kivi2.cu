@@ -1,0 +1,137 @@
+// `kivi2` (KIVI 2-bit; src/kv/formats/kivi2.rs): asymmetric min-max at 3 levels (MinMax of
+// common.cuh), codes four per byte, first in the low bits. Keys per channel over groups of 32
+// tokens: a group is lo[D], s[D] (f16), then d/4 bytes per token. Values per token over groups
+// of 32 channels: lo, s (f16) and the group's codes, the TokenGroups skeleton.
+//
+// Codes match the CPU bit for bit: min and max are order-free, (max - min)/3 and
+// (x - lo)/s are single IEEE operations, roundf is Rust's round. Decoded values code·s + lo
+// are exact products plus one rounding, fused or not.
+//
+// Attention: scores read keys, accumulate reads values, so each knows its layout. Key groups
+// are 12·d bytes apart (every group but the last is full) and 4-byte aligned (d % 16 == 0),
+// as are value rows (4·ceil(d/32) + d/4 bytes).
+#pragma once
+
+#include "token_groups.cuh"
+
+namespace kvb {
+
+struct Kivi2Codec {
+    static constexpr int kHead = 4, kBits = 2, kLevels = 3;
+
+    __device__ static void encode(uint8_t *grp, float v, int L, int lane) {
+        const float mn = warp_min(lane < L ? v : INFINITY), mx = warp_max(lane < L ? v : -INFINITY);
+        const MinMax mm = MinMax::make(mn, mx, kLevels);
+        if (lane == 0)
+            *reinterpret_cast<uint32_t *>(grp) = (uint32_t)__half_as_ushort(__float2half_rn(mm.lo)) |
+                                                 ((uint32_t)__half_as_ushort(__float2half_rn(mm.step)) << 16);
+        // Sixteen codes per 32-bit word, lane j's at bits 2(j % 16).
+        uint32_t w = (lane < L ? mm.code(v, kLevels) : 0u) << (2 * (lane & 15));
+#pragma unroll
+        for (int o = 1; o < 16; o <<= 1) w |= __shfl_xor_sync(0xffffffffu, w, o);
+        if ((lane & 15) == 0 && lane < L) reinterpret_cast<uint32_t *>(grp + 4)[lane >> 4] = w;
+    }
+
+    __device__ static float decode(const uint8_t *grp, int, int j) {
+        const float2 ls = __half22float2(*reinterpret_cast<const __half2 *>(grp));
+        return (float)code_at(grp + 4, j, 2) * ls.y + ls.x;
+    }
+};
+
+template <int D>
+struct FmtKivi2 {
+    using Values = TokenGroups<D, Kivi2Codec>;
+    static constexpr int kPrep = 0;
+    static constexpr int kLevels = 3;
+    static constexpr int kTokRow = D / 4;             // bytes of one key token's codes
+    static constexpr int kKeyGroup = 4 * D + 32 * kTokRow;  // bytes of a full key group
+    static_assert(D % 16 == 0, "4-byte aligned key rows");
+
+    __host__ __device__ static int64_t bytes(int n, int role, int, QuantParams p) {
+        return role == KEY ? (int64_t)((n + 31) / 32) * 4 * D + (int64_t)n * kTokRow
+                           : Values::bytes(n, role, 0, p);
+    }
+
+    // Keys: thread per (group, four channels): the four ranges, then one code byte per token.
+    __device__ static void quantize(Src x, int n, int role, const uint8_t *protect, QuantParams p,
+                                    uint8_t *out, float *smem) {
+        if (role != KEY) return Values::quantize(x, n, role, protect, p, out, smem);
+        const int n_groups = (n + 31) / 32;
+        for (int i = threadIdx.x; i < n_groups * kTokRow; i += kThreads) {
+            const int g = i / kTokRow, c0 = 4 * (i % kTokRow), tb = 32 * g, m = min(32, n - tb);
+            uint8_t *grp = out + (int64_t)g * kKeyGroup;
+            __half *lo = reinterpret_cast<__half *>(grp), *st = lo + D;
+            MinMax mm[4];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                float mn = INFINITY, mx = -INFINITY;
+                for (int r = 0; r < m; ++r) {
+                    const float v = x.at(tb + r, c0 + k);
+                    mn = fminf(mn, v), mx = fmaxf(mx, v);
+                }
+                mm[k] = MinMax::make(mn, mx, kLevels);
+                lo[c0 + k] = __float2half_rn(mm[k].lo);
+                st[c0 + k] = __float2half_rn(mm[k].step);
+            }
+            for (int r = 0; r < m; ++r) {
+                unsigned byte = 0;
+#pragma unroll
+                for (int k = 0; k < 4; ++k) byte |= mm[k].code(x.at(tb + r, c0 + k), kLevels) << (2 * k);
+                grp[4 * D + r * kTokRow + c0 / 4] = (uint8_t)byte;
+            }
+        }
+    }
+
+    __device__ static void dequantize(const uint8_t *blk, int n, int role, __half *out, int64_t stride) {
+        if (role != KEY) return Values::dequantize(blk, n, role, out, stride);
+        for (int i = threadIdx.x; i < n * D; i += kThreads) {
+            const int t = i / D, c = i % D;
+            const uint8_t *grp = blk + (int64_t)(t / 32) * kKeyGroup;
+            const float y = (float)code_at(grp + 4 * D + (t % 32) * kTokRow, c, 2) * ld_f16(grp, D + c) +
+                            ld_f16(grp, c);
+            out[t * stride + c] = __float2half_rn(y);
+        }
+    }
+
+    __device__ static void prepare(const uint8_t *, int, const float *, int, float *) {}
+
+    // Keys. Thread per token: a warp's 32 tokens are one group (chunks start at multiples of
+    // 128), so the (lo, s) reads are uniform; the token's codes come a word (16 channels) at a
+    // time, and each decoded value serves every head.
+    __device__ static void scores(const uint8_t *blk, int, int t0, int t1, const float *q,
+                                  const float *, int G, float *s) {
+        for (int t = t0 + threadIdx.x; t < t1; t += kThreads) {
+            const uint8_t *grp = blk + (int64_t)(t / 32) * kKeyGroup;
+            const __half2 *lo = reinterpret_cast<const __half2 *>(grp);
+            const __half2 *st = reinterpret_cast<const __half2 *>(grp + 2 * D);
+            const uint32_t *codes = reinterpret_cast<const uint32_t *>(grp + 4 * D + (t % 32) * kTokRow);
+            float dot[kMaxG] = {};
+            for (int w = 0; w < D / 16; ++w) {
+                const uint32_t word = codes[w];
+#pragma unroll
+                for (int k = 0; k < 16; k += 2) {
+                    const int c = 16 * w + k;
+                    const float2 l = __half22float2(lo[c / 2]), v = __half22float2(st[c / 2]);
+                    const float y0 = (float)((word >> (2 * k)) & 3u) * v.x + l.x;
+                    const float y1 = (float)((word >> (2 * k + 2)) & 3u) * v.y + l.y;
+#pragma unroll
+                    for (int h = 0; h < kMaxG; ++h)
+                        if (h < G) dot[h] += q[h * D + c] * y0 + q[h * D + c + 1] * y1;
+                }
+            }
+#pragma unroll
+            for (int h = 0; h < kMaxG; ++h)
+                if (h < G) s[h * kChunk + (t - t0)] = dot[h];
+        }
+    }
+
+    // Values.
+    __device__ static void accumulate(const uint8_t *blk, int n, int t0, int t1, const float *p,
+                                      int G, float *acc, float *vt) {
+        Values::accumulate(blk, n, t0, t1, p, G, acc, vt);
+    }
+
+    __device__ static void finish(const uint8_t *, int, int, float *, float *) {}
+};
+
+}  // namespace kvb
