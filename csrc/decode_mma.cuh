@@ -456,8 +456,10 @@ __global__ void __launch_bounds__(MmaDecode<D>::kWarps * 32)
                 float v[4];
                 tile_logits(st, c, t0, v);
                 see(v);
+                // Masked tokens past a block's end would land on the next block's logits.
 #pragma unroll
-                for (int e = 0; e < 4; ++e) logits[at(c, t0, e)] = v[e];
+                for (int e = 0; e < 4; ++e)
+                    if (v[e] != -INFINITY) logits[at(c, t0, e)] = v[e];
             },
             [](const uint8_t *, const typename M::Chunk &) {});
         // The span's range per head, over the warps.
@@ -487,8 +489,9 @@ __global__ void __launch_bounds__(MmaDecode<D>::kWarps * 32)
                 float v[4];
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    const float x = logits[at(c, t0, e)];
-                    v[e] = lo_c[e & 1] + (x - lo_c[e & 1]) * ratio[e & 1];
+                    const int tok = c.c0 + t0 + g + 8 * (e >> 1);
+                    v[e] = tok < c.blk.n ? lo_c[e & 1] + (logits[at(c, t0, e)] - lo_c[e & 1]) * ratio[e & 1]
+                                         : -INFINITY;
                 }
                 values(st, c, t0, v, M::kValues);
             },

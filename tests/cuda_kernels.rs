@@ -962,6 +962,15 @@ fn one_pass_needs_whole_calibrated_spans_per_item() {
         n_blocks,
     };
     let two_spans = [block(128, 0), block(128, 0), block(64, 1)];
+    // Span ids are per sequence and head: another KV head's item of span 0 is its own.
+    let other_head = WorkItem {
+        kv_head: 1,
+        ..item(0, 2)
+    };
+    assert!(kernels::one_pass_spans(
+        &two_spans,
+        &[item(0, 2), item(2, 1), other_head]
+    ));
     assert!(kernels::one_pass_spans(
         &two_spans,
         &[item(0, 2), item(2, 1)]

@@ -243,7 +243,7 @@ pub fn one_pass_spans(blocks: &[BlockDesc], work: &[WorkItem]) -> bool {
             span >= 0
                 && items.iter().all(|b| b.span == span)
                 && tokens <= i64::from(sys::KVB_CUDA_LOCAL_SPAN_TOKENS)
-                && owners.insert((w.seq, span))
+                && owners.insert((w.seq, w.kv_head, span))
         })
 }
 
