@@ -106,6 +106,7 @@ struct FmtKivi2 {
             const __half2 *st = reinterpret_cast<const __half2 *>(grp + 2 * D);
             const uint32_t *codes = reinterpret_cast<const uint32_t *>(grp + 4 * D + (t % 32) * kTokRow);
             float dot[kMaxG] = {};
+#pragma unroll 1
             for (int w = 0; w < D / 16; ++w) {
                 const uint32_t word = codes[w];
 #pragma unroll
