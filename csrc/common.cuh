@@ -62,10 +62,12 @@ __device__ __forceinline__ float ld_f16_at(const uint8_t *p, int64_t off) {
     return __half2float(__ushort_as_half(bits));
 }
 
-// The f16 is widened to 32 bits before its bytes are stored: CUDA 13.0's ptxas (sm_90) stored
-// the low byte of a u8 store straight from the 16-bit register as 0.
+// The bits pass through an empty asm: CUDA 13.0's ptxas (sm_80..sm_90) otherwise turns the
+// low-byte store of a converted half into a float-to-int conversion (F2I.U8.F16), so the low
+// byte came out 0, 1, 6... Widening alone compiles to the same.
 __device__ __forceinline__ void st_f16_at(uint8_t *p, int64_t off, float v) {
-    const uint32_t bits = __half_as_ushort(__float2half_rn(v));
+    uint32_t bits = __half_as_ushort(__float2half_rn(v));
+    asm("" : "+r"(bits));
     p[off] = (uint8_t)(bits & 0xffu);
     p[off + 1] = (uint8_t)(bits >> 8);
 }

@@ -48,17 +48,6 @@ struct FmtV1_58Tern {
         return L.prot + (int64_t)L.n_p * kRow2;
     }
 
-    // common.cuh's st_f16_at, but the bits pass through an empty asm: CUDA 13.0's ptxas turns
-    // a byte store of a freshly converted f16 into F2I.U8.F16 (the value truncated to an
-    // integer, not its low byte), on sm_80 to sm_90 alike; widening to 32 bits in C++ does not
-    // stop it. Remove once st_f16_at is fixed the same way.
-    __device__ static void store_f16(uint8_t *p, int64_t off, float v) {
-        unsigned bits = __half_as_ushort(__float2half_rn(v));
-        asm("" : "+r"(bits));
-        p[off] = (uint8_t)(bits & 0xffu);
-        p[off + 1] = (uint8_t)(bits >> 8);
-    }
-
     // Digit i of a TQ1_0 byte: ·3^i (mod 256) drops the leading digits, ·3 >> 8 reads the next.
     __device__ static int trit(unsigned byte, int i) {
         const unsigned pow3 = (unsigned)(0x511b090301ull >> (8 * i)) & 255u;  // 3^i, i < 5
@@ -101,7 +90,7 @@ struct FmtV1_58Tern {
             for (int u = 0; u < L.n_u; ++u) sum += (double)fabsf(x.at(order[u], c));
             const float g = L.n_u > 0 ? round_f16((float)(sum / L.n_u)) : 0.f;
             gamma[c] = g;
-            store_f16(out, L.gamma + 2 * c, g);
+            st_f16_at(out, L.gamma + 2 * c, g);
             if (n_p > 0) {
                 float mn = INFINITY, mx = -INFINITY;
                 for (int i = L.n_u; i < n; ++i) {
@@ -110,8 +99,8 @@ struct FmtV1_58Tern {
                 }
                 const MinMax mm = MinMax::make(mn, mx, kLevels);
                 lo[c] = mm.lo, step[c] = mm.step;
-                store_f16(out, L.minmax + 4 * c, mm.lo);
-                store_f16(out, L.minmax + 4 * c + 2, mm.step);
+                st_f16_at(out, L.minmax + 4 * c, mm.lo);
+                st_f16_at(out, L.minmax + 4 * c + 2, mm.step);
             }
         }
         __syncthreads();

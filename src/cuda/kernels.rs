@@ -82,9 +82,14 @@ impl QuantBatch {
                     d: head_dim,
                     role: j.role,
                 };
-                // With protect flags the block may hold every token protected: the largest.
-                let worst = if j.protect.is_some() { j.n } else { 0 };
-                let bytes = format.imp().block_size(shape, worst, params).total();
+                // With protect flags the block may hold any number of protected tokens, and
+                // sizes need not grow with it (v1_58_tern's mask): take the largest.
+                let size = |n_p| format.imp().block_size(shape, n_p, params).total();
+                let bytes = if j.protect.is_some() && format.imp().protects() {
+                    (0..=j.n).map(size).max().unwrap_or(0)
+                } else {
+                    size(0)
+                };
                 if j.out_offset + bytes > arena.len() || j.out_offset % 16 != 0 {
                     return Err(Error::InvalidArgument(format!(
                         "block of {bytes} bytes at offset {} of a {}-byte arena \
