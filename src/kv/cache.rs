@@ -7,6 +7,7 @@
 
 mod attend;
 mod config;
+mod snapshot;
 mod store;
 
 use half::f16;
