@@ -453,15 +453,16 @@ pub extern "C" fn kvb_has_cuda() -> c_int {
 #[allow(clippy::too_many_arguments)] // the synchronous call's arguments and a stream
 #[unsafe(no_mangle)]
 pub extern "C" fn kvb_cache_append_async(
-    _c: *mut kvb_cache,
-    _layer: i32,
-    _k: *const f32,
-    _v: *const f32,
-    _n_tokens: i32,
-    _modality: i32,
-    _saliency: *const f32,
-    _stream: *mut c_void,
+    c: *mut kvb_cache,
+    layer: i32,
+    k: *const f32,
+    v: *const f32,
+    n_tokens: i32,
+    modality: i32,
+    saliency: *const f32,
+    stream: *mut c_void,
 ) -> c_int {
+    let _ = (c, layer, k, v, n_tokens, modality, saliency, stream);
     guard(|| Err(cuda_path()))
 }
 
@@ -469,41 +470,44 @@ pub extern "C" fn kvb_cache_append_async(
 #[allow(clippy::too_many_arguments)] // the synchronous call's arguments and a stream
 #[unsafe(no_mangle)]
 pub extern "C" fn kvb_cache_append_f16_async(
-    _c: *mut kvb_cache,
-    _layer: i32,
-    _k: *const u16,
-    _v: *const u16,
-    _n_tokens: i32,
-    _modality: i32,
-    _saliency: *const f32,
-    _stream: *mut c_void,
+    c: *mut kvb_cache,
+    layer: i32,
+    k: *const u16,
+    v: *const u16,
+    n_tokens: i32,
+    modality: i32,
+    saliency: *const f32,
+    stream: *mut c_void,
 ) -> c_int {
+    let _ = (c, layer, k, v, n_tokens, modality, saliency, stream);
     guard(|| Err(cuda_path()))
 }
 
 /// `kvb_cache_attn_decode` on a CUDA cache, ordered on `stream`. Not available yet.
 #[unsafe(no_mangle)]
 pub extern "C" fn kvb_cache_attn_decode_async(
-    _c: *mut kvb_cache,
-    _layer: i32,
-    _q: *const f32,
-    _out: *mut f32,
-    _scale: f32,
-    _stream: *mut c_void,
+    c: *mut kvb_cache,
+    layer: i32,
+    q: *const f32,
+    out: *mut f32,
+    scale: f32,
+    stream: *mut c_void,
 ) -> c_int {
+    let _ = (c, layer, q, out, scale, stream);
     guard(|| Err(cuda_path()))
 }
 
 /// `kvb_cache_dequantize` on a CUDA cache, ordered on `stream`. Not available yet.
 #[unsafe(no_mangle)]
 pub extern "C" fn kvb_cache_dequantize_async(
-    _c: *mut kvb_cache,
-    _layer: i32,
-    _first: i64,
-    _n: i64,
-    _k_f16: *mut u16,
-    _v_f16: *mut u16,
-    _stream: *mut c_void,
+    c: *mut kvb_cache,
+    layer: i32,
+    first: i64,
+    n: i64,
+    k_f16: *mut u16,
+    v_f16: *mut u16,
+    stream: *mut c_void,
 ) -> c_int {
+    let _ = (c, layer, first, n, k_f16, v_f16, stream);
     guard(|| Err(cuda_path()))
 }

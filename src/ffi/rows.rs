@@ -15,7 +15,7 @@
 use std::ffi::{c_int, c_void};
 
 use super::params::{KVB_TYPE_Q2_HAD, KVB_TYPE_Q4_0, KVB_TYPE_Q8_0};
-use super::status::{Fail, KVB_ERR_UNSUPPORTED, arg_mut, guard, slice, slice_mut};
+use super::status::{Fail, KVB_ERR_UNSUPPORTED, arg_mut, guard, mul, slice, slice_mut};
 use crate::kv::formats::pack::get_f16;
 use crate::kv::{FormatId, QuantParams, Role, Shape};
 
@@ -236,7 +236,7 @@ unsafe fn quantize_row(ty: i32, x: *const f32, y: *mut c_void, k: i64) -> Result
     let (x, y) = unsafe {
         (
             slice(x, nb * t.block, "x")?,
-            slice_mut(y.cast::<u8>(), nb * t.bytes, "y")?,
+            slice_mut(y.cast::<u8>(), mul(nb, t.bytes, "row bytes")?, "y")?,
         )
     };
     let r = t.quantize(x, y);
@@ -254,7 +254,7 @@ unsafe fn dequantize_row(ty: i32, x: *const c_void, y: *mut f32, k: i64) -> Resu
     // SAFETY: the caller's contract.
     let (x, y) = unsafe {
         (
-            slice(x.cast::<u8>(), nb * t.bytes, "x")?,
+            slice(x.cast::<u8>(), mul(nb, t.bytes, "row bytes")?, "x")?,
             slice_mut(y, nb * t.block, "y")?,
         )
     };
@@ -352,13 +352,14 @@ pub unsafe extern "C" fn kvb_vec_dot(
     ty: i32,
     n: c_int,
     s: *mut f32,
-    _bs: usize,
+    bs: usize,
     x: *const c_void,
-    _bx: usize,
+    bx: usize,
     y: *const c_void,
-    _by: usize,
+    by: usize,
     nrc: c_int,
 ) -> c_int {
+    let _ = (bs, bx, by);
     // SAFETY: the caller's contract.
     guard(|| unsafe { vec_dot(ty, n, s, x, y, nrc) })
 }
