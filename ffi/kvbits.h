@@ -330,31 +330,58 @@ int kvb_dequantize_row(int32_t ty, const void *x, float *y, int64_t k);
 // `s` must be NULL or writable; `x` and `y` NULL or `n` values of their types.
 int kvb_vec_dot(int32_t ty, int n, float *s, size_t bs, const void *x, size_t bx, const void *y, size_t by, int nrc);
 
-// ggml `from_float` for q8_0. # Safety: as `kvb_quantize_row`.
+// ggml `from_float` for q8_0.
+//
+// # Safety
+// As `kvb_quantize_row`.
 void kvb_quantize_row_q8_0(const float *x, void *y, int64_t k);
 
-// ggml `to_float` for q8_0. # Safety: as `kvb_dequantize_row`.
+// ggml `to_float` for q8_0.
+//
+// # Safety
+// As `kvb_dequantize_row`.
 void kvb_dequantize_row_q8_0(const void *x, float *y, int64_t k);
 
-// ggml `vec_dot` for q8_0 (`y` q8_0). # Safety: as `kvb_vec_dot`.
+// ggml `vec_dot` for q8_0 (`y` q8_0).
+//
+// # Safety
+// As `kvb_vec_dot`.
 void kvb_vec_dot_q8_0(int n, float *s, size_t bs, const void *x, size_t bx, const void *y, size_t by, int nrc);
 
-// ggml `from_float` for q4_0. # Safety: as `kvb_quantize_row`.
+// ggml `from_float` for q4_0.
+//
+// # Safety
+// As `kvb_quantize_row`.
 void kvb_quantize_row_q4_0(const float *x, void *y, int64_t k);
 
-// ggml `to_float` for q4_0. # Safety: as `kvb_dequantize_row`.
+// ggml `to_float` for q4_0.
+//
+// # Safety
+// As `kvb_dequantize_row`.
 void kvb_dequantize_row_q4_0(const void *x, float *y, int64_t k);
 
-// ggml `vec_dot` for q4_0 (`y` q8_0). # Safety: as `kvb_vec_dot`.
+// ggml `vec_dot` for q4_0 (`y` q8_0).
+//
+// # Safety
+// As `kvb_vec_dot`.
 void kvb_vec_dot_q4_0(int n, float *s, size_t bs, const void *x, size_t bx, const void *y, size_t by, int nrc);
 
-// ggml `from_float` for q2_had. # Safety: as `kvb_quantize_row`.
+// ggml `from_float` for q2_had.
+//
+// # Safety
+// As `kvb_quantize_row`.
 void kvb_quantize_row_q2_had(const float *x, void *y, int64_t k);
 
-// ggml `to_float` for q2_had. # Safety: as `kvb_dequantize_row`.
+// ggml `to_float` for q2_had.
+//
+// # Safety
+// As `kvb_dequantize_row`.
 void kvb_dequantize_row_q2_had(const void *x, float *y, int64_t k);
 
-// ggml `vec_dot` for q2_had (`y` f32). # Safety: as `kvb_vec_dot`.
+// ggml `vec_dot` for q2_had (`y` f32).
+//
+// # Safety
+// As `kvb_vec_dot`.
 void kvb_vec_dot_q2_had(int n, float *s, size_t bs, const void *x, size_t bx, const void *y, size_t by, int nrc);
 
 // The message of the most recent call on this thread that failed ("" if none has): valid

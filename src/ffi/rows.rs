@@ -381,14 +381,20 @@ unsafe fn fill_nan(y: *mut f32, k: i64) {
 // a macro, so that cbindgen sees them). On error: `kvb_last_error`, and zero codes, NaN values
 // or a NaN dot.
 
-/// ggml `from_float` for q8_0. # Safety: as `kvb_quantize_row`.
+/// ggml `from_float` for q8_0.
+///
+/// # Safety
+/// As `kvb_quantize_row`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn kvb_quantize_row_q8_0(x: *const f32, y: *mut c_void, k: i64) {
     // SAFETY: the caller's contract.
     unsafe { kvb_quantize_row(KVB_TYPE_Q8_0, x, y, k) };
 }
 
-/// ggml `to_float` for q8_0. # Safety: as `kvb_dequantize_row`.
+/// ggml `to_float` for q8_0.
+///
+/// # Safety
+/// As `kvb_dequantize_row`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn kvb_dequantize_row_q8_0(x: *const c_void, y: *mut f32, k: i64) {
     // SAFETY: the caller's contract.
@@ -397,7 +403,10 @@ pub unsafe extern "C" fn kvb_dequantize_row_q8_0(x: *const c_void, y: *mut f32, 
     }
 }
 
-/// ggml `vec_dot` for q8_0 (`y` q8_0). # Safety: as `kvb_vec_dot`.
+/// ggml `vec_dot` for q8_0 (`y` q8_0).
+///
+/// # Safety
+/// As `kvb_vec_dot`.
 #[allow(clippy::too_many_arguments)] // ggml's signature
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn kvb_vec_dot_q8_0(
@@ -414,14 +423,20 @@ pub unsafe extern "C" fn kvb_vec_dot_q8_0(
     unsafe { kvb_vec_dot(KVB_TYPE_Q8_0, n, s, bs, x, bx, y, by, nrc) };
 }
 
-/// ggml `from_float` for q4_0. # Safety: as `kvb_quantize_row`.
+/// ggml `from_float` for q4_0.
+///
+/// # Safety
+/// As `kvb_quantize_row`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn kvb_quantize_row_q4_0(x: *const f32, y: *mut c_void, k: i64) {
     // SAFETY: the caller's contract.
     unsafe { kvb_quantize_row(KVB_TYPE_Q4_0, x, y, k) };
 }
 
-/// ggml `to_float` for q4_0. # Safety: as `kvb_dequantize_row`.
+/// ggml `to_float` for q4_0.
+///
+/// # Safety
+/// As `kvb_dequantize_row`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn kvb_dequantize_row_q4_0(x: *const c_void, y: *mut f32, k: i64) {
     // SAFETY: the caller's contract.
@@ -430,7 +445,10 @@ pub unsafe extern "C" fn kvb_dequantize_row_q4_0(x: *const c_void, y: *mut f32, 
     }
 }
 
-/// ggml `vec_dot` for q4_0 (`y` q8_0). # Safety: as `kvb_vec_dot`.
+/// ggml `vec_dot` for q4_0 (`y` q8_0).
+///
+/// # Safety
+/// As `kvb_vec_dot`.
 #[allow(clippy::too_many_arguments)] // ggml's signature
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn kvb_vec_dot_q4_0(
@@ -447,14 +465,20 @@ pub unsafe extern "C" fn kvb_vec_dot_q4_0(
     unsafe { kvb_vec_dot(KVB_TYPE_Q4_0, n, s, bs, x, bx, y, by, nrc) };
 }
 
-/// ggml `from_float` for q2_had. # Safety: as `kvb_quantize_row`.
+/// ggml `from_float` for q2_had.
+///
+/// # Safety
+/// As `kvb_quantize_row`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn kvb_quantize_row_q2_had(x: *const f32, y: *mut c_void, k: i64) {
     // SAFETY: the caller's contract.
     unsafe { kvb_quantize_row(KVB_TYPE_Q2_HAD, x, y, k) };
 }
 
-/// ggml `to_float` for q2_had. # Safety: as `kvb_dequantize_row`.
+/// ggml `to_float` for q2_had.
+///
+/// # Safety
+/// As `kvb_dequantize_row`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn kvb_dequantize_row_q2_had(x: *const c_void, y: *mut f32, k: i64) {
     // SAFETY: the caller's contract.
@@ -463,7 +487,10 @@ pub unsafe extern "C" fn kvb_dequantize_row_q2_had(x: *const c_void, y: *mut f32
     }
 }
 
-/// ggml `vec_dot` for q2_had (`y` f32). # Safety: as `kvb_vec_dot`.
+/// ggml `vec_dot` for q2_had (`y` f32).
+///
+/// # Safety
+/// As `kvb_vec_dot`.
 #[allow(clippy::too_many_arguments)] // ggml's signature
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn kvb_vec_dot_q2_had(
