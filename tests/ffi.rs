@@ -345,72 +345,51 @@ fn argument_errors_have_their_status_and_a_message() {
         }
 
         // Parameters.
-        let mut bad_p = p;
-        bad_p.type_k_text = 99;
-        expect(
-            kvb_cache_new(&bad_p, &mut out),
-            KVB_ERR_INVALID_ARGUMENT,
-            "type_k_text = 99",
-        );
-        bad_p = p;
-        bad_p.type_v_visual = -1;
-        expect(
-            kvb_cache_new(&bad_p, &mut out),
-            KVB_ERR_INVALID_ARGUMENT,
-            "type_v_visual",
-        );
-        bad_p = p;
-        bad_p.type_k_visual = KVB_TYPE_V1_58_TERN;
-        expect(
-            kvb_cache_new(&bad_p, &mut out),
-            KVB_ERR_INVALID_ARGUMENT,
-            "value-only",
-        );
-        bad_p = p;
-        bad_p.n_head = 7;
-        expect(
-            kvb_cache_new(&bad_p, &mut out),
-            KVB_ERR_INVALID_ARGUMENT,
-            "multiple",
-        );
-        bad_p = p;
-        bad_p.n_layer = 0;
-        expect(
-            kvb_cache_new(&bad_p, &mut out),
-            KVB_ERR_INVALID_ARGUMENT,
-            "n_layer = 0",
-        );
-        bad_p = p;
-        bad_p.head_dim = 100;
-        expect(
-            kvb_cache_new(&bad_p, &mut out),
-            KVB_ERR_UNSUPPORTED,
-            "head dim 100",
-        );
-        bad_p = p;
-        bad_p.block_tokens = 8;
-        expect(
-            kvb_cache_new(&bad_p, &mut out),
-            KVB_ERR_INVALID_ARGUMENT,
-            "block_tokens 8",
-        );
-        bad_p = p;
-        bad_p.protect_fraction = f32::NAN;
-        expect(
-            kvb_cache_new(&bad_p, &mut out),
-            KVB_ERR_INVALID_ARGUMENT,
-            "protect_fraction",
-        );
-        bad_p = p;
-        bad_p.device = 7;
-        expect(
-            kvb_cache_new(&bad_p, &mut out),
-            KVB_ERR_INVALID_ARGUMENT,
-            "device = 7",
-        );
+        type Edit = fn(&mut kvb_cache_params);
+        let cases: [(Edit, i32, &str); 10] = [
+            (
+                |p| p.type_k_text = 99,
+                KVB_ERR_INVALID_ARGUMENT,
+                "type_k_text = 99",
+            ),
+            (
+                |p| p.type_v_visual = -1,
+                KVB_ERR_INVALID_ARGUMENT,
+                "type_v_visual",
+            ),
+            (
+                |p| p.type_k_visual = KVB_TYPE_V1_58_TERN,
+                KVB_ERR_INVALID_ARGUMENT,
+                "value-only",
+            ),
+            (|p| p.n_head = 7, KVB_ERR_INVALID_ARGUMENT, "multiple"),
+            (|p| p.n_layer = 0, KVB_ERR_INVALID_ARGUMENT, "n_layer = 0"),
+            (|p| p.head_dim = 100, KVB_ERR_UNSUPPORTED, "head dim 100"),
+            (
+                |p| p.block_tokens = 8,
+                KVB_ERR_INVALID_ARGUMENT,
+                "block_tokens 8",
+            ),
+            (
+                |p| p.protect_fraction = f32::NAN,
+                KVB_ERR_INVALID_ARGUMENT,
+                "protect_fraction",
+            ),
+            (
+                |p| p.calibrate = 2,
+                KVB_ERR_INVALID_ARGUMENT,
+                "calibrate = 2",
+            ),
+            (|p| p.device = 7, KVB_ERR_INVALID_ARGUMENT, "device = 7"),
+        ];
+        for (edit, status, phrase) in cases {
+            let mut bad_p = p;
+            edit(&mut bad_p);
+            expect(kvb_cache_new(&bad_p, &mut out), status, phrase);
+        }
         assert!(out.is_null());
         expect(
-            kvb_cache_preset(c("fast").as_ptr(), &mut bad_p),
+            kvb_cache_preset(c("fast").as_ptr(), &mut p.clone()),
             KVB_ERR_INVALID_ARGUMENT,
             "calibquant, vidkv",
         );
