@@ -71,7 +71,8 @@
 // A CUDA call failed.
 #define KVB_ERR_CUDA -6
 
-// An allocation kvbits checks (a snapshot's buffers) failed.
+// Out of memory where kvbits can report it. Reserved: the CPU calls do not return it (a
+// failed host allocation aborts, as in Rust); the CUDA cache will, for device memory.
 #define KVB_ERR_OUT_OF_MEMORY -7
 
 // A bug in kvbits (a panic was caught at the boundary); the message says where.

@@ -20,7 +20,8 @@ pub const KVB_ERR_UNSUPPORTED: c_int = -4;
 pub const KVB_ERR_NO_CUDA: c_int = -5;
 /// A CUDA call failed.
 pub const KVB_ERR_CUDA: c_int = -6;
-/// An allocation kvbits checks (a snapshot's buffers) failed.
+/// Out of memory where kvbits can report it. Reserved: the CPU calls do not return it (a
+/// failed host allocation aborts, as in Rust); the CUDA cache will, for device memory.
 pub const KVB_ERR_OUT_OF_MEMORY: c_int = -7;
 /// A bug in kvbits (a panic was caught at the boundary); the message says where.
 pub const KVB_ERR_INTERNAL: c_int = -8;
