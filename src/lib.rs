@@ -4,11 +4,13 @@
 //! - [`gguf`]: a zero-copy GGUF reader and a writer.
 //! - [`model`]: a model's KV shape from its LLM and mmproj GGUF files.
 //! - [`kv`]: the cache formats, one file each, in one table.
+//! - [`ffi`]: the C ABI (`ffi/kvbits.h`).
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;
 pub mod eval;
+pub mod ffi;
 pub mod gguf;
 pub mod kv;
 pub mod model;

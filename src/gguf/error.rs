@@ -65,6 +65,11 @@ pub enum GgufError {
         key: String,
         problem: String,
     },
+    /// A tensor a caller needs is absent, or its contents are not what the caller wrote.
+    Tensor {
+        tensor: String,
+        problem: String,
+    },
     /// Any of the above, in a named file.
     InFile {
         path: PathBuf,
@@ -181,6 +186,7 @@ impl fmt::Display for GgufError {
             ),
             Overlap(a, b) => write!(f, "tensors '{a}' and '{b}' overlap"),
             Metadata { key, problem } => write!(f, "metadata '{key}': {problem}"),
+            Tensor { tensor, problem } => write!(f, "tensor '{tensor}': {problem}"),
             InFile { path, error } => write!(f, "{}: {error}", path.display()),
         }
     }

@@ -3,10 +3,12 @@
 //! Every append lands in an f16 residual first (KIVI's rule); then the tokens older than the
 //! last `recent_f16` are quantized in token order, in blocks that never cross a span
 //! (`store.rs`). Attention walks the blocks, then the residual, with an online softmax
-//! (`attend.rs`). Presets and validation of the config are in `config.rs`.
+//! (`attend.rs`). Presets and validation of the config are in `config.rs`; saving and loading
+//! as a GGUF file in `snapshot.rs`.
 
 mod attend;
 mod config;
+mod snapshot;
 mod store;
 
 use half::f16;
