@@ -1,0 +1,152 @@
+//! Fast `f16` (see `formats/f16.rs`): rows converted by F16C eight at a time and multiplied
+//! into every query head's accumulator while in registers. It is the baseline every speed
+//! ratio is taken against, so it gets the same care as the 1-bit paths. AVX-512 machines use
+//! it too: the f16 path is bound by memory, not by vector width.
+
+use super::Kernel;
+use crate::kv::Shape;
+
+/// F16C, AVX2 and FMA.
+pub struct F16Avx2;
+
+/// Query heads served per pass over a block: 7 (Qwen2.5-VL's group) keeps 14 accumulators and
+/// the row in the 16 ymm registers.
+const HEADS: usize = 7;
+
+impl Kernel for F16Avx2 {
+    fn scores(&self, block: &[u8], shape: Shape, q: &[f32], out: &mut [f32], stride: usize) {
+        let d = shape.d;
+        let rows = &block[..2 * shape.n * d];
+        for (pass, qp) in q.chunks(HEADS * d).enumerate() {
+            let out = &mut out[pass * HEADS * stride..];
+            // SAFETY: `kernel` hands out this path only where `Isa::Avx2` is supported; the
+            // lengths are checked inside.
+            unsafe { x86::scores(rows, d, qp, out, stride) }
+        }
+    }
+
+    fn accumulate(&self, block: &[u8], shape: Shape, p: &[f32], stride: usize, out: &mut [f32]) {
+        let d = shape.d;
+        let rows = &block[..2 * shape.n * d];
+        for (pass, op) in out.chunks_mut(HEADS * d).enumerate() {
+            let p = &p[pass * HEADS * stride..];
+            // SAFETY: as in `scores`.
+            unsafe { x86::accumulate(rows, d, p, stride, op) }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::HEADS;
+    use crate::kv::simd::softmax::hsum256;
+
+    /// Eight channels of a row of little-endian f16, as f32.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn load8(row: &[u8], c: usize) -> __m256 {
+        let b = &row[2 * c..2 * c + 16];
+        // SAFETY: `b` holds 16 bytes; unaligned load.
+        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(b.as_ptr().cast()) })
+    }
+
+    /// Up to [`HEADS`] heads (`q.len() / d`) against every row of `rows`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn scores(rows: &[u8], d: usize, q: &[f32], out: &mut [f32], stride: usize) {
+        let nh = q.len() / d;
+        match nh {
+            1 => scores_h::<1>(rows, d, q, out, stride),
+            2 => scores_h::<2>(rows, d, q, out, stride),
+            3 => scores_h::<3>(rows, d, q, out, stride),
+            4 => scores_h::<4>(rows, d, q, out, stride),
+            5 => scores_h::<5>(rows, d, q, out, stride),
+            6 => scores_h::<6>(rows, d, q, out, stride),
+            _ => scores_h::<HEADS>(rows, d, q, out, stride),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn scores_h<const H: usize>(rows: &[u8], d: usize, q: &[f32], out: &mut [f32], stride: usize) {
+        let q = &q[..H * d];
+        for (t, row) in rows.chunks_exact(2 * d).enumerate() {
+            let mut acc = [_mm256_setzero_ps(); H];
+            for c in (0..d).step_by(8) {
+                let x = load8(row, c);
+                for (h, a) in acc.iter_mut().enumerate() {
+                    let qv = &q[h * d + c..h * d + c + 8];
+                    // SAFETY: `qv` holds 8 floats; unaligned load.
+                    *a = _mm256_fmadd_ps(x, unsafe { _mm256_loadu_ps(qv.as_ptr()) }, *a);
+                }
+            }
+            for (h, a) in acc.into_iter().enumerate() {
+                out[h * stride + t] = hsum256(a);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn accumulate(rows: &[u8], d: usize, p: &[f32], stride: usize, out: &mut [f32]) {
+        let nh = out.len() / d;
+        match nh {
+            1 => accumulate_h::<1>(rows, d, p, stride, out),
+            2 => accumulate_h::<2>(rows, d, p, stride, out),
+            3 => accumulate_h::<3>(rows, d, p, stride, out),
+            4 => accumulate_h::<4>(rows, d, p, stride, out),
+            5 => accumulate_h::<5>(rows, d, p, stride, out),
+            6 => accumulate_h::<6>(rows, d, p, stride, out),
+            _ => accumulate_h::<HEADS>(rows, d, p, stride, out),
+        }
+    }
+
+    /// Sixteen channels at a time (two vectors per head), every row, then the next sixteen:
+    /// the block is small enough to be re-read from L1/L2.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn accumulate_h<const H: usize>(
+        rows: &[u8],
+        d: usize,
+        p: &[f32],
+        stride: usize,
+        out: &mut [f32],
+    ) {
+        let n = rows.len() / (2 * d);
+        let out = &mut out[..H * d];
+        for h in 0..H {
+            assert!(h * stride + n <= p.len());
+        }
+        for c in (0..d).step_by(16) {
+            let mut acc = [[_mm256_setzero_ps(); 2]; H];
+            for (t, row) in rows.chunks_exact(2 * d).enumerate() {
+                let (x0, x1) = (load8(row, c), load8(row, c + 8));
+                for (h, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: `h * stride + t < p.len()`, asserted above.
+                    let pv = _mm256_set1_ps(unsafe { *p.get_unchecked(h * stride + t) });
+                    a[0] = _mm256_fmadd_ps(pv, x0, a[0]);
+                    a[1] = _mm256_fmadd_ps(pv, x1, a[1]);
+                }
+            }
+            for (h, a) in acc.iter().enumerate() {
+                let o = &mut out[h * d + c..h * d + c + 16];
+                // SAFETY: `o` holds 16 floats; unaligned loads and stores.
+                unsafe {
+                    let (o0, o1) = (o.as_mut_ptr(), o.as_mut_ptr().add(8));
+                    _mm256_storeu_ps(o0, _mm256_add_ps(_mm256_loadu_ps(o0), a[0]));
+                    _mm256_storeu_ps(o1, _mm256_add_ps(_mm256_loadu_ps(o1), a[1]));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod x86 {
+    pub(super) unsafe fn scores(_: &[u8], _: usize, _: &[f32], _: &mut [f32], _: usize) {
+        unreachable!("x86 kernels are never dispatched elsewhere")
+    }
+    pub(super) unsafe fn accumulate(_: &[u8], _: usize, _: &[f32], _: usize, _: &mut [f32]) {
+        unreachable!("x86 kernels are never dispatched elsewhere")
+    }
+}

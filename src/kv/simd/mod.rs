@@ -1,0 +1,169 @@
+//! Fast CPU paths for decode attention: SIMD kernels that score and sum straight from the
+//! packed codes, serving every query head of a KV head from one read of a block.
+//!
+//! The scalar formats in `formats/` stay the ground truth. A format's fast kernels live in the
+//! file of the same name here (`simd/q1_calib.rs` beside `formats/q1_calib.rs`); a format with
+//! no file here runs its reference code once per query head ([`PerHead`]), which is also the
+//! portable fallback. [`kernel`] is the one dispatch point; [`isa`] picks the instruction set
+//! once per process: the best the CPU has, or what `KVBITS_CPU=scalar|avx2|avx512` forces.
+
+pub mod f16;
+pub mod q1_calib;
+pub mod softmax;
+
+use std::sync::OnceLock;
+
+use crate::Error;
+use crate::kv::{FormatId, Shape};
+
+/// An instruction set the fast paths are written for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Isa {
+    /// Portable: the reference kernels, one query head at a time.
+    Scalar,
+    /// AVX2 with FMA and F16C.
+    Avx2,
+    /// AVX-512 F and BW, on top of AVX2.
+    Avx512,
+}
+
+impl Isa {
+    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Result<Isa, Error> {
+        Isa::ALL
+            .into_iter()
+            .find(|i| i.name() == name)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "unknown CPU path '{name}'; known: scalar, avx2, avx512"
+                ))
+            })
+    }
+
+    /// Whether this CPU can run the path.
+    pub fn supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            match self {
+                Isa::Scalar => true,
+                Isa::Avx2 => avx2,
+                Isa::Avx512 => {
+                    avx2 && is_x86_feature_detected!("avx512f")
+                        && is_x86_feature_detected!("avx512bw")
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Isa::Scalar
+        }
+    }
+
+    /// The best path this CPU runs.
+    pub fn best() -> Isa {
+        Isa::ALL
+            .into_iter()
+            .rev()
+            .find(|i| i.supported())
+            .unwrap_or(Isa::Scalar)
+    }
+}
+
+impl std::fmt::Display for Isa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The path this process uses, chosen on first call: `KVBITS_CPU` if set (a path this CPU
+/// lacks, or a name not known, falls back to the best one with a warning), else the best.
+pub fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        let Ok(want) = std::env::var("KVBITS_CPU") else {
+            return Isa::best();
+        };
+        match Isa::from_name(want.trim()) {
+            Ok(i) if i.supported() => i,
+            Ok(i) => {
+                eprintln!(
+                    "kvbits: KVBITS_CPU={i}: this CPU lacks it, using {}",
+                    Isa::best()
+                );
+                Isa::best()
+            }
+            Err(e) => {
+                eprintln!("kvbits: KVBITS_CPU: {e}; using {}", Isa::best());
+                Isa::best()
+            }
+        }
+    })
+}
+
+/// Decode-attention kernels of one format for all the query heads of one KV head.
+///
+/// Rows are strided: head `h`'s values for token `t` are at `h * stride + t`, so that one
+/// buffer can hold a chunk of several blocks. The number of heads is `q.len() / d`
+/// (`out.len() / d` for [`Kernel::accumulate`]).
+pub trait Kernel: Sync {
+    /// `out[h * stride + t] = q_h · x̂_t` for the block's tokens.
+    fn scores(&self, block: &[u8], shape: Shape, q: &[f32], out: &mut [f32], stride: usize);
+
+    /// `out[h * d + c] += Σ_t p[h * stride + t] · x̂_t[c]`.
+    fn accumulate(&self, block: &[u8], shape: Shape, p: &[f32], stride: usize, out: &mut [f32]);
+}
+
+/// A format's reference kernels run once per query head: the portable path, and the path of
+/// every format without a file here.
+pub struct PerHead(pub FormatId);
+
+impl Kernel for PerHead {
+    fn scores(&self, block: &[u8], shape: Shape, q: &[f32], out: &mut [f32], stride: usize) {
+        let f = self.0.imp();
+        for (h, qh) in q.chunks_exact(shape.d).enumerate() {
+            f.scores(block, shape, qh, &mut out[h * stride..][..shape.n]);
+        }
+    }
+
+    fn accumulate(&self, block: &[u8], shape: Shape, p: &[f32], stride: usize, out: &mut [f32]) {
+        let f = self.0.imp();
+        for (h, oh) in out.chunks_exact_mut(shape.d).enumerate() {
+            f.accumulate(block, shape, &p[h * stride..][..shape.n], oh);
+        }
+    }
+}
+
+static PER_HEAD: [PerHead; 9] = [
+    PerHead(FormatId::F16),
+    PerHead(FormatId::Q8_0),
+    PerHead(FormatId::Q4_0),
+    PerHead(FormatId::Kivi2),
+    PerHead(FormatId::Q1Calib),
+    PerHead(FormatId::K1_5Mix),
+    PerHead(FormatId::V1_58Tern),
+    PerHead(FormatId::Q2Had),
+    PerHead(FormatId::Q4Had),
+];
+
+/// The kernels of format `id` on path `isa` (which the caller has checked is supported).
+pub fn kernel(id: FormatId, isa: Isa) -> &'static dyn Kernel {
+    match (id, isa) {
+        (_, Isa::Scalar) => &PER_HEAD[id as usize],
+        (FormatId::F16, _) => &f16::F16Avx2,
+        (FormatId::Q1Calib, Isa::Avx512) => &q1_calib::Q1CalibAvx512,
+        (FormatId::Q1Calib, Isa::Avx2) => &q1_calib::Q1CalibAvx2,
+        _ => &PER_HEAD[id as usize],
+    }
+}
