@@ -13,7 +13,8 @@ use rayon::prelude::*;
 
 use super::{KvCache, Layer, Modality};
 use crate::Error;
-use crate::kv::simd::{self, Isa, softmax::exp_shifted};
+use crate::kv::simd::softmax::{exp_shifted, min_max};
+use crate::kv::simd::{self, Isa};
 use crate::kv::{FormatId, Role, Shape};
 
 /// Tokens of one KV head stored together: a block, or (part of) the f16 residual.
@@ -509,6 +510,8 @@ impl KvCache {
             })
             .collect();
         let calibrated = segs[0].iter().any(|s| s.calib.is_some());
+        // The scale folded into the queries once: scores come out as logits.
+        let q: Vec<f32> = q.iter().map(|&x| x * scale).collect();
         let qg = |g: usize| &q[g * group * d..(g + 1) * group * d];
 
         let parts: Vec<Part> = LOGITS.with_borrow_mut(|buf| {
@@ -524,13 +527,13 @@ impl KvCache {
             if !calibrated {
                 return work
                     .map(|(it, sc)| {
-                        self.item_scores(it, &segs[it.g], qg(it.g), sc, scale, isa);
+                        self.item_scores(it, &segs[it.g], qg(it.g), sc, isa);
                         self.item_sums(it, &segs[it.g], sc, group, &[], isa)
                     })
                     .collect();
             }
             let pieces: Vec<Vec<Piece>> = work
-                .map(|(it, sc)| self.item_scores(it, &segs[it.g], qg(it.g), sc, scale, isa))
+                .map(|(it, sc)| self.item_scores(it, &segs[it.g], qg(it.g), sc, isa))
                 .collect();
             // Range of every (KV head, head in group, span): min and max are exact in any order.
             let n_spans = lay.n_spans;
@@ -573,15 +576,14 @@ impl KvCache {
         }
     }
 
-    /// Scaled logits of an item into `sc` (`[head in group][it.len]`); returns the logit range
-    /// of every calibrated span piece it holds.
+    /// Logits of an item (queries `q` scaled) into `sc` (`[head in group][it.len]`); returns
+    /// the logit range of every calibrated span piece it holds.
     fn item_scores(
         &self,
         it: &Item,
         segs: &[Seg<'_>],
         q: &[f32],
         sc: &mut [f32],
-        scale: f32,
         isa: Isa,
     ) -> Vec<Piece> {
         let d = self.cfg.head_dim;
@@ -592,18 +594,12 @@ impl KvCache {
             simd::kernel(s.k, isa).scores(s.kb, shape, q, &mut sc[off..], it.len);
             off += s.n;
         }
-        sc.iter_mut().for_each(|x| *x *= scale);
         let mut pieces = Vec::new();
         let mut off = 0;
         for s in &segs[it.segs.clone()] {
             if let Some(span) = s.calib {
                 for hh in 0..group {
-                    let x = &sc[hh * it.len + off..][..s.n];
-                    let (lo, hi) = x
-                        .iter()
-                        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
-                            (lo.min(v), hi.max(v))
-                        });
+                    let (lo, hi) = min_max(&sc[hh * it.len + off..][..s.n], isa);
                     pieces.push((hh, span, lo, hi));
                 }
             }

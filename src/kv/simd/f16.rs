@@ -10,7 +10,7 @@ use crate::kv::Shape;
 pub struct F16Avx2;
 
 /// Query heads served per pass over a block: 7 (Qwen2.5-VL's group) keeps 14 accumulators and
-/// the row in the 16 ymm registers.
+/// the row in the 16 ymm registers; `by_heads!` goes no higher.
 const HEADS: usize = 7;
 
 impl Kernel for F16Avx2 {
@@ -36,11 +36,23 @@ impl Kernel for F16Avx2 {
     }
 }
 
+/// Little-endian f16 `bytes` into `out` (as long), eight at a time by F16C where this CPU has
+/// it (every caller is an AVX2 kernel).
+pub fn f16s_to_f32(bytes: &[u8], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::Isa::Avx2.supported() {
+        // SAFETY: F16C checked just above.
+        return unsafe { x86::f16s_to_f32(bytes, out) };
+    }
+    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::HEADS;
     use crate::kv::simd::softmax::hsum256;
 
     /// Eight channels of a row of little-endian f16, as f32.
@@ -52,19 +64,24 @@ mod x86 {
         _mm256_cvtph_ps(unsafe { _mm_loadu_si128(b.as_ptr().cast()) })
     }
 
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) fn f16s_to_f32(bytes: &[u8], out: &mut [f32]) {
+        let (body, tail) = out.split_at_mut(out.len() / 8 * 8);
+        for (i, o) in body.chunks_exact_mut(8).enumerate() {
+            // SAFETY: `o` holds 8 floats; unaligned store.
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr(), load8(bytes, 8 * i)) };
+        }
+        let at = body.len();
+        for (j, o) in tail.iter_mut().enumerate() {
+            let b = &bytes[2 * (at + j)..];
+            *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+        }
+    }
+
     /// Up to [`HEADS`] heads (`q.len() / d`) against every row of `rows`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn scores(rows: &[u8], d: usize, q: &[f32], out: &mut [f32], stride: usize) {
-        let nh = q.len() / d;
-        match nh {
-            1 => scores_h::<1>(rows, d, q, out, stride),
-            2 => scores_h::<2>(rows, d, q, out, stride),
-            3 => scores_h::<3>(rows, d, q, out, stride),
-            4 => scores_h::<4>(rows, d, q, out, stride),
-            5 => scores_h::<5>(rows, d, q, out, stride),
-            6 => scores_h::<6>(rows, d, q, out, stride),
-            _ => scores_h::<HEADS>(rows, d, q, out, stride),
-        }
+        by_heads!(q.len() / d, scores_h(rows, d, q, out, stride))
     }
 
     #[inline]
@@ -89,16 +106,7 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn accumulate(rows: &[u8], d: usize, p: &[f32], stride: usize, out: &mut [f32]) {
-        let nh = out.len() / d;
-        match nh {
-            1 => accumulate_h::<1>(rows, d, p, stride, out),
-            2 => accumulate_h::<2>(rows, d, p, stride, out),
-            3 => accumulate_h::<3>(rows, d, p, stride, out),
-            4 => accumulate_h::<4>(rows, d, p, stride, out),
-            5 => accumulate_h::<5>(rows, d, p, stride, out),
-            6 => accumulate_h::<6>(rows, d, p, stride, out),
-            _ => accumulate_h::<HEADS>(rows, d, p, stride, out),
-        }
+        by_heads!(out.len() / d, accumulate_h(rows, d, p, stride, out))
     }
 
     /// Sixteen channels at a time (two vectors per head), every row, then the next sixteen:

@@ -7,6 +7,23 @@
 //! portable fallback. [`kernel`] is the one dispatch point; [`isa`] picks the instruction set
 //! once per process: the best the CPU has, or what `KVBITS_CPU=scalar|avx2|avx512` forces.
 
+/// Calls `$f::<H>(args)` with `H = $nh` (1..=7; more is 7): kernels keep a register per head,
+/// which needs the count at compile time.
+macro_rules! by_heads {
+    ($nh:expr, $f:ident($($a:expr),*)) => {
+        match $nh {
+            1 => $f::<1>($($a),*),
+            2 => $f::<2>($($a),*),
+            3 => $f::<3>($($a),*),
+            4 => $f::<4>($($a),*),
+            5 => $f::<5>($($a),*),
+            6 => $f::<6>($($a),*),
+            _ => $f::<7>($($a),*),
+        }
+    };
+}
+
+pub mod bench;
 pub mod f16;
 pub mod q1_calib;
 pub mod softmax;
@@ -14,7 +31,7 @@ pub mod softmax;
 use std::sync::OnceLock;
 
 use crate::Error;
-use crate::kv::{FormatId, Shape};
+use crate::kv::{FormatId, QuantParams, Shape};
 
 /// An instruction set the fast paths are written for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -166,4 +183,47 @@ pub fn kernel(id: FormatId, isa: Isa) -> &'static dyn Kernel {
         (FormatId::Q1Calib, Isa::Avx2) => &q1_calib::Q1CalibAvx2,
         _ => &PER_HEAD[id as usize],
     }
+}
+
+/// [`Format::quantize`](crate::kv::Format::quantize) of format `id` on this process's path:
+/// the same bytes as the reference, faster where a format has a fast quantizer.
+pub fn quantize(
+    id: FormatId,
+    x: &[f32],
+    shape: Shape,
+    protect: &[bool],
+    params: &QuantParams,
+    out: &mut Vec<u8>,
+) -> Result<(), Error> {
+    id.imp().quantize(x, shape, protect, params, out)
+}
+
+/// Lanes of the portable reductions below: written over fixed arrays so that the compiler
+/// turns them into vector code on any target.
+const LANES: usize = 16;
+
+/// `Σ a_i·b_i`, in `LANES` interleaved partial sums.
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `Σ a_i`, in `LANES` interleaved partial sums.
+pub(crate) fn sum(a: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let c = a.chunks_exact(LANES);
+    let tail: f32 = c.remainder().iter().sum();
+    for x in c {
+        for i in 0..LANES {
+            acc[i] += x[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }

@@ -9,9 +9,9 @@
 //! of a token are the lane mask of an add of its broadcast weight (AVX-512 mask registers
 //! take them as they are stored; AVX2 expands each byte to eight lane masks).
 
-use super::Kernel;
+use super::f16::f16s_to_f32;
+use super::{Kernel, dot, sum};
 use crate::kv::Shape;
-use crate::kv::formats::pack::get_f16;
 
 /// AVX-512 F/BW.
 pub struct Q1CalibAvx512;
@@ -34,18 +34,19 @@ fn ranges(block: &[u8], d: usize) -> Ranges {
         lo: [0.0; MAX_D],
         span: [0.0; MAX_D],
     };
+    let mut hi = [0f32; MAX_D];
+    f16s_to_f32(&block[..2 * d], &mut r.lo[..d]);
+    f16s_to_f32(&block[2 * d..4 * d], &mut hi[..d]);
     for c in 0..d {
-        let (lo, hi) = (get_f16(block, c), get_f16(block, d + c));
-        r.lo[c] = lo;
-        r.span[c] = hi - lo;
+        r.span[c] = hi[c] - r.lo[c];
     }
     r
 }
 
-/// Per head of a pass: `base` and `w` (as the reference computes them, in f32).
+/// Per head of a pass: `base = q·lo` and `w = q·(hi − lo)`.
 fn weights(r: &Ranges, q: &[f32], d: usize, base: &mut [f32; HEADS], w: &mut [f32]) {
     for (h, qh) in q.chunks_exact(d).enumerate() {
-        base[h] = qh.iter().zip(&r.lo).map(|(&qc, &l)| qc * l).sum();
+        base[h] = dot(qh, &r.lo[..d]);
         for c in 0..d {
             w[h * d + c] = qh[c] * r.span[c];
         }
@@ -101,37 +102,44 @@ fn accumulate(block: &[u8], shape: Shape, p: &[f32], stride: usize, out: &mut [f
     let (n, d) = (shape.n, shape.d);
     let r = ranges(block, d);
     let bits = &block[4 * d..4 * d + n * d / 8];
-    let mut acc = [0f32; HEADS * MAX_D];
     for (pass, op) in out.chunks_mut(HEADS * d).enumerate() {
         let nh = op.len() / d;
         let p = &p[pass * HEADS * stride..];
-        for h in 0..nh {
-            assert!(h * stride + n <= p.len());
+        let mut psum = [0f32; HEADS];
+        for (h, ps) in psum[..nh].iter_mut().enumerate() {
+            *ps = sum(&p[h * stride..h * stride + n]);
         }
-        let acc = &mut acc[..nh * d];
-        acc.fill(0.0);
-        // SAFETY: as in `scores`; `p` holds every row read (asserted above).
+        let sums = Sums {
+            lo: &r.lo[..d],
+            span: &r.span[..d],
+            psum: &psum[..nh],
+        };
+        // SAFETY: as in `scores`; `p` holds every row read (checked by `sum` above).
         unsafe {
             if wide {
-                x86::bit_sums512(bits, n, d, p, stride, acc)
+                x86::sums512(bits, n, d, p, stride, &sums, op)
             } else {
-                x86::bit_sums256(bits, n, d, p, stride, acc)
-            }
-        }
-        for h in 0..nh {
-            let psum: f32 = p[h * stride..h * stride + n].iter().sum();
-            for (c, o) in op[h * d..(h + 1) * d].iter_mut().enumerate() {
-                *o += r.lo[c] * psum + r.span[c] * acc[h * d + c];
+                x86::sums256(bits, n, d, p, stride, &sums, op)
             }
         }
     }
 }
 
+/// What turns the bit sums `a_c = Σ_t p_t·bit_tc` of a head into its output:
+/// `out_c += lo_c·psum + span_c·a_c`.
+struct Sums<'a> {
+    lo: &'a [f32],
+    span: &'a [f32],
+    /// `Σ_t p_t` per head.
+    psum: &'a [f32],
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
 
-    use super::{HEADS, MAX_D};
+    use super::{HEADS, MAX_D, Sums};
 
     /// Where word `wd` of a token's `row` code bytes is read, and whether its codes are the
     /// high half: d = 80 and 112 end on half a word, read as the row's last four bytes so
@@ -166,13 +174,27 @@ mod x86 {
         out: &mut [f32],
         stride: usize,
     ) {
-        let nh = base.len();
+        // SAFETY: the caller's contract, passed on.
+        unsafe { by_heads!(base.len(), scores512_h(bits, n, d, w, base, out, stride)) }
+    }
+
+    /// [`scores512`] for `H` heads: accumulators in registers.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn scores512_h<const H: usize>(
+        bits: &[u8],
+        n: usize,
+        d: usize,
+        w: &[f32],
+        base: &[f32],
+        out: &mut [f32],
+        stride: usize,
+    ) {
         let (row, words) = (d / 8, d.div_ceil(32));
-        // Tables: [head][nibble] of 16 floats.
-        let mut tab = [_mm512_setzero_ps(); HEADS * MAX_D / 4];
-        for h in 0..nh {
+        // Tables: [nibble][head] of 16 floats.
+        let mut tab = [MaybeUninit::<__m512>::uninit(); HEADS * MAX_D / 4];
+        for h in 0..H {
             for k in 0..d / 4 {
-                tab[h * (d / 4) + k] = table512(&w[h * d + 4 * k..]);
+                tab[k * H + h].write(table512(&w[h * d + 4 * k..]));
             }
         }
         let lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -181,29 +203,32 @@ mod x86 {
             let m = (n - t0).min(16);
             let mask: __mmask16 = if m == 16 { 0xFFFF } else { (1u16 << m) - 1 };
             let at = bits[t0 * row..].as_ptr();
-            let mut acc = [_mm512_setzero_ps(); HEADS];
-            for wd in 0..words {
+            // Every word of the 16 tokens first: the gathers' latencies overlap.
+            let mut codes = [_mm512_setzero_si512(); MAX_D / 32];
+            for (wd, code) in codes[..words].iter_mut().enumerate() {
                 let (at_word, high_half) = word(row, wd);
                 let idx = _mm512_add_epi32(offsets, _mm512_set1_epi32(at_word as i32));
                 // SAFETY: lanes in `mask` read 4 bytes of token `t0 + lane`'s row, inside `bits`.
-                let code = unsafe {
+                let c = unsafe {
                     _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), mask, idx, at.cast())
                 };
-                let (code, nibbles) = if high_half {
-                    (_mm512_srli_epi32::<16>(code), 4)
+                *code = if high_half {
+                    _mm512_srli_epi32::<16>(c)
                 } else {
-                    (code, 8)
+                    c
                 };
-                for j in 0..nibbles {
-                    // vpermps reads the low 4 bits of each lane: the nibble after the shift.
-                    let nib = _mm512_srlv_epi32(code, _mm512_set1_epi32(4 * j as i32));
-                    let k = wd * 8 + j;
-                    for (h, a) in acc[..nh].iter_mut().enumerate() {
-                        *a = _mm512_add_ps(*a, _mm512_permutexvar_ps(nib, tab[h * (d / 4) + k]));
-                    }
+            }
+            let mut acc = [_mm512_setzero_ps(); H];
+            for (k, tabs) in tab[..H * (d / 4)].chunks_exact(H).enumerate() {
+                // vpermps reads the low 4 bits of each lane: the nibble after the shift.
+                let nib = _mm512_srlv_epi32(codes[k / 8], _mm512_set1_epi32(4 * (k % 8) as i32));
+                for (a, t) in acc.iter_mut().zip(tabs) {
+                    // SAFETY: tables 0..H·d/4 were written above.
+                    let t = unsafe { t.assume_init() };
+                    *a = _mm512_add_ps(*a, _mm512_permutexvar_ps(nib, t));
                 }
             }
-            for (h, a) in acc[..nh].iter().enumerate() {
+            for (h, a) in acc.iter().enumerate() {
                 let s = _mm512_add_ps(*a, _mm512_set1_ps(base[h]));
                 let o = &mut out[h * stride + t0..h * stride + t0 + m];
                 // SAFETY: the masked store writes the `m` floats of `o`.
@@ -212,47 +237,91 @@ mod x86 {
         }
     }
 
-    /// `acc[h·d + c] += Σ_t p[h·stride + t]·bit_tc`, 64 channels (four mask registers) at a time.
+    /// `out[h·d + c] += lo_c·psum_h + span_c·Σ_t p[h·stride + t]·bit_tc`, 64 channels (four
+    /// mask registers) at a time, then 16.
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn bit_sums512(
+    pub(super) unsafe fn sums512(
         bits: &[u8],
         n: usize,
         d: usize,
         p: &[f32],
         stride: usize,
-        acc: &mut [f32],
+        s: &Sums,
+        out: &mut [f32],
     ) {
-        let nh = acc.len() / d;
-        let row = d / 8;
+        // SAFETY: the caller's contract, passed on.
+        unsafe { by_heads!(out.len() / d, sums512_h(bits, n, d, p, stride, s, out)) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn sums512_h<const H: usize>(
+        bits: &[u8],
+        n: usize,
+        d: usize,
+        p: &[f32],
+        stride: usize,
+        s: &Sums,
+        out: &mut [f32],
+    ) {
         let mut c0 = 0;
         while c0 < d {
-            let v = ((d - c0) / 16).min(4);
-            let mut a = [[_mm512_setzero_ps(); 4]; HEADS];
-            for t in 0..n {
-                let code = &bits[t * row + c0 / 8..t * row + c0 / 8 + 2 * v];
-                let mut k = [0u16; 4];
-                for (i, ki) in k[..v].iter_mut().enumerate() {
-                    *ki = u16::from_le_bytes([code[2 * i], code[2 * i + 1]]);
-                }
-                for (h, ah) in a[..nh].iter_mut().enumerate() {
-                    // SAFETY: the caller checked `h·stride + t < p.len()`.
-                    let pv = _mm512_set1_ps(unsafe { *p.get_unchecked(h * stride + t) });
-                    for i in 0..v {
-                        ah[i] = _mm512_mask_add_ps(ah[i], k[i], ah[i], pv);
-                    }
+            // SAFETY: the caller's contract, passed on.
+            unsafe {
+                if d - c0 >= 64 {
+                    slab512::<H, 4>(bits, n, d, c0, p, stride, s, out);
+                    c0 += 64;
+                } else {
+                    slab512::<H, 1>(bits, n, d, c0, p, stride, s, out);
+                    c0 += 16;
                 }
             }
-            for (h, ah) in a[..nh].iter().enumerate() {
-                for (i, ai) in ah[..v].iter().enumerate() {
-                    let o = &mut acc[h * d + c0 + 16 * i..h * d + c0 + 16 * i + 16];
-                    // SAFETY: `o` holds 16 floats; unaligned load and store.
-                    unsafe {
-                        let sum = _mm512_add_ps(_mm512_loadu_ps(o.as_ptr()), *ai);
-                        _mm512_storeu_ps(o.as_mut_ptr(), sum);
-                    }
+        }
+    }
+
+    /// Channels `c0..c0 + 16·V` of [`sums512`] for `H` heads: `H·V` accumulators.
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn slab512<const H: usize, const V: usize>(
+        bits: &[u8],
+        n: usize,
+        d: usize,
+        c0: usize,
+        p: &[f32],
+        stride: usize,
+        s: &Sums,
+        out: &mut [f32],
+    ) {
+        let row = d / 8;
+        let mut a = [[_mm512_setzero_ps(); V]; H];
+        for t in 0..n {
+            let code = &bits[t * row + c0 / 8..][..2 * V];
+            let mut k = [0u16; V];
+            for (i, ki) in k.iter_mut().enumerate() {
+                *ki = u16::from_le_bytes([code[2 * i], code[2 * i + 1]]);
+            }
+            for (h, ah) in a.iter_mut().enumerate() {
+                // SAFETY: the caller checked `h·stride + t < p.len()`.
+                let pv = _mm512_set1_ps(unsafe { *p.get_unchecked(h * stride + t) });
+                for i in 0..V {
+                    ah[i] = _mm512_mask_add_ps(ah[i], k[i], ah[i], pv);
                 }
             }
-            c0 += 16 * v;
+        }
+        for (h, ah) in a.iter().enumerate() {
+            let psum = _mm512_set1_ps(s.psum[h]);
+            for (i, ai) in ah.iter().enumerate() {
+                let c = c0 + 16 * i;
+                let o = &mut out[h * d + c..][..16];
+                let (lo, span) = (&s.lo[c..c + 16], &s.span[c..c + 16]);
+                // SAFETY: `o`, `lo` and `span` hold 16 floats; unaligned loads and store.
+                unsafe {
+                    let v = _mm512_mul_ps(_mm512_loadu_ps(lo.as_ptr()), psum);
+                    let v = _mm512_fmadd_ps(_mm512_loadu_ps(span.as_ptr()), *ai, v);
+                    let v = _mm512_add_ps(_mm512_loadu_ps(o.as_ptr()), v);
+                    _mm512_storeu_ps(o.as_mut_ptr(), v);
+                }
+            }
         }
     }
 
@@ -294,12 +363,25 @@ mod x86 {
         out: &mut [f32],
         stride: usize,
     ) {
-        let nh = base.len();
+        // SAFETY: the caller's contract, passed on.
+        unsafe { by_heads!(base.len(), scores256_h(bits, n, d, w, base, out, stride)) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn scores256_h<const H: usize>(
+        bits: &[u8],
+        n: usize,
+        d: usize,
+        w: &[f32],
+        base: &[f32],
+        out: &mut [f32],
+        stride: usize,
+    ) {
         let (row, words) = (d / 8, d.div_ceil(32));
-        let mut tab = [(_mm256_setzero_ps(), _mm256_setzero_ps()); HEADS * MAX_D / 4];
-        for h in 0..nh {
+        let mut tab = [MaybeUninit::<(__m256, __m256)>::uninit(); HEADS * MAX_D / 4];
+        for h in 0..H {
             for k in 0..d / 4 {
-                tab[h * (d / 4) + k] = table256(&w[h * d + 4 * k..]);
+                tab[h * (d / 4) + k].write(table256(&w[h * d + 4 * k..]));
             }
         }
         let offsets = _mm256_mullo_epi32(
@@ -313,7 +395,7 @@ mod x86 {
                 _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
             );
             let at = bits[t0 * row..].as_ptr();
-            let mut acc = [_mm256_setzero_ps(); HEADS];
+            let mut acc = [_mm256_setzero_ps(); H];
             for wd in 0..words {
                 let (at_word, high_half) = word(row, wd);
                 let idx = _mm256_add_epi32(offsets, _mm256_set1_epi32(at_word as i32));
@@ -330,8 +412,9 @@ mod x86 {
                     let nib = _mm256_srlv_epi32(code, _mm256_set1_epi32(4 * j as i32));
                     let high = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(nib));
                     let k = wd * 8 + j;
-                    for (h, a) in acc[..nh].iter_mut().enumerate() {
-                        let (tl, th) = tab[h * (d / 4) + k];
+                    for (h, a) in acc.iter_mut().enumerate() {
+                        // SAFETY: tables 0..d/4 of heads 0..H were written above.
+                        let (tl, th) = unsafe { tab[h * (d / 4) + k].assume_init() };
                         let v = _mm256_blendv_ps(
                             _mm256_permutevar8x32_ps(tl, nib),
                             _mm256_permutevar8x32_ps(th, nib),
@@ -341,7 +424,7 @@ mod x86 {
                     }
                 }
             }
-            for (h, a) in acc[..nh].iter().enumerate() {
+            for (h, a) in acc.iter().enumerate() {
                 let mut s = [0f32; 8];
                 // SAFETY: `s` holds 8 floats.
                 unsafe {
@@ -352,21 +435,35 @@ mod x86 {
         }
     }
 
-    /// `acc[h·d + c] += Σ_t p[h·stride + t]·bit_tc`, 16 channels (two bytes) at a time.
+    /// [`sums512`], 16 channels (two bytes, each expanded to eight lane masks) at a time.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn bit_sums256(
+    pub(super) unsafe fn sums256(
         bits: &[u8],
         n: usize,
         d: usize,
         p: &[f32],
         stride: usize,
-        acc: &mut [f32],
+        s: &Sums,
+        out: &mut [f32],
     ) {
-        let nh = acc.len() / d;
+        // SAFETY: the caller's contract, passed on.
+        unsafe { by_heads!(out.len() / d, sums256_h(bits, n, d, p, stride, s, out)) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn sums256_h<const H: usize>(
+        bits: &[u8],
+        n: usize,
+        d: usize,
+        p: &[f32],
+        stride: usize,
+        s: &Sums,
+        out: &mut [f32],
+    ) {
         let row = d / 8;
         let lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
         for c0 in (0..d).step_by(16) {
-            let mut a = [[_mm256_setzero_ps(); 2]; HEADS];
+            let mut a = [[_mm256_setzero_ps(); 2]; H];
             for t in 0..n {
                 let (b0, b1) = (bits[t * row + c0 / 8], bits[t * row + c0 / 8 + 1]);
                 let expand = |b: u8| {
@@ -374,20 +471,25 @@ mod x86 {
                     _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(v, lane_bit), lane_bit))
                 };
                 let (m0, m1) = (expand(b0), expand(b1));
-                for (h, ah) in a[..nh].iter_mut().enumerate() {
+                for (h, ah) in a.iter_mut().enumerate() {
                     // SAFETY: the caller checked `h·stride + t < p.len()`.
                     let pv = _mm256_set1_ps(unsafe { *p.get_unchecked(h * stride + t) });
                     ah[0] = _mm256_add_ps(ah[0], _mm256_and_ps(m0, pv));
                     ah[1] = _mm256_add_ps(ah[1], _mm256_and_ps(m1, pv));
                 }
             }
-            for (h, ah) in a[..nh].iter().enumerate() {
+            for (h, ah) in a.iter().enumerate() {
+                let psum = _mm256_set1_ps(s.psum[h]);
                 for (i, ai) in ah.iter().enumerate() {
-                    let o = &mut acc[h * d + c0 + 8 * i..h * d + c0 + 8 * i + 8];
-                    // SAFETY: `o` holds 8 floats; unaligned load and store.
+                    let c = c0 + 8 * i;
+                    let o = &mut out[h * d + c..][..8];
+                    let (lo, span) = (&s.lo[c..c + 8], &s.span[c..c + 8]);
+                    // SAFETY: `o`, `lo` and `span` hold 8 floats; unaligned loads and store.
                     unsafe {
-                        let sum = _mm256_add_ps(_mm256_loadu_ps(o.as_ptr()), *ai);
-                        _mm256_storeu_ps(o.as_mut_ptr(), sum);
+                        let v = _mm256_mul_ps(_mm256_loadu_ps(lo.as_ptr()), psum);
+                        let v = _mm256_fmadd_ps(_mm256_loadu_ps(span.as_ptr()), *ai, v);
+                        let v = _mm256_add_ps(_mm256_loadu_ps(o.as_ptr()), v);
+                        _mm256_storeu_ps(o.as_mut_ptr(), v);
                     }
                 }
             }

@@ -24,6 +24,20 @@ pub fn exp_shifted(x: &mut [f32], isa: Isa) -> (f32, f32) {
     (m, sum)
 }
 
+/// `(min x, max x)` of finite values: the range CalibQuant's calibration maps.
+pub fn min_max(x: &[f32], isa: Isa) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 {
+        // SAFETY: `isa` is only ever a path `Isa::supported` confirmed on this CPU.
+        return unsafe { x86::min_max_avx2(x) };
+    }
+    let _ = isa;
+    x.iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        })
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -111,6 +125,22 @@ mod x86 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
         _mm_cvtss_f32(s)
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) fn min_max_avx2(x: &[f32]) -> (f32, f32) {
+        let (body, tail) = x.split_at(x.len() / 8 * 8);
+        let mut lo = _mm256_set1_ps(f32::INFINITY);
+        let mut hi = _mm256_set1_ps(f32::NEG_INFINITY);
+        for c in body.chunks_exact(8) {
+            // SAFETY: `c` holds 8 floats; unaligned load.
+            let v = unsafe { _mm256_loadu_ps(c.as_ptr()) };
+            lo = _mm256_min_ps(lo, v);
+            hi = _mm256_max_ps(hi, v);
+        }
+        let neg = _mm256_sub_ps(_mm256_setzero_ps(), lo);
+        tail.iter()
+            .fold((-hmax256(neg), hmax256(hi)), |(l, h), &v| (l.min(v), h.max(v)))
     }
 
     #[target_feature(enable = "avx2,fma")]
