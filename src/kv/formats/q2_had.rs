@@ -65,12 +65,12 @@ pub fn rotate(x: &mut [f32]) {
 }
 
 /// The min-max groups of a token of `d` rotated values; the last may be shorter.
-fn groups(d: usize) -> impl Iterator<Item = Range<usize>> {
+pub(crate) fn groups(d: usize) -> impl Iterator<Item = Range<usize>> {
     (0..d).step_by(GROUP).map(move |s| s..(s + GROUP).min(d))
 }
 
 /// Offset of the codes in a token record: after its group pairs.
-fn codes_at(d: usize) -> usize {
+pub(crate) fn codes_at(d: usize) -> usize {
     d.div_ceil(GROUP) * PAIR
 }
 
@@ -80,7 +80,7 @@ fn record_len(d: usize, bits: usize) -> usize {
 }
 
 /// Group `g`'s stored parameters in a token record.
-fn group_params(record: &[u8], g: usize) -> MinMax {
+pub(crate) fn group_params(record: &[u8], g: usize) -> MinMax {
     MinMax {
         lo: get_f16(record, 2 * g),
         step: get_f16(record, 2 * g + 1),
@@ -88,7 +88,7 @@ fn group_params(record: &[u8], g: usize) -> MinMax {
 }
 
 /// One token of a stored block.
-enum Token<'a> {
+pub(crate) enum Token<'a> {
     /// A quantized record: pairs, then codes.
     Quantized(&'a [u8]),
     /// An f16 row.
@@ -96,7 +96,7 @@ enum Token<'a> {
 }
 
 /// The tokens of a stored block, in order.
-fn tokens(block: &[u8], shape: Shape, bits: usize) -> impl Iterator<Item = Token<'_>> {
+pub(crate) fn tokens(block: &[u8], shape: Shape, bits: usize) -> impl Iterator<Item = Token<'_>> {
     let (n, d) = (shape.n, shape.d);
     let n_p = u32::from_le_bytes([block[0], block[1], block[2], block[3]]) as usize;
     let rec = record_len(d, bits);

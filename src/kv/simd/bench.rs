@@ -13,7 +13,15 @@ pub const TOKENS: [usize; 3] = [4096, 16384, 65536];
 
 /// The rows of a decode table: our f16 first (the baseline), llama.cpp's two quantized
 /// caches, then the presets.
-pub const CONFIGS: [&str; 7] = ["f16", "q8_0", "q4_0", "calibquant", "vidkv", "akvq", "kivi2"];
+pub const CONFIGS: [&str; 7] = [
+    "f16",
+    "q8_0",
+    "q4_0",
+    "calibquant",
+    "vidkv",
+    "akvq",
+    "kivi2",
+];
 
 /// The cache of row `name` for `SHAPE`, one layer.
 pub fn config(name: &str) -> Result<CacheConfig, Error> {

@@ -26,6 +26,7 @@ macro_rules! by_heads {
 pub mod bench;
 pub mod f16;
 pub mod q1_calib;
+pub mod q2_had;
 pub mod softmax;
 
 use std::sync::OnceLock;
@@ -181,6 +182,8 @@ pub fn kernel(id: FormatId, isa: Isa) -> &'static dyn Kernel {
         (FormatId::F16, _) => &f16::F16Avx2,
         (FormatId::Q1Calib, Isa::Avx512) => &q1_calib::Q1CalibAvx512,
         (FormatId::Q1Calib, Isa::Avx2) => &q1_calib::Q1CalibAvx2,
+        (FormatId::Q2Had, _) => &q2_had::HadAvx2::<2>,
+        (FormatId::Q4Had, _) => &q2_had::HadAvx2::<4>,
         _ => &PER_HEAD[id as usize],
     }
 }
@@ -203,10 +206,16 @@ pub fn quantize(
 const LANES: usize = 16;
 
 /// `Σ a_i·b_i`, in `LANES` interleaved partial sums.
+#[inline(always)]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     for (x, y) in ca.zip(cb) {
         for i in 0..LANES {
             acc[i] += x[i] * y[i];
@@ -216,6 +225,7 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `Σ a_i`, in `LANES` interleaved partial sums.
+#[inline(always)]
 pub(crate) fn sum(a: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let c = a.chunks_exact(LANES);

@@ -140,7 +140,9 @@ mod x86 {
         }
         let neg = _mm256_sub_ps(_mm256_setzero_ps(), lo);
         tail.iter()
-            .fold((-hmax256(neg), hmax256(hi)), |(l, h), &v| (l.min(v), h.max(v)))
+            .fold((-hmax256(neg), hmax256(hi)), |(l, h), &v| {
+                (l.min(v), h.max(v))
+            })
     }
 
     #[target_feature(enable = "avx2,fma")]
