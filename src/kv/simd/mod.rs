@@ -25,8 +25,12 @@ macro_rules! by_heads {
 
 pub mod bench;
 pub mod f16;
+pub mod k1_5_mix;
 pub mod q1_calib;
 pub mod q2_had;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod rows;
+pub mod v1_58_tern;
 pub mod softmax;
 
 use std::sync::OnceLock;
@@ -184,6 +188,8 @@ pub fn kernel(id: FormatId, isa: Isa) -> &'static dyn Kernel {
         (FormatId::Q1Calib, Isa::Avx2) => &q1_calib::Q1CalibAvx2,
         (FormatId::Q2Had, _) => &q2_had::HadAvx2::<2>,
         (FormatId::Q4Had, _) => &q2_had::HadAvx2::<4>,
+        (FormatId::V1_58Tern, _) => &v1_58_tern::V1_58TernAvx2,
+        (FormatId::K1_5Mix, _) => &k1_5_mix::K1_5MixAvx2,
         _ => &PER_HEAD[id as usize],
     }
 }

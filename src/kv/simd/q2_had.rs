@@ -5,7 +5,8 @@
 //! and FMA, which the compiler vectorises, around the one intrinsic reduction.
 
 use super::Kernel;
-use super::f16::{dots8, f16s_to_f32};
+use super::f16::f16s_to_f32;
+use super::rows::store_dots;
 use crate::kv::Shape;
 use crate::kv::formats::q2_had::{Token, codes_at, group_params, groups, rotate, tokens};
 
@@ -65,13 +66,8 @@ unsafe fn scores_avx2<const BITS: usize>(
                 q
             }
         };
-        for (pass, wp) in w.chunks(8 * d).enumerate() {
-            // SAFETY: AVX2 and FMA are enabled here.
-            let s = unsafe { dots8(wp, c) };
-            for (i, &v) in s[..wp.len() / d].iter().enumerate() {
-                out[(pass * 8 + i) * stride + t] = v;
-            }
-        }
+        // SAFETY: AVX2 and FMA are enabled here.
+        unsafe { store_dots(w, &[], c, out, stride, t) };
     }
 }
 
