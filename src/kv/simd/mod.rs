@@ -204,7 +204,14 @@ pub fn quantize(
     params: &QuantParams,
     out: &mut Vec<u8>,
 ) -> Result<(), Error> {
-    id.imp().quantize(x, shape, protect, params, out)
+    match id {
+        FormatId::F16 => {
+            crate::kv::format::check_input(x, shape, protect)?;
+            f16::f32s_to_f16(x, out);
+            Ok(())
+        }
+        _ => id.imp().quantize(x, shape, protect, params, out),
+    }
 }
 
 /// Lanes of the portable reductions below: written over fixed arrays so that the compiler
