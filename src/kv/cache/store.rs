@@ -486,7 +486,8 @@ fn store_role(
             .find_map(Result::err)
             .expect("an error was seen"));
     }
-    s.sizes.extend(stored.into_iter().map(|r| r.expect("no error")));
+    s.sizes
+        .extend(stored.into_iter().map(|r| r.expect("no error")));
     Ok(job.f)
 }
 

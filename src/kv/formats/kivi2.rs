@@ -80,6 +80,7 @@ fn key_groups(n: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..n).step_by(GROUP).map(move |t0| (t0, GROUP.min(n - t0)))
 }
 
+#[inline(always)]
 fn quantize_keys(x: &[f32], shape: Shape, out: &mut Vec<u8>) {
     let d = shape.d;
     let mut codes = Vec::with_capacity(d);
@@ -98,6 +99,7 @@ fn quantize_keys(x: &[f32], shape: Shape, out: &mut Vec<u8>) {
     }
 }
 
+#[inline(always)]
 fn quantize_values(x: &[f32], shape: Shape, out: &mut Vec<u8>) {
     let mut codes = Vec::with_capacity(GROUP);
     for row in x.chunks_exact(shape.d) {
@@ -125,6 +127,8 @@ impl Format for Kivi2 {
         }
     }
 
+    // Inlined into `kv::simd`'s copy compiled for AVX2 (same source, same bytes).
+    #[inline(always)]
     fn quantize(
         &self,
         x: &[f32],

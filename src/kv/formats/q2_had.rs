@@ -32,6 +32,7 @@ const PAIR: usize = 4;
 /// In-place normalised Walsh-Hadamard transform, `H·x / sqrt(len)` with `H` the Sylvester
 /// matrix (`H_1 = [1]`, `H_2k = [[H_k, H_k], [H_k, -H_k]]`). Orthonormal and symmetric, so it
 /// is its own inverse. `x.len()` must be a power of two.
+#[inline]
 pub fn wht(x: &mut [f32]) {
     let len = x.len();
     assert!(
@@ -55,6 +56,7 @@ pub fn wht(x: &mut [f32]) {
 /// The rotation of one token: [`wht`] over power-of-two sub-blocks, largest first
 /// (80 = 64 + 16, 96 = 64 + 32, 112 = 64 + 32 + 16; a power of two is one block).
 /// Block-diagonal of orthonormal symmetric blocks, so also its own inverse.
+#[inline]
 pub fn rotate(x: &mut [f32]) {
     let mut rest = x;
     while !rest.is_empty() {
@@ -127,6 +129,8 @@ fn block_size<const BITS: usize>(shape: Shape, n_protected: usize) -> BlockSize 
     }
 }
 
+// Inlined into `kv::simd`'s copy compiled for AVX2 (same source, same bytes).
+#[inline(always)]
 fn quantize<const BITS: usize>(
     x: &[f32],
     shape: Shape,
@@ -150,6 +154,7 @@ fn quantize<const BITS: usize>(
 }
 
 /// The block after the checks; on error the caller drops what was appended.
+#[inline(always)]
 fn write_block<const BITS: usize>(
     x: &[f32],
     shape: Shape,
@@ -288,6 +293,7 @@ macro_rules! had_format {
             fn protects(&self) -> bool {
                 true
             }
+            #[inline(always)]
             fn quantize(
                 &self,
                 x: &[f32],

@@ -188,4 +188,3 @@ mod x86 {
         unreachable!("x86 kernels are never dispatched elsewhere")
     }
 }
-

@@ -30,8 +30,8 @@ pub mod q1_calib;
 pub mod q2_had;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod rows;
-pub mod v1_58_tern;
 pub mod softmax;
+pub mod v1_58_tern;
 
 use std::sync::OnceLock;
 
@@ -210,7 +210,45 @@ pub fn quantize(
             f16::f32s_to_f16(x, out);
             Ok(())
         }
+        #[cfg(target_arch = "x86_64")]
+        _ if isa() >= Isa::Avx2 => {
+            // SAFETY: `isa()` only returns a path this CPU supports.
+            unsafe { avx2::quantize(id, x, shape, protect, params, out) }
+        }
         _ => id.imp().quantize(x, shape, protect, params, out),
+    }
+}
+
+/// The reference quantizers, their source inlined (`#[inline(always)]` in `formats/`) into
+/// functions compiled for AVX2, FMA and F16C: the compiler vectorises them and rounds without
+/// a libm call. IEEE arithmetic without contraction, the same operations in the same order:
+/// the same bytes, which `tests/cpu_fast.rs` checks.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use crate::Error;
+    use crate::kv::formats::{k1_5_mix, kivi2, q1_calib, q2_had, q4_0, q8_0, v1_58_tern};
+    use crate::kv::{Format, FormatId, QuantParams, Shape};
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn quantize(
+        id: FormatId,
+        x: &[f32],
+        shape: Shape,
+        protect: &[bool],
+        params: &QuantParams,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Error> {
+        match id {
+            FormatId::Q8_0 => q8_0::Q8_0.quantize(x, shape, protect, params, out),
+            FormatId::Q4_0 => q4_0::Q4_0.quantize(x, shape, protect, params, out),
+            FormatId::Kivi2 => kivi2::Kivi2.quantize(x, shape, protect, params, out),
+            FormatId::Q1Calib => q1_calib::Q1Calib.quantize(x, shape, protect, params, out),
+            FormatId::K1_5Mix => k1_5_mix::K1_5Mix.quantize(x, shape, protect, params, out),
+            FormatId::V1_58Tern => v1_58_tern::V1_58Tern.quantize(x, shape, protect, params, out),
+            FormatId::Q2Had => q2_had::Q2Had.quantize(x, shape, protect, params, out),
+            FormatId::Q4Had => q2_had::Q4Had.quantize(x, shape, protect, params, out),
+            FormatId::F16 => id.imp().quantize(x, shape, protect, params, out),
+        }
     }
 }
 

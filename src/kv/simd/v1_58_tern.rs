@@ -42,7 +42,11 @@ unsafe fn scores_avx2(block: &[u8], shape: Shape, q: &[f32], out: &mut [f32], st
     let l = Layout::read(block, shape);
     let nh = q.len() / d;
     let gamma: Vec<f32> = (0..d).map(|c| l.gamma(block, c)).collect();
-    let q_gamma: Vec<f32> = q.iter().enumerate().map(|(i, &x)| x * gamma[i % d]).collect();
+    let q_gamma: Vec<f32> = q
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| x * gamma[i % d])
+        .collect();
     let (mut q_step, mut base) = (vec![0f32; nh * d], vec![0f32; nh]);
     if l.n_p > 0 {
         for c in 0..d {
@@ -77,7 +81,8 @@ unsafe fn accumulate_avx2(block: &[u8], shape: Shape, p: &[f32], stride: usize, 
     let l = Layout::read(block, shape);
     let nh = out.len() / d;
     // Σ_t p_t·trit and Σ_t p_t·code per head and channel, scaled once at the end.
-    let (mut tern, mut codes, mut p_prot) = (vec![0f32; nh * d], vec![0f32; nh * d], vec![0f32; nh]);
+    let (mut tern, mut codes, mut p_prot) =
+        (vec![0f32; nh * d], vec![0f32; nh * d], vec![0f32; nh]);
     let mut row = [0f32; 256];
     let row = &mut row[..d];
     l.for_tokens(block, n, |t, rank| match rank {
