@@ -25,12 +25,22 @@ macro_rules! by_heads {
 
 pub mod bench;
 pub mod f16;
+#[cfg(target_arch = "x86_64")]
 pub mod k1_5_mix;
+#[cfg(target_arch = "x86_64")]
+pub mod kivi2;
+#[cfg(target_arch = "x86_64")]
 pub mod q1_calib;
+#[cfg(target_arch = "x86_64")]
 pub mod q2_had;
+#[cfg(target_arch = "x86_64")]
+pub mod q4_0;
+#[cfg(target_arch = "x86_64")]
+pub mod q8_0;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod rows;
 pub mod softmax;
+#[cfg(target_arch = "x86_64")]
 pub mod v1_58_tern;
 
 use std::sync::OnceLock;
@@ -180,18 +190,26 @@ static PER_HEAD: [PerHead; 9] = [
 ];
 
 /// The kernels of format `id` on path `isa` (which the caller has checked is supported).
+/// Every format has an AVX2 kernel; q1_calib an AVX-512 one besides, the others run their
+/// AVX2 kernel on AVX-512 machines.
 pub fn kernel(id: FormatId, isa: Isa) -> &'static dyn Kernel {
-    match (id, isa) {
-        (_, Isa::Scalar) => &PER_HEAD[id as usize],
-        (FormatId::F16, _) => &f16::F16Avx2,
-        (FormatId::Q1Calib, Isa::Avx512) => &q1_calib::Q1CalibAvx512,
-        (FormatId::Q1Calib, Isa::Avx2) => &q1_calib::Q1CalibAvx2,
-        (FormatId::Q2Had, _) => &q2_had::HadAvx2::<2>,
-        (FormatId::Q4Had, _) => &q2_had::HadAvx2::<4>,
-        (FormatId::V1_58Tern, _) => &v1_58_tern::V1_58TernAvx2,
-        (FormatId::K1_5Mix, _) => &k1_5_mix::K1_5MixAvx2,
-        _ => &PER_HEAD[id as usize],
+    #[cfg(target_arch = "x86_64")]
+    if isa != Isa::Scalar {
+        return match id {
+            FormatId::F16 => &f16::F16Avx2,
+            FormatId::Q8_0 => &q8_0::Q8_0_AVX2,
+            FormatId::Q4_0 => &q4_0::Q4_0_AVX2,
+            FormatId::Kivi2 => &kivi2::Kivi2Avx2,
+            FormatId::Q1Calib if isa == Isa::Avx512 => &q1_calib::Q1CalibAvx512,
+            FormatId::Q1Calib => &q1_calib::Q1CalibAvx2,
+            FormatId::K1_5Mix => &k1_5_mix::K1_5MixAvx2,
+            FormatId::V1_58Tern => &v1_58_tern::V1_58TernAvx2,
+            FormatId::Q2Had => &q2_had::HadAvx2::<2>,
+            FormatId::Q4Had => &q2_had::HadAvx2::<4>,
+        };
     }
+    let _ = isa;
+    &PER_HEAD[id as usize]
 }
 
 /// [`Format::quantize`](crate::kv::Format::quantize) of format `id` on this process's path:

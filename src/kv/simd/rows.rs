@@ -72,3 +72,76 @@ pub(crate) fn axpy_heads(acc: &mut [f32], p: &[f32], stride: usize, t: usize, ro
         ah.iter_mut().zip(row).for_each(|(a, &v)| *a += pt * v);
     }
 }
+
+/// A format whose tokens decode one at a time into their values (a row of `d` floats): its
+/// fast kernels are [`RowKernel`].
+pub(crate) trait DecodeRow: Sync {
+    /// Values of token `t` of the block into `out` (`d` floats).
+    fn row(&self, block: &[u8], d: usize, t: usize, out: &mut [f32]);
+}
+
+/// Scores and sums of a [`DecodeRow`] format, every head served by one decode of each row.
+pub struct RowKernel<R>(pub(crate) R);
+
+impl<R: DecodeRow> super::Kernel for RowKernel<R> {
+    fn scores(
+        &self,
+        block: &[u8],
+        shape: crate::kv::Shape,
+        q: &[f32],
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        // SAFETY: `kernel` hands out this path only where `Isa::Avx2` is supported.
+        unsafe { row_scores(&self.0, block, shape.n, shape.d, q, out, stride) }
+    }
+
+    fn accumulate(
+        &self,
+        block: &[u8],
+        shape: crate::kv::Shape,
+        p: &[f32],
+        stride: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: as in `scores`.
+        unsafe { row_sums(&self.0, block, shape.n, shape.d, p, stride, out) }
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_scores<R: DecodeRow>(
+    r: &R,
+    block: &[u8],
+    n: usize,
+    d: usize,
+    q: &[f32],
+    out: &mut [f32],
+    stride: usize,
+) {
+    let mut row = [0f32; 256];
+    let row = &mut row[..d];
+    for t in 0..n {
+        r.row(block, d, t, row);
+        // SAFETY: AVX2 and FMA are enabled here.
+        unsafe { store_dots(q, &[], row, out, stride, t) };
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_sums<R: DecodeRow>(
+    r: &R,
+    block: &[u8],
+    n: usize,
+    d: usize,
+    p: &[f32],
+    stride: usize,
+    out: &mut [f32],
+) {
+    let mut row = [0f32; 256];
+    let row = &mut row[..d];
+    for t in 0..n {
+        r.row(block, d, t, row);
+        axpy_heads(out, p, stride, t, row);
+    }
+}
