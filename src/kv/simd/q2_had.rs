@@ -6,7 +6,7 @@
 
 use super::Kernel;
 use super::f16::f16s_to_f32;
-use super::rows::store_dots;
+use super::rows::{Tile, store_dots};
 use crate::kv::Shape;
 use crate::kv::formats::q2_had::{Token, codes_at, group_params, groups, rotate, tokens};
 
@@ -83,34 +83,26 @@ unsafe fn accumulate_avx2<const BITS: usize>(
     let nh = out.len() / d;
     // Σ p_t·ŷ_t per head in the rotated basis; protected rows go to `out` directly.
     let mut acc = vec![0f32; nh * d];
-    let mut c = [0f32; 256];
-    let c = &mut c[..d];
+    let (mut rotated, mut plain) = (Tile::new(d), Tile::new(d));
     for (t, tok) in tokens(block, shape, BITS).enumerate() {
         match tok {
             Token::Quantized(rec) => {
+                let c = rotated.next();
                 unpack::<BITS>(&rec[codes_at(d)..], c);
-                for (h, ah) in acc.chunks_exact_mut(d).enumerate() {
-                    let pt = p[h * stride + t];
-                    for (g, r) in groups(d).enumerate() {
-                        let mm = group_params(rec, g);
-                        let (a, b) = (pt * mm.step, pt * mm.lo);
-                        for (o, &v) in ah[r.clone()].iter_mut().zip(&c[r]) {
-                            *o += a * v + b;
-                        }
-                    }
+                for (g, r) in groups(d).enumerate() {
+                    let mm = group_params(rec, g);
+                    c[r].iter_mut().for_each(|v| *v = *v * mm.step + mm.lo);
                 }
+                rotated.push(t, p, stride, &mut acc);
             }
             Token::Protected(row) => {
-                f16s_to_f32(row, c);
-                for (h, oh) in out.chunks_exact_mut(d).enumerate() {
-                    let pt = p[h * stride + t];
-                    for (o, &v) in oh.iter_mut().zip(c.iter()) {
-                        *o += pt * v;
-                    }
-                }
+                f16s_to_f32(row, plain.next());
+                plain.push(t, p, stride, out);
             }
         }
     }
+    rotated.flush(p, stride, &mut acc);
+    plain.flush(p, stride, out);
     for (ah, oh) in acc.chunks_exact_mut(d).zip(out.chunks_exact_mut(d)) {
         rotate(ah);
         oh.iter_mut().zip(ah.iter()).for_each(|(o, &a)| *o += a);

@@ -64,15 +64,6 @@ pub(crate) unsafe fn store_dots(
     }
 }
 
-/// `acc_h += p[h·stride + t] · row` for every head of `acc` (`[nh][d]`).
-#[inline(always)]
-pub(crate) fn axpy_heads(acc: &mut [f32], p: &[f32], stride: usize, t: usize, row: &[f32]) {
-    for (h, ah) in acc.chunks_exact_mut(row.len()).enumerate() {
-        let pt = p[h * stride + t];
-        ah.iter_mut().zip(row).for_each(|(a, &v)| *a += pt * v);
-    }
-}
-
 /// A format whose tokens decode one at a time into their values (a row of `d` floats): its
 /// fast kernels are [`RowKernel`].
 pub(crate) trait DecodeRow: Sync {
@@ -138,10 +129,97 @@ unsafe fn row_sums<R: DecodeRow>(
     stride: usize,
     out: &mut [f32],
 ) {
-    let mut row = [0f32; 256];
-    let row = &mut row[..d];
+    let mut tile = Tile::new(d);
     for t in 0..n {
-        r.row(block, d, t, row);
-        axpy_heads(out, p, stride, t, row);
+        r.row(block, d, t, tile.next());
+        tile.push(t, p, stride, out);
+    }
+    tile.flush(p, stride, out);
+}
+
+/// Tokens whose rows are summed together: their weighted sum goes to memory once per tile,
+/// the accumulators of every head staying in registers meanwhile.
+const TILE: usize = 8;
+
+/// Up to [`TILE`] decoded rows waiting to be added, `acc_h += Σ_i p[h·stride + t_i]·row_i`.
+pub(crate) struct Tile {
+    rows: [f32; TILE * 256],
+    t: [usize; TILE],
+    m: usize,
+    d: usize,
+}
+
+impl Tile {
+    pub(crate) fn new(d: usize) -> Tile {
+        Tile {
+            rows: [0.0; TILE * 256],
+            t: [0; TILE],
+            m: 0,
+            d,
+        }
+    }
+
+    /// The slot of the next row.
+    pub(crate) fn next(&mut self) -> &mut [f32] {
+        &mut self.rows[self.m * self.d..(self.m + 1) * self.d]
+    }
+
+    /// Takes the row written in [`Tile::next`] as token `t`'s; adds the tile when full.
+    pub(crate) fn push(&mut self, t: usize, p: &[f32], stride: usize, acc: &mut [f32]) {
+        self.t[self.m] = t;
+        self.m += 1;
+        if self.m == TILE {
+            self.flush(p, stride, acc);
+        }
+    }
+
+    /// Adds the rows waiting.
+    pub(crate) fn flush(&mut self, p: &[f32], stride: usize, acc: &mut [f32]) {
+        let d = self.d;
+        let ts = &self.t[..self.m];
+        for (pass, ap) in acc.chunks_mut(7 * d).enumerate() {
+            let p = &p[pass * 7 * stride..];
+            for h in 0..ap.len() / d {
+                assert!(ts.iter().all(|&t| h * stride + t < p.len()));
+            }
+            // SAFETY: every caller is an AVX2 kernel; `p` holds every weight read (asserted).
+            unsafe { by_heads!(ap.len() / d, tile_sums(&self.rows, ts, d, p, stride, ap)) }
+        }
+        self.m = 0;
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_sums<const H: usize>(
+    rows: &[f32],
+    ts: &[usize],
+    d: usize,
+    p: &[f32],
+    stride: usize,
+    acc: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    for c in (0..d).step_by(16) {
+        let mut a = [[_mm256_setzero_ps(); 2]; H];
+        for (i, &t) in ts.iter().enumerate() {
+            let r = &rows[i * d + c..i * d + c + 16];
+            // SAFETY: `r` holds 16 floats; unaligned loads.
+            let (x0, x1) = unsafe { (_mm256_loadu_ps(r.as_ptr()), _mm256_loadu_ps(r.as_ptr().add(8))) };
+            for (h, ah) in a.iter_mut().enumerate() {
+                // SAFETY: the caller checked `h·stride + t < p.len()`.
+                let pv = _mm256_set1_ps(unsafe { *p.get_unchecked(h * stride + t) });
+                ah[0] = _mm256_fmadd_ps(pv, x0, ah[0]);
+                ah[1] = _mm256_fmadd_ps(pv, x1, ah[1]);
+            }
+        }
+        for (h, ah) in a.iter().enumerate() {
+            let o = &mut acc[h * d + c..h * d + c + 16];
+            // SAFETY: `o` holds 16 floats; unaligned loads and stores.
+            unsafe {
+                let (o0, o1) = (o.as_mut_ptr(), o.as_mut_ptr().add(8));
+                _mm256_storeu_ps(o0, _mm256_add_ps(_mm256_loadu_ps(o0), ah[0]));
+                _mm256_storeu_ps(o1, _mm256_add_ps(_mm256_loadu_ps(o1), ah[1]));
+            }
+        }
     }
 }

@@ -6,7 +6,7 @@
 
 use super::Kernel;
 use super::q2_had::unpack;
-use super::rows::{axpy_heads, store_dots};
+use super::rows::{Tile, store_dots};
 use crate::kv::Shape;
 use crate::kv::formats::v1_58_tern::{Layout, Row};
 
@@ -83,21 +83,22 @@ unsafe fn accumulate_avx2(block: &[u8], shape: Shape, p: &[f32], stride: usize, 
     // Σ_t p_t·trit and Σ_t p_t·code per head and channel, scaled once at the end.
     let (mut tern, mut codes, mut p_prot) =
         (vec![0f32; nh * d], vec![0f32; nh * d], vec![0f32; nh]);
-    let mut row = [0f32; 256];
-    let row = &mut row[..d];
+    let (mut tt, mut tc) = (Tile::new(d), Tile::new(d));
     l.for_tokens(block, n, |t, rank| match rank {
         Row::Ternary(u) => {
-            trits(&block[l.trits + (u / 5) * d..], u % 5, row);
-            axpy_heads(&mut tern, p, stride, t, row);
+            trits(&block[l.trits + (u / 5) * d..], u % 5, tt.next());
+            tt.push(t, p, stride, &mut tern);
         }
         Row::Protected(r) => {
-            unpack::<2>(&block[l.protected + r * d / 4..], row);
-            axpy_heads(&mut codes, p, stride, t, row);
+            unpack::<2>(&block[l.protected + r * d / 4..], tc.next());
+            tc.push(t, p, stride, &mut codes);
             for (h, pp) in p_prot.iter_mut().enumerate() {
                 *pp += p[h * stride + t];
             }
         }
     });
+    tt.flush(p, stride, &mut tern);
+    tc.flush(p, stride, &mut codes);
     for c in 0..d {
         let g = l.gamma(block, c);
         let m = (l.n_p > 0).then(|| l.minmax(block, c));
