@@ -190,7 +190,7 @@ pub fn evaluate(
 
 /// What the cache cannot check: the query side. (Head dims are the cache's to check.)
 fn check_dims(d: &Dims) -> Result<(), Error> {
-    if d.n_head_kv == 0 || d.n_head % d.n_head_kv != 0 {
+    if d.n_head_kv == 0 || !d.n_head.is_multiple_of(d.n_head_kv) {
         return Err(Error::InvalidArgument(format!(
             "{} query heads are not a multiple of {} KV heads",
             d.n_head, d.n_head_kv

@@ -279,7 +279,7 @@ impl KvCache {
     ) -> Result<&Layer, Error> {
         let lay = self.layer(layer)?;
         let (hk, d) = (self.cfg.n_head_kv, self.cfg.head_dim);
-        if n_head == 0 || n_head % hk != 0 {
+        if n_head == 0 || !n_head.is_multiple_of(hk) {
             return Err(Error::InvalidArgument(format!(
                 "{n_head} query heads: must be a positive multiple of the {hk} KV heads"
             )));

@@ -37,8 +37,8 @@ fn ranges(block: &[u8], d: usize) -> Ranges {
     let mut hi = [0f32; MAX_D];
     f16s_to_f32(&block[..2 * d], &mut r.lo[..d]);
     f16s_to_f32(&block[2 * d..4 * d], &mut hi[..d]);
-    for c in 0..d {
-        r.span[c] = hi[c] - r.lo[c];
+    for ((s, &h), &l) in r.span[..d].iter_mut().zip(&hi[..d]).zip(&r.lo[..d]) {
+        *s = h - l;
     }
     r
 }

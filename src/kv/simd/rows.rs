@@ -13,7 +13,7 @@ pub(crate) unsafe fn dots8(w: &[f32], row: &[f32]) -> [f32; 8] {
     use std::arch::x86_64::*;
     let d = row.len();
     let nh = w.len() / d;
-    debug_assert!(nh <= 8 && d % 8 == 0);
+    debug_assert!(nh <= 8 && d.is_multiple_of(8));
     let mut acc = [_mm256_setzero_ps(); 8];
     for c in (0..d).step_by(8) {
         // SAFETY: `c + 8 <= d`; unaligned loads.
@@ -204,7 +204,12 @@ unsafe fn tile_sums<const H: usize>(
         for (i, &t) in ts.iter().enumerate() {
             let r = &rows[i * d + c..i * d + c + 16];
             // SAFETY: `r` holds 16 floats; unaligned loads.
-            let (x0, x1) = unsafe { (_mm256_loadu_ps(r.as_ptr()), _mm256_loadu_ps(r.as_ptr().add(8))) };
+            let (x0, x1) = unsafe {
+                (
+                    _mm256_loadu_ps(r.as_ptr()),
+                    _mm256_loadu_ps(r.as_ptr().add(8)),
+                )
+            };
             for (h, ah) in a.iter_mut().enumerate() {
                 // SAFETY: the caller checked `h·stride + t < p.len()`.
                 let pv = _mm256_set1_ps(unsafe { *p.get_unchecked(h * stride + t) });

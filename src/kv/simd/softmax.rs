@@ -53,7 +53,7 @@ mod x86 {
         8.333_452e-3,
         4.166_579_6e-2,
         1.666_666_5e-1,
-        5.000_000_1e-1,
+        0.5,
     ];
     /// Below this the result would be subnormal: clamp (the softmax weight is ~1e-38, zero for
     /// any sum it joins, as the maximum's weight is 1).
