@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::kv_data;
 use kvbits::kv::simd::{Isa, kernel};
 use kvbits::kv::{
     Applies, BlockTokens, CacheConfig, FormatId, HEAD_DIMS, KvCache, Modality, QuantParams, Role,
@@ -25,23 +26,6 @@ fn roles(f: FormatId) -> Vec<Role> {
     }
 }
 
-/// Keys-like data: per-channel offsets and spreads, a few outlier channels.
-fn kv_like(rng: &mut Rng, n: usize, d: usize) -> Vec<f32> {
-    let off: Vec<f32> = (0..d).map(|_| rng.normal()).collect();
-    let spread: Vec<f32> = (0..d)
-        .map(|c| {
-            if c % 17 == 3 {
-                8.0
-            } else {
-                0.5 + rng.uniform()
-            }
-        })
-        .collect();
-    (0..n * d)
-        .map(|i| off[i % d] + spread[i % d] * rng.normal())
-        .collect()
-}
-
 #[test]
 fn kernels_match_the_reference_per_head() {
     let mut rng = Rng::new(common::seed("kernels_match_the_reference_per_head"));
@@ -52,7 +36,7 @@ fn kernels_match_the_reference_per_head() {
             for d in HEAD_DIMS {
                 for n in [1, 5, 17, 128, 131] {
                     let shape = Shape { n, d, role };
-                    let x = kv_like(&mut rng, n, d);
+                    let x = kv_data(&mut rng, n, d);
                     let protect: Vec<bool> = if imp.protects() {
                         (0..n).map(|_| rng.below(5) == 0).collect()
                     } else {
@@ -119,15 +103,15 @@ fn filled(cfg: CacheConfig, rng: &mut Rng, sizes: [usize; 3]) -> KvCache {
     let mut c = KvCache::new(cfg).unwrap();
     let [prompt, visual, tail] = sizes;
     for (n, modality) in [(prompt, Modality::Text), (visual, Modality::Visual)] {
-        let k = kv_like(rng, n * hk, d);
-        let v = kv_like(rng, n * hk, d);
+        let k = kv_data(rng, n * hk, d);
+        let v = kv_data(rng, n * hk, d);
         let sal: Vec<f32> = (0..n).map(|_| rng.uniform()).collect();
         let sal = (modality == Modality::Visual).then_some(&sal[..]);
         c.append(0, Rows::F32(&k), Rows::F32(&v), n, modality, sal)
             .unwrap();
     }
     for _ in 0..tail {
-        let (k, v) = (kv_like(rng, hk, d), kv_like(rng, hk, d));
+        let (k, v) = (kv_data(rng, hk, d), kv_data(rng, hk, d));
         c.append(0, Rows::F32(&k), Rows::F32(&v), 1, Modality::Text, None)
             .unwrap();
     }
@@ -256,7 +240,7 @@ fn quantize_writes_the_reference_bytes() {
             for d in HEAD_DIMS {
                 for n in [1, 3, 32, 33, 128, 257] {
                     let shape = Shape { n, d, role };
-                    let mut x = kv_like(&mut rng, n, d);
+                    let mut x = kv_data(&mut rng, n, d);
                     // Ties and signed zeros, where rounding and min/max choices show.
                     for _ in 0..n {
                         let i = rng.below(n * d);
@@ -290,4 +274,33 @@ fn quantize_writes_the_reference_bytes() {
         assert!(kvbits::kv::simd::quantize(f, &bad[..5], shape, &[], &params, &mut out).is_err());
         assert!(out.is_empty(), "{f}");
     }
+}
+
+/// `KVBITS_CPU` forces a path (the bench reports the one it ran); a name not known falls back
+/// to the best path with a warning rather than failing.
+#[test]
+fn kvbits_cpu_forces_the_path() {
+    let run = |value: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvbits"))
+            .args(["bench", "--device", "cpu", "--tokens", "40", "--json"])
+            .env("KVBITS_CPU", value)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let rows = v["decode"].as_array().unwrap();
+        assert!(rows.iter().all(|r| r["us"].as_f64().unwrap() > 0.0));
+        (
+            v["isa"].as_str().unwrap().to_string(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(run("scalar").0, "scalar");
+    let (isa, err) = run("sse9");
+    assert_eq!(isa, Isa::best().name());
+    assert!(err.contains("KVBITS_CPU"), "{err}");
 }

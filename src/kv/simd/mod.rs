@@ -1,11 +1,17 @@
-//! Fast CPU paths for decode attention: SIMD kernels that score and sum straight from the
-//! packed codes, serving every query head of a KV head from one read of a block.
+//! Fast CPU paths: SIMD kernels that score and sum straight from the packed codes, serving
+//! every query head of a KV head from one read of a block, and quantizers that write the
+//! reference's bytes faster.
 //!
 //! The scalar formats in `formats/` stay the ground truth. A format's fast kernels live in the
-//! file of the same name here (`simd/q1_calib.rs` beside `formats/q1_calib.rs`); a format with
-//! no file here runs its reference code once per query head ([`PerHead`]), which is also the
-//! portable fallback. [`kernel`] is the one dispatch point; [`isa`] picks the instruction set
-//! once per process: the best the CPU has, or what `KVBITS_CPU=scalar|avx2|avx512` forces.
+//! file of the same name here (`simd/q1_calib.rs` beside `formats/q1_calib.rs`); shared pieces
+//! are `rows.rs` (kernels that decode a token into a row every head reads), `softmax.rs`
+//! (vector exp) and `f16.rs` (F16C). [`kernel`] and [`quantize`] are the dispatch points;
+//! [`isa`] picks the instruction set once per process: the best the CPU has, or what
+//! `KVBITS_CPU=scalar|avx2|avx512` forces. `scalar` is the portable path: the reference
+//! kernels one query head at a time ([`PerHead`]), still threaded by the cache.
+//!
+//! Decode attention itself (threads over KV heads and chunks of tokens, merged in a fixed
+//! order) is in `cache/attend.rs`.
 
 /// Calls `$f::<H>(args)` with `H = $nh` (1..=7; more is 7): kernels keep a register per head,
 /// which needs the count at compile time.
