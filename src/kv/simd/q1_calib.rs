@@ -466,16 +466,19 @@ mod x86 {
             let mut a = [[_mm256_setzero_ps(); 2]; H];
             for t in 0..n {
                 let (b0, b1) = (bits[t * row + c0 / 8], bits[t * row + c0 / 8 + 1]);
+                // Each bit as 0.0 or 1.0: one FMA per head adds the weight where it is set
+                // (exactly: p·1 + a = p + a, p·0 + a = a).
                 let expand = |b: u8| {
                     let v = _mm256_set1_epi32(b as i32);
-                    _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(v, lane_bit), lane_bit))
+                    let m = _mm256_cmpeq_epi32(_mm256_and_si256(v, lane_bit), lane_bit);
+                    _mm256_and_ps(_mm256_castsi256_ps(m), _mm256_set1_ps(1.0))
                 };
                 let (m0, m1) = (expand(b0), expand(b1));
                 for (h, ah) in a.iter_mut().enumerate() {
                     // SAFETY: the caller checked `h·stride + t < p.len()`.
                     let pv = _mm256_set1_ps(unsafe { *p.get_unchecked(h * stride + t) });
-                    ah[0] = _mm256_add_ps(ah[0], _mm256_and_ps(m0, pv));
-                    ah[1] = _mm256_add_ps(ah[1], _mm256_and_ps(m1, pv));
+                    ah[0] = _mm256_fmadd_ps(pv, m0, ah[0]);
+                    ah[1] = _mm256_fmadd_ps(pv, m1, ah[1]);
                 }
             }
             for (h, ah) in a.iter().enumerate() {
