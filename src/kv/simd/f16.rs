@@ -65,6 +65,7 @@ pub fn f32s_to_f16(x: &[f32], out: &mut Vec<u8>) {
 mod x86 {
     use std::arch::x86_64::*;
 
+    use crate::kv::simd::rows::slab_sums;
     use crate::kv::simd::softmax::hsum256;
 
     /// Eight channels of a row of little-endian f16, as f32.
@@ -155,27 +156,12 @@ mod x86 {
         for h in 0..H {
             assert!(h * stride + n <= p.len());
         }
-        for c in (0..d).step_by(16) {
-            let mut acc = [[_mm256_setzero_ps(); 2]; H];
-            for (t, row) in rows.chunks_exact(2 * d).enumerate() {
-                let (x0, x1) = (load8(row, c), load8(row, c + 8));
-                for (h, a) in acc.iter_mut().enumerate() {
-                    // SAFETY: `h * stride + t < p.len()`, asserted above.
-                    let pv = _mm256_set1_ps(unsafe { *p.get_unchecked(h * stride + t) });
-                    a[0] = _mm256_fmadd_ps(pv, x0, a[0]);
-                    a[1] = _mm256_fmadd_ps(pv, x1, a[1]);
-                }
-            }
-            for (h, a) in acc.iter().enumerate() {
-                let o = &mut out[h * d + c..h * d + c + 16];
-                // SAFETY: `o` holds 16 floats; unaligned loads and stores.
-                unsafe {
-                    let (o0, o1) = (o.as_mut_ptr(), o.as_mut_ptr().add(8));
-                    _mm256_storeu_ps(o0, _mm256_add_ps(_mm256_loadu_ps(o0), a[0]));
-                    _mm256_storeu_ps(o1, _mm256_add_ps(_mm256_loadu_ps(o1), a[1]));
-                }
-            }
-        }
+        let load = |t: usize, c: usize| {
+            let row = &rows[t * 2 * d..(t + 1) * 2 * d];
+            (load8(row, c), load8(row, c + 8))
+        };
+        // SAFETY: AVX2, FMA and F16C enabled here; every weight read asserted above.
+        unsafe { slab_sums::<H>(d, n, load, |t| t, p, stride, out) }
     }
 }
 

@@ -2,6 +2,8 @@
 //! worth, on the stack) and serve every query head from it: the dot products of scores and
 //! the weighted sums of values. Compiled inside the kernels' AVX2 functions.
 
+use std::arch::x86_64::*;
+
 /// `w_h · row` for up to 8 heads (`w` is `[nh][d]`, `d` a multiple of 8): the per-token step
 /// of kernels that decode a token's row into registers' worth of floats and serve every head.
 ///
@@ -10,7 +12,6 @@
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn dots8(w: &[f32], row: &[f32]) -> [f32; 8] {
-    use std::arch::x86_64::*;
     let d = row.len();
     let nh = w.len() / d;
     debug_assert!(nh <= 8 && d.is_multiple_of(8));
@@ -198,27 +199,51 @@ unsafe fn tile_sums<const H: usize>(
     stride: usize,
     acc: &mut [f32],
 ) {
-    use std::arch::x86_64::*;
+    let load = |i: usize, c: usize| {
+        let r = &rows[i * d + c..i * d + c + 16];
+        // SAFETY: `r` holds 16 floats; unaligned loads.
+        unsafe {
+            (
+                _mm256_loadu_ps(r.as_ptr()),
+                _mm256_loadu_ps(r.as_ptr().add(8)),
+            )
+        }
+    };
+    // SAFETY: the caller checked every weight read.
+    unsafe { slab_sums::<H>(d, ts.len(), load, |i| ts[i], p, stride, acc) }
+}
+
+/// `out[h·d + c] += Σ_i p[h·stride + tok(i)]·row_i[c]` for `m` rows that `load(i, c)` reads 16
+/// channels at a time: sixteen channels of every row, then the next sixteen, with the `H`
+/// heads' accumulators in registers.
+///
+/// # Safety
+/// AVX2 and FMA must be present, and `h·stride + tok(i) < p.len()` for every head and row.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn slab_sums<const H: usize>(
+    d: usize,
+    m: usize,
+    load: impl Fn(usize, usize) -> (__m256, __m256),
+    tok: impl Fn(usize) -> usize,
+    p: &[f32],
+    stride: usize,
+    out: &mut [f32],
+) {
     for c in (0..d).step_by(16) {
         let mut a = [[_mm256_setzero_ps(); 2]; H];
-        for (i, &t) in ts.iter().enumerate() {
-            let r = &rows[i * d + c..i * d + c + 16];
-            // SAFETY: `r` holds 16 floats; unaligned loads.
-            let (x0, x1) = unsafe {
-                (
-                    _mm256_loadu_ps(r.as_ptr()),
-                    _mm256_loadu_ps(r.as_ptr().add(8)),
-                )
-            };
+        for i in 0..m {
+            let (x0, x1) = load(i, c);
+            let t = tok(i);
             for (h, ah) in a.iter_mut().enumerate() {
-                // SAFETY: the caller checked `h·stride + t < p.len()`.
+                // SAFETY: the caller's contract: `h·stride + t < p.len()`.
                 let pv = _mm256_set1_ps(unsafe { *p.get_unchecked(h * stride + t) });
                 ah[0] = _mm256_fmadd_ps(pv, x0, ah[0]);
                 ah[1] = _mm256_fmadd_ps(pv, x1, ah[1]);
             }
         }
         for (h, ah) in a.iter().enumerate() {
-            let o = &mut acc[h * d + c..h * d + c + 16];
+            let o = &mut out[h * d + c..h * d + c + 16];
             // SAFETY: `o` holds 16 floats; unaligned loads and stores.
             unsafe {
                 let (o0, o1) = (o.as_mut_ptr(), o.as_mut_ptr().add(8));
