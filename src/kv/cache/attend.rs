@@ -2,13 +2,15 @@
 //! online softmax (running max, running sum, rescaled accumulator).
 //!
 //! Scores come from [`Format::scores`](crate::kv::Format::scores), values from
-//! [`Format::accumulate`](crate::kv::Format::accumulate): nothing is dequantized.
-//! Decode takes the fast path (`decode` below): the SIMD kernels of `kv::simd`, threads over
-//! KV heads and chunks of tokens, merged in a fixed order. A visual span whose keys are q1_calib with `calibrate` on is one unit: its
-//! scores must all be known before CalibQuant's calibration can map them.
+//! [`Format::accumulate`](crate::kv::Format::accumulate): nothing is dequantized. A visual
+//! span whose keys are q1_calib with `calibrate` on is one unit: its scores must all be known
+//! before CalibQuant's calibration can map them.
+//!
+//! Decode takes the fast path (`decode` below): the kernels of `kv::simd`, threads over
+//! (KV head, chunk of tokens) items, merged in a fixed order. Prefill and `attention_scores`
+//! stay on the reference walk, which the fast path is tested against.
 
 use half::f16;
-
 use rayon::prelude::*;
 
 use super::{KvCache, Layer, Modality};

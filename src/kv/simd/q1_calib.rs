@@ -7,7 +7,7 @@
 //!
 //! Sums, `out_c += lo_c·Σ_t p_t + (hi_c − lo_c)·Σ_t p_t·bit_tc`: lanes are channels, the bits
 //! of a token are the lane mask of an add of its broadcast weight (AVX-512 mask registers
-//! take them as they are stored; AVX2 expands each byte to eight lane masks).
+//! take them as they are stored; AVX2 expands each byte to eight 0/1 floats for an FMA).
 
 use super::f16::f16s_to_f32;
 use super::{Kernel, dot, sum};
