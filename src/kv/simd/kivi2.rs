@@ -1,7 +1,7 @@
 //! Fast `kivi2` (see `formats/kivi2.rs`). Keys: per group of 32 tokens, each head's query is
 //! folded with the channels' steps and offsets once; each token's 2-bit codes are decoded
 //! once into a row for every head. Values: a token's groups decode to their values in a row
-//! ([`RowKernel`]). Sums of keys (never asked) run the reference.
+//! (`rows::RowKernel`). Sums of keys (never asked) run the reference.
 
 use super::q2_had::unpack;
 use super::rows::{DecodeRow, RowKernel, store_dots};

@@ -1,5 +1,5 @@
 //! Fast `q4_0` (see `formats/q4_0.rs`): each token's nibbles, less 8, times their group scale,
-//! decoded once into a row for every head ([`RowKernel`]).
+//! decoded once into a row for every head (`rows::RowKernel`).
 
 use super::rows::{DecodeRow, RowKernel};
 use crate::kv::formats::pack::get_f16;

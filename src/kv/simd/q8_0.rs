@@ -1,5 +1,5 @@
 //! Fast `q8_0` (see `formats/q8_0.rs`): each token's codes times their group scale, decoded
-//! once into a row for every head ([`RowKernel`]).
+//! once into a row for every head (`rows::RowKernel`).
 
 use super::rows::{DecodeRow, RowKernel};
 use crate::kv::formats::pack::get_f16;
