@@ -23,7 +23,7 @@ fn token(rng: &mut Rng, i: usize) -> String {
     let mut s: String = (0..len)
         .map(|_| (b'a' + rng.below(26) as u8) as char)
         .collect();
-    if i % 3 == 0 {
+    if i.is_multiple_of(3) {
         s.insert(0, 'Ġ');
     }
     s

@@ -330,7 +330,9 @@ fn prefill_equals_reference_per_query_and_decode_on_prefixes() {
                 &format!("{f} query {i} vs decode"),
                 &out[i * rows..(i + 1) * rows],
                 &decode(&prefix, 0, &q[i * rows..(i + 1) * rows], n_head, scale),
-                1e-6,
+                // Decode takes the fast path (its own summation order, vector exp): the bar
+                // every fast path meets against the reference walk.
+                1e-5,
             );
         }
     }

@@ -370,8 +370,8 @@ fn expected_rows() -> Vec<(String, FormatId, FormatId)> {
 fn bits(f: FormatId, d: usize, role: Role) -> f64 {
     match f {
         FormatId::F16 => 16.0,
-        FormatId::Q8_0 if d % 32 == 0 => 8.5,
-        FormatId::Q4_0 if d % 32 == 0 => 4.5,
+        FormatId::Q8_0 if d.is_multiple_of(32) => 8.5,
+        FormatId::Q4_0 if d.is_multiple_of(32) => 4.5,
         _ => f.bits_per_value(d, role, 128),
     }
 }

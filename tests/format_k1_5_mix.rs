@@ -334,7 +334,7 @@ fn sizes_and_bits() {
             let want = (fraction as f64 * d as f64 / 8.0).round() as usize * 8;
             assert_eq!(dh, want, "d={d} fraction={fraction}");
             assert!(
-                dh % 8 == 0 && (d - dh) % 8 == 0,
+                dh.is_multiple_of(8) && (d - dh).is_multiple_of(8),
                 "d={d} fraction={fraction}"
             );
         }

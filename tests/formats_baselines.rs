@@ -6,6 +6,9 @@ use kvbits::Error;
 use kvbits::kv::{FormatId, HEAD_DIMS, QuantParams, Role, Shape};
 use kvbits::rng::{Rng, rel_err};
 
+mod common;
+use common::kv_data;
+
 const NS: [usize; 6] = [1, 7, 32, 33, 128, 300];
 
 fn h(v: f32) -> f32 {
@@ -139,23 +142,6 @@ fn ref_kivi2_values(x: &[f32], s: Shape) -> Reference {
         }
     }
     (bytes, vals)
-}
-
-/// KV-like data: per-channel offsets and scales, a few outlier channels.
-fn kv_data(rng: &mut Rng, n: usize, d: usize) -> Vec<f32> {
-    let bias: Vec<f32> = (0..d).map(|_| rng.normal()).collect();
-    let scale: Vec<f32> = (0..d)
-        .map(|_| {
-            if rng.below(16) == 0 {
-                10.0
-            } else {
-                0.2 + rng.uniform()
-            }
-        })
-        .collect();
-    (0..n * d)
-        .map(|i| bias[i % d] + scale[i % d] * rng.normal())
-        .collect()
 }
 
 /// Quantize `x` behind a prefix (appending, not overwriting), compare bytes and decoded

@@ -4,8 +4,6 @@
 use std::time::Instant;
 
 use kvbits::Error;
-use kvbits::kv::{CacheConfig, KvCache, Modality, Rows};
-use kvbits::rng::Rng;
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Device {
@@ -110,66 +108,67 @@ fn cuda(_: &Args) -> Result<(), Error> {
     ))
 }
 
-/// One row of the CPU table.
+/// One row of the CPU decode table.
 #[derive(serde::Serialize)]
 struct CpuRow {
     tokens: usize,
     preset: String,
+    /// Median µs of one decode step.
     us: f64,
+    /// Bytes the cache holds (every one is read by a step).
     bytes: u64,
     gb_per_s: f64,
     speedup_vs_f16: f64,
 }
 
-/// Qwen2.5-VL-7B's layer (28 query heads, 4 KV heads, D 128), batch 1: every token visual,
-/// one decode step timed as the median of a few.
+/// One row of the CPU quantize table.
+#[derive(serde::Serialize)]
+struct QuantRow {
+    format: String,
+    role: String,
+    /// f32 input quantized per second on one thread.
+    gb_per_s: f64,
+}
+
+/// Median µs of `reps` runs of `f`, after one warm-up run.
+fn median_us(reps: usize, mut f: impl FnMut() -> Result<(), Error>) -> Result<f64, Error> {
+    f()?;
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let start = Instant::now();
+        f()?;
+        times.push(start.elapsed().as_secs_f64() * 1e6);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[reps / 2])
+}
+
+/// Qwen2.5-VL-7B's layer (28 query heads, 4 KV heads, D 128), batch 1, every token visual:
+/// one decode step on every thread rayon has, as the median of several; then quantize
+/// throughput per format on one thread.
 fn cpu(args: &Args) -> Result<(), Error> {
+    use kvbits::kv::simd::{self, bench};
     let tokens = if args.tokens.is_empty() {
-        vec![4096, 16384, 65536]
+        bench::TOKENS.to_vec()
     } else {
         args.tokens.clone()
     };
-    let (n_head, n_kv, d) = (28, 4, 128);
-    let mut rng = Rng::new(11);
-    let q = rng.normals(n_head * d);
+    let (n_head, _, d) = bench::SHAPE;
     let mut rows = Vec::new();
     for &t in &tokens {
-        let k = rng.normals(t * n_kv * d);
-        let v = rng.normals(t * n_kv * d);
         let mut f16_us = None;
-        let mut configs = vec![(
-            "f16".to_string(),
-            CacheConfig::pair(
-                kvbits::kv::FormatId::F16,
-                kvbits::kv::FormatId::F16,
-                1,
-                n_kv,
-                d,
-            ),
-        )];
-        for p in CacheConfig::PRESETS {
-            configs.push((p.to_string(), CacheConfig::preset(p, 1, n_kv, d)?));
-        }
-        for (name, cfg) in configs {
-            let mut cache = KvCache::new(cfg)?;
-            cache.append(0, Rows::F32(&k), Rows::F32(&v), t, Modality::Visual, None)?;
+        for name in bench::CONFIGS {
+            let (cache, q) = bench::decode_cache(name, t, 11)?;
             let mut out = vec![0f32; n_head * d];
-            let reps = if t > 16384 { 3 } else { 7 };
-            let mut times: Vec<f64> = (0..reps)
-                .map(|_| {
-                    let start = Instant::now();
-                    cache
-                        .attention_decode(0, &q, n_head, &mut out, 1.0 / (d as f32).sqrt())
-                        .map(|_| start.elapsed().as_secs_f64() * 1e6)
-                })
-                .collect::<Result<_, _>>()?;
-            times.sort_by(f64::total_cmp);
-            let us = times[reps / 2];
+            let reps = if t > 16384 { 11 } else { 31 };
+            let us = median_us(reps, || {
+                cache.attention_decode(0, &q, n_head, &mut out, bench::scale())
+            })?;
             let bytes = cache.memory().total;
             let base = *f16_us.get_or_insert(us);
             rows.push(CpuRow {
                 tokens: t,
-                preset: name,
+                preset: name.to_string(),
                 us,
                 bytes,
                 gb_per_s: bytes as f64 / (us * 1e-6) / 1e9,
@@ -177,21 +176,42 @@ fn cpu(args: &Args) -> Result<(), Error> {
             });
         }
     }
+    let mut quant = Vec::new();
+    let mut buf = Vec::new();
+    for (f, role, x) in bench::quantize_inputs(12) {
+        let us = median_us(5, || bench::quantize_blocks(f, role, &x, &mut buf))?;
+        quant.push(QuantRow {
+            format: f.name().to_string(),
+            role: format!("{role:?}"),
+            gb_per_s: (x.len() * 4) as f64 / (us * 1e-6) / 1e9,
+        });
+    }
+    let threads = rayon::current_num_threads();
+    let isa = simd::isa();
     if args.json {
         println!(
             "{}",
-            serde_json::json!({"device": "cpu", "shape": "Qwen2.5-VL-7B layer, batch 1", "rows": rows})
+            serde_json::json!({
+                "device": "cpu",
+                "isa": isa.name(),
+                "threads": threads,
+                "shape": "Qwen2.5-VL-7B layer (28/4 heads, D 128), batch 1",
+                "decode": rows,
+                "quantize": quant,
+            })
         );
         return Ok(());
     }
-    println!("CPU, one thread, reference path; Qwen2.5-VL-7B layer (28/4 heads, D 128), batch 1\n");
     println!(
-        "{:>7} {:<11} {:>11} {:>10} {:>7} {:>8}",
+        "CPU, {isa} path, {threads} threads; Qwen2.5-VL-7B layer (28/4 heads, D 128), batch 1\n"
+    );
+    println!(
+        "{:>7} {:<11} {:>9} {:>10} {:>7} {:>8}",
         "tokens", "preset", "µs", "MB read", "GB/s", "vs f16"
     );
     for r in &rows {
         println!(
-            "{:>7} {:<11} {:>11.0} {:>10.1} {:>7.2} {:>7.2}x",
+            "{:>7} {:<11} {:>9.0} {:>10.1} {:>7.2} {:>7.2}x",
             r.tokens,
             r.preset,
             r.us,
@@ -199,6 +219,13 @@ fn cpu(args: &Args) -> Result<(), Error> {
             r.gb_per_s,
             r.speedup_vs_f16
         );
+    }
+    println!(
+        "\nquantize, one thread, blocks of {} tokens x D {d}: GB/s of f32 input",
+        bench::QUANT_BLOCK
+    );
+    for r in &quant {
+        println!("{:<11} {:<6} {:>6.2}", r.format, r.role, r.gb_per_s);
     }
     Ok(())
 }

@@ -25,6 +25,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::Error;
+use crate::kv::simd::dot;
 use crate::kv::{Applies, BlockTokens, CacheConfig, FormatId, HEAD_DIMS, KvCache, Modality, Rows};
 use metrics::Nmse;
 
@@ -190,7 +191,7 @@ pub fn evaluate(
 
 /// What the cache cannot check: the query side. (Head dims are the cache's to check.)
 fn check_dims(d: &Dims) -> Result<(), Error> {
-    if d.n_head_kv == 0 || d.n_head % d.n_head_kv != 0 {
+    if d.n_head_kv == 0 || !d.n_head.is_multiple_of(d.n_head_kv) {
         return Err(Error::InvalidArgument(format!(
             "{} query heads are not a multiple of {} KV heads",
             d.n_head, d.n_head_kv
@@ -356,24 +357,6 @@ fn head_rows(x: &[f32], g: usize, d: &Dims) -> Vec<f32> {
         out.extend_from_slice(&t[g * d.head_dim..][..d.head_dim]);
     }
     out
-}
-
-/// A dot product in eight independent lanes, so that it vectorizes.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// One row on one layer (see the module doc for how attention is computed).

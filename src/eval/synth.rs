@@ -112,7 +112,7 @@ impl SynthConfig {
                 self.head_dim / 2
             ));
         }
-        if self.n_head_kv == 0 || self.n_head % self.n_head_kv != 0 {
+        if self.n_head_kv == 0 || !self.n_head.is_multiple_of(self.n_head_kv) {
             return bad(format!(
                 "{} query heads are not a multiple of {} KV heads",
                 self.n_head, self.n_head_kv

@@ -378,13 +378,13 @@ impl<'a> Cursor<'a> {
             // Fixed-size elements: one bounds check for the whole body (checked above).
             Some(size) => {
                 let body = self.take(len * size as u64, || format!("array '{key}'"))?;
-                if elem == ValueType::Bool {
-                    if let Some(i) = body.iter().position(|&b| b > 1) {
-                        return Err(GgufError::BadBool {
-                            item: format!("element {i} of array '{key}'"),
-                            byte: body[i],
-                        });
-                    }
+                if elem == ValueType::Bool
+                    && let Some(i) = body.iter().position(|&b| b > 1)
+                {
+                    return Err(GgufError::BadBool {
+                        item: format!("element {i} of array '{key}'"),
+                        byte: body[i],
+                    });
                 }
             }
             None => {

@@ -88,7 +88,7 @@ impl GgmlType {
     /// Bytes of a tensor of `n_elements` values whose first dimension is `ne0`;
     /// `None` when the row does not fill whole blocks or the size overflows.
     pub fn tensor_bytes(&self, ne0: u64, n_elements: u64) -> Option<u64> {
-        if self.block == 0 || ne0 % self.block != 0 {
+        if self.block == 0 || !ne0.is_multiple_of(self.block) {
             return None;
         }
         (n_elements / self.block).checked_mul(self.bytes)

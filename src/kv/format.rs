@@ -210,6 +210,7 @@ impl std::fmt::Display for FormatId {
 pub const F16_MAX: f32 = 65504.0;
 
 /// Checks every format does before quantizing: shape against the data, finite input.
+#[inline]
 pub fn check_input(x: &[f32], shape: Shape, protect: &[bool]) -> Result<(), Error> {
     if shape.n == 0 || shape.d == 0 {
         return Err(Error::InvalidArgument(format!(

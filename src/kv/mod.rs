@@ -3,6 +3,7 @@
 pub mod cache;
 pub mod format;
 pub mod formats;
+pub mod simd;
 
 pub use cache::{Block, BlockTokens, CacheConfig, KvCache, MemoryReport, Modality, Rows};
 pub use format::{

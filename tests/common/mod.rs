@@ -322,3 +322,20 @@ pub fn walk(g: &Gguf<'_>) -> u64 {
     );
     sum
 }
+
+/// KV-like data: per-channel offsets and scales, a few outlier channels.
+pub fn kv_data(rng: &mut Rng, n: usize, d: usize) -> Vec<f32> {
+    let bias: Vec<f32> = (0..d).map(|_| rng.normal()).collect();
+    let scale: Vec<f32> = (0..d)
+        .map(|_| {
+            if rng.below(16) == 0 {
+                10.0
+            } else {
+                0.2 + rng.uniform()
+            }
+        })
+        .collect();
+    (0..n * d)
+        .map(|i| bias[i % d] + scale[i % d] * rng.normal())
+        .collect()
+}

@@ -1,24 +1,32 @@
 //! Attention over the cache: per query head, the blocks then the residual, folded into one
 //! online softmax (running max, running sum, rescaled accumulator).
 //!
-//! Scores come from [`Format::scores`], values from [`Format::accumulate`]: nothing is
-//! dequantized. A visual span whose keys are q1_calib with `calibrate` on is one unit: its
-//! scores must all be known before CalibQuant's calibration can map them.
+//! Scores come from [`Format::scores`](crate::kv::Format::scores), values from
+//! [`Format::accumulate`](crate::kv::Format::accumulate): nothing is dequantized. A visual
+//! span whose keys are q1_calib with `calibrate` on is one unit: its scores must all be known
+//! before CalibQuant's calibration can map them.
+//!
+//! Decode takes the fast path (`decode` below): the kernels of `kv::simd`, threads over
+//! (KV head, chunk of tokens) items, merged in a fixed order. Prefill and `attention_scores`
+//! stay on the reference walk, which the fast path is tested against.
 
 use half::f16;
+use rayon::prelude::*;
 
 use super::{KvCache, Layer, Modality};
 use crate::Error;
-use crate::kv::{Format, FormatId, Role, Shape};
+use crate::kv::simd::softmax::{exp_shifted, min_max};
+use crate::kv::simd::{self, Isa};
+use crate::kv::{FormatId, Role, Shape};
 
 /// Tokens of one KV head stored together: a block, or (part of) the f16 residual.
 #[derive(Clone, Copy)]
 struct Seg<'a> {
     first: usize,
     n: usize,
-    k: &'static dyn Format,
+    k: FormatId,
     kb: &'a [u8],
-    v: &'static dyn Format,
+    v: FormatId,
     vb: &'a [u8],
     /// The span, when its scores are calibrated together.
     calib: Option<usize>,
@@ -86,6 +94,11 @@ fn calibrate(x: &mut [f32], delta: f32) {
         .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
             (lo.min(v), hi.max(v))
         });
+    calibrate_range(x, lo, hi, delta);
+}
+
+/// [`calibrate`] of (part of) a span whose logits range over `[lo, hi]`.
+fn calibrate_range(x: &mut [f32], lo: f32, hi: f32, delta: f32) {
     let range = hi - lo;
     if range > delta {
         let s = (range - delta) / range;
@@ -108,9 +121,29 @@ impl KvCache {
         out: &mut [f32],
         scale: f32,
     ) -> Result<(), Error> {
+        self.attention_decode_on(layer, q, n_head, out, scale, simd::isa())
+    }
+
+    /// [`KvCache::attention_decode`] on a chosen CPU path (tests and benchmarks compare
+    /// them); `Unsupported` where this CPU lacks it.
+    pub fn attention_decode_on(
+        &self,
+        layer: usize,
+        q: &[f32],
+        n_head: usize,
+        out: &mut [f32],
+        scale: f32,
+        isa: Isa,
+    ) -> Result<(), Error> {
+        if !isa.supported() {
+            return Err(Error::Unsupported(format!(
+                "the {isa} CPU path on this CPU (it has {})",
+                Isa::best()
+            )));
+        }
         let lay = self.check_query(layer, q, 1, n_head, scale)?;
         self.check_out(out, n_head)?;
-        self.attend(lay, q, 1, n_head, out, scale);
+        self.decode(lay, q, n_head, out, scale, isa);
         Ok(())
     }
 
@@ -226,7 +259,7 @@ impl KvCache {
                     (s.v, s.vb, Role::Value, &mut *v),
                 ] {
                     buf.resize(s.n * d, 0.0);
-                    f.dequantize(bytes, shape(s.n, d, role), &mut buf);
+                    f.imp().dequantize(bytes, shape(s.n, d, role), &mut buf);
                     for t in s.first.max(first)..s.end().min(end) {
                         let src = &buf[(t - s.first) * d..][..d];
                         let dst = &mut out[((t - first) * hk + g) * d..][..d];
@@ -248,7 +281,7 @@ impl KvCache {
     ) -> Result<&Layer, Error> {
         let lay = self.layer(layer)?;
         let (hk, d) = (self.cfg.n_head_kv, self.cfg.head_dim);
-        if n_head == 0 || n_head % hk != 0 {
+        if n_head == 0 || !n_head.is_multiple_of(hk) {
             return Err(Error::InvalidArgument(format!(
                 "{n_head} query heads: must be a positive multiple of the {hk} KV heads"
             )));
@@ -325,7 +358,7 @@ impl KvCache {
                 let mut off = 0;
                 for s in unit {
                     part.fill(0.0);
-                    s.v.accumulate(
+                    s.v.imp().accumulate(
                         s.vb,
                         shape(s.n, d, Role::Value),
                         &sc[off..off + s.n],
@@ -362,7 +395,7 @@ impl KvCache {
             }
             let mut off = 0;
             for s in &w.unit {
-                s.k.scores(
+                s.k.imp().scores(
                     s.kb,
                     shape(s.n, d, Role::Key),
                     p.q,
@@ -393,15 +426,15 @@ impl KvCache {
             .map(move |(b, a)| Seg {
                 first: b.first,
                 n: b.n_tokens,
-                k: b.k.imp(),
+                k: b.k,
                 kb: &head.k[a.k_off..a.k_off + a.k.total()],
-                v: b.v.imp(),
+                v: b.v,
                 vb: &head.v[a.v_off..a.v_off + a.v.total()],
                 calib: (calibrate && b.modality == Modality::Visual && b.k == FormatId::Q1Calib)
                     .then_some(b.span),
             });
         let first = lay.n_tokens - lay.n_res;
-        let f16 = FormatId::F16.imp();
+        let f16 = FormatId::F16;
         // The residual is token-major f16: its first tokens are an f16 block of their own.
         let res = (end > first).then(|| {
             let n = end.min(lay.n_tokens) - first;
@@ -416,5 +449,203 @@ impl KvCache {
             }
         });
         blocks.chain(res)
+    }
+}
+
+/// Tokens per work item of the threaded decode (whole segments, so a long block is one item).
+/// Fixed, never derived from the thread count: the result does not depend on scheduling.
+const CHUNK_TOKENS: usize = 1024;
+
+/// One work item of the threaded decode: KV head `g`, segments `segs` (of every head's list:
+/// heads share the block plan), `len` tokens.
+struct Item {
+    g: usize,
+    segs: std::ops::Range<usize>,
+    len: usize,
+}
+
+/// A calibrated span's logit range seen by one item: `(head in group, span, min, max)`.
+type Piece = (usize, usize, f32, f32);
+
+/// What an item leaves for the merge, per head of its group: the max logit, the sum of
+/// `exp(x − max)` and the unnormalised output `[group][d]`.
+struct Part {
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+thread_local! {
+    /// Logits of one decode call, `[item][head in group][token]`; kept to spare the page faults
+    /// of a fresh buffer of megabytes per step.
+    static LOGITS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl KvCache {
+    /// Decode attention of one query per head: items `(KV head, chunk)` in parallel, every
+    /// query head of a KV head served by one read of each block; each item folds its own
+    /// softmax, and the items merge in order. A calibrated span needs its range before any of
+    /// its logits can be used: then the scores of all items come first, the range of each
+    /// span is reduced, and the items finish.
+    fn decode(&self, lay: &Layer, q: &[f32], n_head: usize, out: &mut [f32], scale: f32, isa: Isa) {
+        let (hk, d, n) = (self.cfg.n_head_kv, self.cfg.head_dim, lay.n_tokens);
+        let group = n_head / hk;
+        let segs: Vec<Vec<Seg>> = (0..hk).map(|g| self.segs(lay, g, n).collect()).collect();
+        let mut chunks = Vec::new();
+        let mut i = 0;
+        while i < segs[0].len() {
+            let start = i;
+            let mut len = 0;
+            while i < segs[0].len() && (len == 0 || len + segs[0][i].n <= CHUNK_TOKENS) {
+                len += segs[0][i].n;
+                i += 1;
+            }
+            chunks.push((start..i, len));
+        }
+        let items: Vec<Item> = (0..hk)
+            .flat_map(|g| {
+                chunks.iter().map(move |(r, len)| Item {
+                    g,
+                    segs: r.clone(),
+                    len: *len,
+                })
+            })
+            .collect();
+        let calibrated = segs[0].iter().any(|s| s.calib.is_some());
+        // The scale folded into the queries once: scores come out as logits.
+        let q: Vec<f32> = q.iter().map(|&x| x * scale).collect();
+        let qg = |g: usize| &q[g * group * d..(g + 1) * group * d];
+
+        let parts: Vec<Part> = LOGITS.with_borrow_mut(|buf| {
+            buf.resize(n_head * n, 0.0);
+            let mut rest = &mut buf[..];
+            let mut logits = Vec::with_capacity(items.len());
+            for it in &items {
+                let (a, b) = rest.split_at_mut(group * it.len);
+                logits.push(a);
+                rest = b;
+            }
+            let work = items.par_iter().zip(logits.par_iter_mut());
+            if !calibrated {
+                return work
+                    .map(|(it, sc)| {
+                        self.item_scores(it, &segs[it.g], qg(it.g), sc, isa);
+                        self.item_sums(it, &segs[it.g], sc, group, &[], isa)
+                    })
+                    .collect();
+            }
+            let pieces: Vec<Vec<Piece>> = work
+                .map(|(it, sc)| self.item_scores(it, &segs[it.g], qg(it.g), sc, isa))
+                .collect();
+            // Range of every (KV head, head in group, span): min and max are exact in any order.
+            let n_spans = lay.n_spans;
+            let mut range = vec![(f32::INFINITY, f32::NEG_INFINITY); hk * group * n_spans];
+            for (it, ps) in items.iter().zip(&pieces) {
+                for &(hh, span, lo, hi) in ps {
+                    let r = &mut range[(it.g * group + hh) * n_spans + span];
+                    *r = (r.0.min(lo), r.1.max(hi));
+                }
+            }
+            items
+                .par_iter()
+                .zip(logits.par_iter_mut())
+                .map(|(it, sc)| {
+                    let r = &range[it.g * group * n_spans..(it.g + 1) * group * n_spans];
+                    self.item_sums(it, &segs[it.g], sc, group, r, isa)
+                })
+                .collect()
+        });
+
+        // Merge in item order: per head, rescale every item to the largest max.
+        for (g, parts) in parts.chunks_exact(chunks.len()).enumerate() {
+            for hh in 0..group {
+                let m = parts
+                    .iter()
+                    .fold(f32::NEG_INFINITY, |a, p| a.max(p.max[hh]));
+                let o = &mut out[(g * group + hh) * d..][..d];
+                o.fill(0.0);
+                let mut total = 0.0;
+                for p in parts {
+                    let r = (p.max[hh] - m).exp();
+                    total += r * p.sum[hh];
+                    for (o, &a) in o.iter_mut().zip(&p.acc[hh * d..(hh + 1) * d]) {
+                        *o += r * a;
+                    }
+                }
+                let inv = 1.0 / total;
+                o.iter_mut().for_each(|x| *x *= inv);
+            }
+        }
+    }
+
+    /// Logits of an item (queries `q` scaled) into `sc` (`[head in group][it.len]`); returns
+    /// the logit range of every calibrated span piece it holds.
+    fn item_scores(
+        &self,
+        it: &Item,
+        segs: &[Seg<'_>],
+        q: &[f32],
+        sc: &mut [f32],
+        isa: Isa,
+    ) -> Vec<Piece> {
+        let d = self.cfg.head_dim;
+        let group = q.len() / d;
+        let mut off = 0;
+        for s in &segs[it.segs.clone()] {
+            let shape = shape(s.n, d, Role::Key);
+            simd::kernel(s.k, isa).scores(s.kb, shape, q, &mut sc[off..], it.len);
+            off += s.n;
+        }
+        let mut pieces = Vec::new();
+        let mut off = 0;
+        for s in &segs[it.segs.clone()] {
+            if let Some(span) = s.calib {
+                for hh in 0..group {
+                    let (lo, hi) = min_max(&sc[hh * it.len + off..][..s.n], isa);
+                    pieces.push((hh, span, lo, hi));
+                }
+            }
+            off += s.n;
+        }
+        pieces
+    }
+
+    /// Softmax weights and the weighted values of an item whose logits are in `sc`;
+    /// `range[hh * n_spans + span]` is the logit range of each calibrated span.
+    fn item_sums(
+        &self,
+        it: &Item,
+        segs: &[Seg<'_>],
+        sc: &mut [f32],
+        group: usize,
+        range: &[(f32, f32)],
+        isa: Isa,
+    ) -> Part {
+        let d = self.cfg.head_dim;
+        let delta = self.cfg.calib_delta;
+        let mut off = 0;
+        for s in &segs[it.segs.clone()] {
+            if let Some(span) = s.calib {
+                let n_spans = range.len() / group;
+                for hh in 0..group {
+                    let (lo, hi) = range[hh * n_spans + span];
+                    let x = &mut sc[hh * it.len + off..][..s.n];
+                    calibrate_range(x, lo, hi, delta);
+                }
+            }
+            off += s.n;
+        }
+        let (mut max, mut sum) = (vec![0f32; group], vec![0f32; group]);
+        for hh in 0..group {
+            (max[hh], sum[hh]) = exp_shifted(&mut sc[hh * it.len..(hh + 1) * it.len], isa);
+        }
+        let mut acc = vec![0f32; group * d];
+        let mut off = 0;
+        for s in &segs[it.segs.clone()] {
+            let shape = shape(s.n, d, Role::Value);
+            simd::kernel(s.v, isa).accumulate(s.vb, shape, &sc[off..], it.len, &mut acc);
+            off += s.n;
+        }
+        Part { max, sum, acc }
     }
 }

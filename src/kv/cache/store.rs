@@ -8,8 +8,9 @@
 use super::{Block, CacheConfig, Head, KvCache, Layer, Modality, Rows, Run, Stored};
 use crate::Error;
 use crate::kv::format::F16_MAX;
-use crate::kv::formats::pack::put_f16;
+use crate::kv::simd::{self, f16::f16s_to_f32, f16::f32s_to_f16};
 use crate::kv::{BlockSize, FormatId, Role, Shape};
+use rayon::prelude::*;
 
 /// Buffers reused across appends, so that flushing allocates only while they grow.
 #[derive(Default)]
@@ -77,7 +78,7 @@ impl Rows<'_> {
     fn push_row(self, t: usize, g: usize, h: usize, d: usize, out: &mut Vec<u8>) {
         let at = (t * h + g) * d;
         match self {
-            Rows::F32(x) => x[at..at + d].iter().for_each(|&v| put_f16(out, v)),
+            Rows::F32(x) => f32s_to_f16(&x[at..at + d], out),
             Rows::F16(x) => x[at..at + d]
                 .iter()
                 .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
@@ -430,47 +431,69 @@ fn store_role(
         role: job.role,
     };
     let f = job.f.imp();
-    s.sizes.clear();
-    for (g, head) in heads.iter_mut().enumerate() {
-        let (res, arena) = head.role_mut(job.role);
-        s.x.resize(job.n * d, 0.0);
-        let bytes = &res[job.res * d * 2..(job.res + job.n) * d * 2];
-        FormatId::F16.imp().dequantize(bytes, shape, &mut s.x);
-        let mask = if f.protects() && !s.masks.is_empty() {
-            &s.masks[g * job.chunk + job.mask_at..][..job.n]
-        } else {
-            &[]
-        };
-        let off = arena.len();
-        match f.quantize(&s.x, shape, mask, &cfg.quant, arena) {
-            Ok(()) => {
-                let size = f.block_size(shape, mask.iter().filter(|&&p| p).count(), &cfg.quant);
-                debug_assert_eq!(
-                    arena.len() - off,
-                    size.total(),
-                    "{} wrote other than its block_size",
-                    job.f
-                );
-                s.sizes.push((off, size));
-            }
-            Err(_) if job.f != FormatId::F16 => {
-                arena.truncate(off);
-                for (h, &(off, _)) in heads.iter_mut().zip(&s.sizes) {
-                    h.role_mut(job.role).1.truncate(off);
+    let masks = &s.masks;
+    // Heads in parallel, each into its own arena: the bytes do not depend on the threads.
+    let stored: Vec<Result<(usize, BlockSize), Error>> = heads
+        .par_iter_mut()
+        .enumerate()
+        .map(|(g, head)| {
+            let (res, arena) = head.role_mut(job.role);
+            let mask = if f.protects() && !masks.is_empty() {
+                &masks[g * job.chunk + job.mask_at..][..job.n]
+            } else {
+                &[]
+            };
+            let off = arena.len();
+            let quantized = ROWS.with_borrow_mut(|x| {
+                x.resize(job.n * d, 0.0);
+                f16s_to_f32(&res[job.res * d * 2..(job.res + job.n) * d * 2], x);
+                simd::quantize(job.f, x, shape, mask, &cfg.quant, arena)
+            });
+            match quantized {
+                Ok(()) => {
+                    let size = f.block_size(shape, mask.iter().filter(|&&p| p).count(), &cfg.quant);
+                    debug_assert_eq!(
+                        arena.len() - off,
+                        size.total(),
+                        "{} wrote other than its block_size",
+                        job.f
+                    );
+                    Ok((off, size))
                 }
-                let f16 = Job {
-                    f: FormatId::F16,
-                    ..job
-                };
-                return store_role(cfg, heads, s, f16);
+                Err(e) => {
+                    arena.truncate(off);
+                    Err(e)
+                }
             }
-            Err(e) => {
-                arena.truncate(off);
-                return Err(e);
+        })
+        .collect();
+    s.sizes.clear();
+    if stored.iter().any(|r| r.is_err()) {
+        for (h, r) in heads.iter_mut().zip(&stored) {
+            if let Ok((off, _)) = r {
+                h.role_mut(job.role).1.truncate(*off);
             }
         }
+        if job.f != FormatId::F16 {
+            let f16 = Job {
+                f: FormatId::F16,
+                ..job
+            };
+            return store_role(cfg, heads, s, f16);
+        }
+        return Err(stored
+            .into_iter()
+            .find_map(Result::err)
+            .expect("an error was seen"));
     }
+    s.sizes
+        .extend(stored.into_iter().map(|r| r.expect("no error")));
     Ok(job.f)
+}
+
+thread_local! {
+    /// One block of one head as f32, per thread quantizing.
+    static ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Head {

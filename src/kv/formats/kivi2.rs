@@ -16,7 +16,7 @@ use crate::kv::format::{BlockSize, Format, QuantParams, Role, Shape, check_input
 pub struct Kivi2;
 
 /// Tokens per key group and channels per value group.
-const GROUP: usize = 32;
+pub(crate) const GROUP: usize = 32;
 const LEVELS: u32 = 3;
 const BITS: usize = 2;
 
@@ -26,17 +26,17 @@ fn key_group_bytes(d: usize, m: usize) -> usize {
 }
 
 /// Bytes of a full value channel group: min, step and 32 codes.
-const VALUE_GROUP_BYTES: usize = 4 + GROUP / 4;
+pub(crate) const VALUE_GROUP_BYTES: usize = 4 + GROUP / 4;
 
-fn value_row_bytes(d: usize) -> usize {
+pub(crate) fn value_row_bytes(d: usize) -> usize {
     4 * d.div_ceil(GROUP) + d / 4
 }
 
 /// One stored key group: its first token, each channel's parameters, its packed token rows.
-struct KeyGroup<'a> {
-    t0: usize,
-    mm: Vec<MinMax>,
-    rows: &'a [u8],
+pub(crate) struct KeyGroup<'a> {
+    pub(crate) t0: usize,
+    pub(crate) mm: Vec<MinMax>,
+    pub(crate) rows: &'a [u8],
 }
 
 impl KeyGroup<'_> {
@@ -46,7 +46,7 @@ impl KeyGroup<'_> {
 }
 
 /// The key groups of a stored block, in token order.
-fn stored_key_groups(block: &[u8], shape: Shape) -> impl Iterator<Item = KeyGroup<'_>> {
+pub(crate) fn stored_key_groups(block: &[u8], shape: Shape) -> impl Iterator<Item = KeyGroup<'_>> {
     let d = shape.d;
     let mut at = 0;
     key_groups(shape.n).map(move |(t0, m)| {
@@ -67,7 +67,7 @@ fn stored_key_groups(block: &[u8], shape: Shape) -> impl Iterator<Item = KeyGrou
 }
 
 /// The stored parameters and packed codes of one value channel group.
-fn value_group(group: &[u8]) -> (MinMax, &[u8]) {
+pub(crate) fn value_group(group: &[u8]) -> (MinMax, &[u8]) {
     let mm = MinMax {
         lo: get_f16(group, 0),
         step: get_f16(group, 1),
@@ -80,6 +80,7 @@ fn key_groups(n: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..n).step_by(GROUP).map(move |t0| (t0, GROUP.min(n - t0)))
 }
 
+#[inline(always)]
 fn quantize_keys(x: &[f32], shape: Shape, out: &mut Vec<u8>) {
     let d = shape.d;
     let mut codes = Vec::with_capacity(d);
@@ -98,6 +99,7 @@ fn quantize_keys(x: &[f32], shape: Shape, out: &mut Vec<u8>) {
     }
 }
 
+#[inline(always)]
 fn quantize_values(x: &[f32], shape: Shape, out: &mut Vec<u8>) {
     let mut codes = Vec::with_capacity(GROUP);
     for row in x.chunks_exact(shape.d) {
@@ -125,6 +127,8 @@ impl Format for Kivi2 {
         }
     }
 
+    // Inlined into `kv::simd`'s copy compiled for AVX2 (same source, same bytes).
+    #[inline(always)]
     fn quantize(
         &self,
         x: &[f32],

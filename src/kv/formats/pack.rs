@@ -5,6 +5,7 @@ use half::f16;
 use crate::Error;
 
 /// Append `v` as a little-endian f16.
+#[inline]
 pub fn put_f16(out: &mut Vec<u8>, v: f32) {
     out.extend_from_slice(&f16::from_f32(v).to_le_bytes());
 }
@@ -24,6 +25,7 @@ pub fn round_f16(v: f32) -> f32 {
 /// A parameter as stored (rounded through f16), or an error where it overflows f16: formats
 /// whose transforms grow values (rFFT sums, Hadamard rotations) can overflow even on in-range
 /// input.
+#[inline]
 pub fn stored_f16(v: f32) -> Result<f32, Error> {
     let r = round_f16(v);
     if r.is_finite() {
@@ -37,6 +39,7 @@ pub fn stored_f16(v: f32) -> Result<f32, Error> {
 
 /// Pack `codes` of `bits` bits each (1, 2 or 4) little-end first: code `j` sits in byte
 /// `j * bits / 8` at bit `(j * bits) % 8`. Appends `ceil(len * bits / 8)` bytes.
+#[inline]
 pub fn pack_bits(codes: &[u8], bits: usize, out: &mut Vec<u8>) {
     debug_assert!(matches!(bits, 1 | 2 | 4));
     let per_byte = 8 / bits;

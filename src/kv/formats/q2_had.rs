@@ -32,6 +32,7 @@ const PAIR: usize = 4;
 /// In-place normalised Walsh-Hadamard transform, `H·x / sqrt(len)` with `H` the Sylvester
 /// matrix (`H_1 = [1]`, `H_2k = [[H_k, H_k], [H_k, -H_k]]`). Orthonormal and symmetric, so it
 /// is its own inverse. `x.len()` must be a power of two.
+#[inline]
 pub fn wht(x: &mut [f32]) {
     let len = x.len();
     assert!(
@@ -55,6 +56,7 @@ pub fn wht(x: &mut [f32]) {
 /// The rotation of one token: [`wht`] over power-of-two sub-blocks, largest first
 /// (80 = 64 + 16, 96 = 64 + 32, 112 = 64 + 32 + 16; a power of two is one block).
 /// Block-diagonal of orthonormal symmetric blocks, so also its own inverse.
+#[inline]
 pub fn rotate(x: &mut [f32]) {
     let mut rest = x;
     while !rest.is_empty() {
@@ -65,12 +67,12 @@ pub fn rotate(x: &mut [f32]) {
 }
 
 /// The min-max groups of a token of `d` rotated values; the last may be shorter.
-fn groups(d: usize) -> impl Iterator<Item = Range<usize>> {
+pub(crate) fn groups(d: usize) -> impl Iterator<Item = Range<usize>> {
     (0..d).step_by(GROUP).map(move |s| s..(s + GROUP).min(d))
 }
 
 /// Offset of the codes in a token record: after its group pairs.
-fn codes_at(d: usize) -> usize {
+pub(crate) fn codes_at(d: usize) -> usize {
     d.div_ceil(GROUP) * PAIR
 }
 
@@ -80,7 +82,7 @@ fn record_len(d: usize, bits: usize) -> usize {
 }
 
 /// Group `g`'s stored parameters in a token record.
-fn group_params(record: &[u8], g: usize) -> MinMax {
+pub(crate) fn group_params(record: &[u8], g: usize) -> MinMax {
     MinMax {
         lo: get_f16(record, 2 * g),
         step: get_f16(record, 2 * g + 1),
@@ -88,7 +90,7 @@ fn group_params(record: &[u8], g: usize) -> MinMax {
 }
 
 /// One token of a stored block.
-enum Token<'a> {
+pub(crate) enum Token<'a> {
     /// A quantized record: pairs, then codes.
     Quantized(&'a [u8]),
     /// An f16 row.
@@ -96,7 +98,7 @@ enum Token<'a> {
 }
 
 /// The tokens of a stored block, in order.
-fn tokens(block: &[u8], shape: Shape, bits: usize) -> impl Iterator<Item = Token<'_>> {
+pub(crate) fn tokens(block: &[u8], shape: Shape, bits: usize) -> impl Iterator<Item = Token<'_>> {
     let (n, d) = (shape.n, shape.d);
     let n_p = u32::from_le_bytes([block[0], block[1], block[2], block[3]]) as usize;
     let rec = record_len(d, bits);
@@ -127,6 +129,8 @@ fn block_size<const BITS: usize>(shape: Shape, n_protected: usize) -> BlockSize 
     }
 }
 
+// Inlined into `kv::simd`'s copy compiled for AVX2 (same source, same bytes).
+#[inline(always)]
 fn quantize<const BITS: usize>(
     x: &[f32],
     shape: Shape,
@@ -150,6 +154,7 @@ fn quantize<const BITS: usize>(
 }
 
 /// The block after the checks; on error the caller drops what was appended.
+#[inline(always)]
 fn write_block<const BITS: usize>(
     x: &[f32],
     shape: Shape,
@@ -288,6 +293,7 @@ macro_rules! had_format {
             fn protects(&self) -> bool {
                 true
             }
+            #[inline(always)]
             fn quantize(
                 &self,
                 x: &[f32],

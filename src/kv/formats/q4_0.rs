@@ -13,11 +13,11 @@ use crate::kv::format::{BlockSize, Format, QuantParams, Shape, check_input};
 pub struct Q4_0;
 
 /// ggml's QK4_0: values per group.
-const QK: usize = 32;
+pub(crate) const QK: usize = 32;
 /// Bytes of a full group: f16 scale and 16 bytes of nibbles.
-const GROUP_BYTES: usize = 2 + QK / 2;
+pub(crate) const GROUP_BYTES: usize = 2 + QK / 2;
 
-fn row_bytes(d: usize) -> usize {
+pub(crate) fn row_bytes(d: usize) -> usize {
     2 * d.div_ceil(QK) + d / 2
 }
 
@@ -37,6 +37,8 @@ impl Format for Q4_0 {
         }
     }
 
+    // Inlined into `kv::simd`'s copy compiled for AVX2 (same source, same bytes).
+    #[inline(always)]
     fn quantize(
         &self,
         x: &[f32],

@@ -46,20 +46,20 @@ pub fn trit_digit(byte: u8, i: usize) -> u8 {
 
 /// Where a token's codes are: the `u`-th unprotected or the `p`-th protected token.
 #[derive(Clone, Copy)]
-enum Row {
+pub(crate) enum Row {
     Ternary(usize),
     Protected(usize),
 }
 
 /// Where each part of a block starts.
-struct Layout {
+pub(crate) struct Layout {
     d: usize,
-    n_p: usize,
+    pub(crate) n_p: usize,
     mask: usize,
     gamma: usize,
     minmax: usize,
-    trits: usize,
-    protected: usize,
+    pub(crate) trits: usize,
+    pub(crate) protected: usize,
     end: usize,
 }
 
@@ -86,7 +86,7 @@ impl Layout {
         }
     }
 
-    fn read(block: &[u8], shape: Shape) -> Layout {
+    pub(crate) fn read(block: &[u8], shape: Shape) -> Layout {
         Layout::new(shape, u16::from_le_bytes([block[0], block[1]]) as usize)
     }
 
@@ -94,11 +94,11 @@ impl Layout {
         self.n_p > 0 && unpack_bits(&block[self.mask..], 1, t) == 1
     }
 
-    fn gamma(&self, block: &[u8], c: usize) -> f32 {
+    pub(crate) fn gamma(&self, block: &[u8], c: usize) -> f32 {
         get_f16(&block[self.gamma..], c)
     }
 
-    fn minmax(&self, block: &[u8], c: usize) -> MinMax {
+    pub(crate) fn minmax(&self, block: &[u8], c: usize) -> MinMax {
         let p = &block[self.minmax..];
         MinMax {
             lo: get_f16(p, 2 * c),
@@ -121,7 +121,7 @@ impl Layout {
     }
 
     /// Calls `f(t, row)` for every token `t` of the block, in order.
-    fn for_tokens(&self, block: &[u8], n: usize, mut f: impl FnMut(usize, Row)) {
+    pub(crate) fn for_tokens(&self, block: &[u8], n: usize, mut f: impl FnMut(usize, Row)) {
         let (mut u, mut p) = (0, 0);
         for t in 0..n {
             if self.is_protected(block, t) {
@@ -148,6 +148,8 @@ impl Format for V1_58Tern {
         true
     }
 
+    // Inlined into `kv::simd`'s copy compiled for AVX2 (same source, same bytes).
+    #[inline(always)]
     fn quantize(
         &self,
         x: &[f32],

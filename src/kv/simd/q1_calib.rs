@@ -1,0 +1,501 @@
+//! Fast `q1_calib` (see `formats/q1_calib.rs`): scores and sums straight from the bits.
+//!
+//! Scores, `base + Σ_c w_c·bit_tc` with `w_c = q_c·(hi_c − lo_c)`: per query head and block,
+//! a 16-entry table per nibble of channels (the sums of every subset of its four `w`), held in
+//! a vector register and indexed by a vector permute whose lanes are tokens; the code words
+//! of 16 (AVX-512) or 8 (AVX2) tokens are gathered once and serve every head of the group.
+//!
+//! Sums, `out_c += lo_c·Σ_t p_t + (hi_c − lo_c)·Σ_t p_t·bit_tc`: lanes are channels, the bits
+//! of a token are the lane mask of an add of its broadcast weight (AVX-512 mask registers
+//! take them as they are stored; AVX2 expands each byte to eight 0/1 floats for an FMA).
+
+use super::f16::f16s_to_f32;
+use super::{Kernel, dot, sum};
+use crate::kv::Shape;
+
+/// AVX-512 F/BW.
+pub struct Q1CalibAvx512;
+/// AVX2 and FMA.
+pub struct Q1CalibAvx2;
+
+/// Query heads per pass: tables and accumulators of 7 heads (Qwen2.5-VL's group) fit.
+const HEADS: usize = 7;
+/// The largest head dim.
+const MAX_D: usize = 256;
+
+/// A block's stored ranges as f32: `lo` and `hi − lo`.
+struct Ranges {
+    lo: [f32; MAX_D],
+    span: [f32; MAX_D],
+}
+
+fn ranges(block: &[u8], d: usize) -> Ranges {
+    let mut r = Ranges {
+        lo: [0.0; MAX_D],
+        span: [0.0; MAX_D],
+    };
+    let mut hi = [0f32; MAX_D];
+    f16s_to_f32(&block[..2 * d], &mut r.lo[..d]);
+    f16s_to_f32(&block[2 * d..4 * d], &mut hi[..d]);
+    for ((s, &h), &l) in r.span[..d].iter_mut().zip(&hi[..d]).zip(&r.lo[..d]) {
+        *s = h - l;
+    }
+    r
+}
+
+/// Per head of a pass: `base = q·lo` and `w = q·(hi − lo)`.
+fn weights(r: &Ranges, q: &[f32], d: usize, base: &mut [f32; HEADS], w: &mut [f32]) {
+    for (h, qh) in q.chunks_exact(d).enumerate() {
+        base[h] = dot(qh, &r.lo[..d]);
+        for c in 0..d {
+            w[h * d + c] = qh[c] * r.span[c];
+        }
+    }
+}
+
+impl Kernel for Q1CalibAvx512 {
+    fn scores(&self, block: &[u8], shape: Shape, q: &[f32], out: &mut [f32], stride: usize) {
+        scores(block, shape, q, out, stride, true)
+    }
+
+    fn accumulate(&self, block: &[u8], shape: Shape, p: &[f32], stride: usize, out: &mut [f32]) {
+        accumulate(block, shape, p, stride, out, true)
+    }
+}
+
+impl Kernel for Q1CalibAvx2 {
+    fn scores(&self, block: &[u8], shape: Shape, q: &[f32], out: &mut [f32], stride: usize) {
+        scores(block, shape, q, out, stride, false)
+    }
+
+    fn accumulate(&self, block: &[u8], shape: Shape, p: &[f32], stride: usize, out: &mut [f32]) {
+        accumulate(block, shape, p, stride, out, false)
+    }
+}
+
+fn scores(block: &[u8], shape: Shape, q: &[f32], out: &mut [f32], stride: usize, wide: bool) {
+    let (n, d) = (shape.n, shape.d);
+    let r = ranges(block, d);
+    let bits = &block[4 * d..4 * d + n * d / 8];
+    let mut base = [0f32; HEADS];
+    let mut w = [0f32; HEADS * MAX_D];
+    for (pass, qp) in q.chunks(HEADS * d).enumerate() {
+        let nh = qp.len() / d;
+        weights(&r, qp, d, &mut base, &mut w);
+        let out = &mut out[pass * HEADS * stride..];
+        for h in 0..nh {
+            assert!(h * stride + n <= out.len());
+        }
+        // SAFETY: `kernel` hands out each path only where its `Isa` is supported; `out`
+        // holds every row written (asserted above) and `bits` every token's codes.
+        unsafe {
+            if wide {
+                x86::scores512(bits, n, d, &w[..nh * d], &base[..nh], out, stride)
+            } else {
+                x86::scores256(bits, n, d, &w[..nh * d], &base[..nh], out, stride)
+            }
+        }
+    }
+}
+
+fn accumulate(block: &[u8], shape: Shape, p: &[f32], stride: usize, out: &mut [f32], wide: bool) {
+    let (n, d) = (shape.n, shape.d);
+    let r = ranges(block, d);
+    let bits = &block[4 * d..4 * d + n * d / 8];
+    for (pass, op) in out.chunks_mut(HEADS * d).enumerate() {
+        let nh = op.len() / d;
+        let p = &p[pass * HEADS * stride..];
+        let mut psum = [0f32; HEADS];
+        for (h, ps) in psum[..nh].iter_mut().enumerate() {
+            *ps = sum(&p[h * stride..h * stride + n]);
+        }
+        let sums = Sums {
+            lo: &r.lo[..d],
+            span: &r.span[..d],
+            psum: &psum[..nh],
+        };
+        // SAFETY: as in `scores`; `p` holds every row read (checked by `sum` above).
+        unsafe {
+            if wide {
+                x86::sums512(bits, n, d, p, stride, &sums, op)
+            } else {
+                x86::sums256(bits, n, d, p, stride, &sums, op)
+            }
+        }
+    }
+}
+
+/// What turns the bit sums `a_c = Σ_t p_t·bit_tc` of a head into its output:
+/// `out_c += lo_c·psum + span_c·a_c`.
+struct Sums<'a> {
+    lo: &'a [f32],
+    span: &'a [f32],
+    /// `Σ_t p_t` per head.
+    psum: &'a [f32],
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
+
+    use super::{HEADS, MAX_D, Sums};
+
+    /// Where word `wd` of a token's `row` code bytes is read, and whether its codes are the
+    /// high half: d = 80 and 112 end on half a word, read as the row's last four bytes so
+    /// that no read passes the row.
+    #[inline]
+    fn word(row: usize, wd: usize) -> (usize, bool) {
+        if 4 * wd + 4 <= row {
+            (4 * wd, false)
+        } else {
+            (row - 4, true)
+        }
+    }
+
+    /// The 16 subset sums of `w[0..4]`, entry `i` summing the `w[b]` whose bit `b` is set in `i`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn table512(w: &[f32]) -> __m512 {
+        let mut t = _mm512_maskz_mov_ps(0xAAAA, _mm512_set1_ps(w[0]));
+        t = _mm512_mask_add_ps(t, 0xCCCC, t, _mm512_set1_ps(w[1]));
+        t = _mm512_mask_add_ps(t, 0xF0F0, t, _mm512_set1_ps(w[2]));
+        _mm512_mask_add_ps(t, 0xFF00, t, _mm512_set1_ps(w[3]))
+    }
+
+    /// Scores of up to [`HEADS`] heads (`base.len()`), 16 tokens per vector.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn scores512(
+        bits: &[u8],
+        n: usize,
+        d: usize,
+        w: &[f32],
+        base: &[f32],
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { by_heads!(base.len(), scores512_h(bits, n, d, w, base, out, stride)) }
+    }
+
+    /// [`scores512`] for `H` heads: accumulators in registers.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn scores512_h<const H: usize>(
+        bits: &[u8],
+        n: usize,
+        d: usize,
+        w: &[f32],
+        base: &[f32],
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let (row, words) = (d / 8, d.div_ceil(32));
+        // Tables: [nibble][head] of 16 floats.
+        let mut tab = [MaybeUninit::<__m512>::uninit(); HEADS * MAX_D / 4];
+        for h in 0..H {
+            for k in 0..d / 4 {
+                tab[k * H + h].write(table512(&w[h * d + 4 * k..]));
+            }
+        }
+        let lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        let offsets = _mm512_mullo_epi32(lane, _mm512_set1_epi32(row as i32));
+        for t0 in (0..n).step_by(16) {
+            let m = (n - t0).min(16);
+            let mask: __mmask16 = if m == 16 { 0xFFFF } else { (1u16 << m) - 1 };
+            let at = bits[t0 * row..].as_ptr();
+            // Every word of the 16 tokens first: the gathers' latencies overlap.
+            let mut codes = [_mm512_setzero_si512(); MAX_D / 32];
+            for (wd, code) in codes[..words].iter_mut().enumerate() {
+                let (at_word, high_half) = word(row, wd);
+                let idx = _mm512_add_epi32(offsets, _mm512_set1_epi32(at_word as i32));
+                // SAFETY: lanes in `mask` read 4 bytes of token `t0 + lane`'s row, inside `bits`.
+                let c = unsafe {
+                    _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), mask, idx, at.cast())
+                };
+                *code = if high_half {
+                    _mm512_srli_epi32::<16>(c)
+                } else {
+                    c
+                };
+            }
+            let mut acc = [_mm512_setzero_ps(); H];
+            for (k, tabs) in tab[..H * (d / 4)].chunks_exact(H).enumerate() {
+                // vpermps reads the low 4 bits of each lane: the nibble after the shift.
+                let nib = _mm512_srlv_epi32(codes[k / 8], _mm512_set1_epi32(4 * (k % 8) as i32));
+                for (a, t) in acc.iter_mut().zip(tabs) {
+                    // SAFETY: tables 0..H·d/4 were written above.
+                    let t = unsafe { t.assume_init() };
+                    *a = _mm512_add_ps(*a, _mm512_permutexvar_ps(nib, t));
+                }
+            }
+            for (h, a) in acc.iter().enumerate() {
+                let s = _mm512_add_ps(*a, _mm512_set1_ps(base[h]));
+                let o = &mut out[h * stride + t0..h * stride + t0 + m];
+                // SAFETY: the masked store writes the `m` floats of `o`.
+                unsafe { _mm512_mask_storeu_ps(o.as_mut_ptr(), mask, s) };
+            }
+        }
+    }
+
+    /// `out[h·d + c] += lo_c·psum_h + span_c·Σ_t p[h·stride + t]·bit_tc`, 64 channels (four
+    /// mask registers) at a time, then 16.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn sums512(
+        bits: &[u8],
+        n: usize,
+        d: usize,
+        p: &[f32],
+        stride: usize,
+        s: &Sums,
+        out: &mut [f32],
+    ) {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { by_heads!(out.len() / d, sums512_h(bits, n, d, p, stride, s, out)) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn sums512_h<const H: usize>(
+        bits: &[u8],
+        n: usize,
+        d: usize,
+        p: &[f32],
+        stride: usize,
+        s: &Sums,
+        out: &mut [f32],
+    ) {
+        let mut c0 = 0;
+        while c0 < d {
+            // SAFETY: the caller's contract, passed on.
+            unsafe {
+                if d - c0 >= 64 {
+                    slab512::<H, 4>(bits, n, d, c0, p, stride, s, out);
+                    c0 += 64;
+                } else {
+                    slab512::<H, 1>(bits, n, d, c0, p, stride, s, out);
+                    c0 += 16;
+                }
+            }
+        }
+    }
+
+    /// Channels `c0..c0 + 16·V` of [`sums512`] for `H` heads: `H·V` accumulators.
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn slab512<const H: usize, const V: usize>(
+        bits: &[u8],
+        n: usize,
+        d: usize,
+        c0: usize,
+        p: &[f32],
+        stride: usize,
+        s: &Sums,
+        out: &mut [f32],
+    ) {
+        let row = d / 8;
+        let mut a = [[_mm512_setzero_ps(); V]; H];
+        for t in 0..n {
+            let code = &bits[t * row + c0 / 8..][..2 * V];
+            let mut k = [0u16; V];
+            for (i, ki) in k.iter_mut().enumerate() {
+                *ki = u16::from_le_bytes([code[2 * i], code[2 * i + 1]]);
+            }
+            for (h, ah) in a.iter_mut().enumerate() {
+                // SAFETY: the caller checked `h·stride + t < p.len()`.
+                let pv = _mm512_set1_ps(unsafe { *p.get_unchecked(h * stride + t) });
+                for i in 0..V {
+                    ah[i] = _mm512_mask_add_ps(ah[i], k[i], ah[i], pv);
+                }
+            }
+        }
+        for (h, ah) in a.iter().enumerate() {
+            let psum = _mm512_set1_ps(s.psum[h]);
+            for (i, ai) in ah.iter().enumerate() {
+                let c = c0 + 16 * i;
+                let o = &mut out[h * d + c..][..16];
+                let (lo, span) = (&s.lo[c..c + 16], &s.span[c..c + 16]);
+                // SAFETY: `o`, `lo` and `span` hold 16 floats; unaligned loads and store.
+                unsafe {
+                    let v = _mm512_mul_ps(_mm512_loadu_ps(lo.as_ptr()), psum);
+                    let v = _mm512_fmadd_ps(_mm512_loadu_ps(span.as_ptr()), *ai, v);
+                    let v = _mm512_add_ps(_mm512_loadu_ps(o.as_ptr()), v);
+                    _mm512_storeu_ps(o.as_mut_ptr(), v);
+                }
+            }
+        }
+    }
+
+    /// Entries 0..8 and 8..16 of the subset sums of `w[0..4]`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn table256(w: &[f32]) -> (__m256, __m256) {
+        let m = |b: i32| {
+            _mm256_castsi256_ps(_mm256_setr_epi32(
+                -(b & 1),
+                -((b >> 1) & 1),
+                -((b >> 2) & 1),
+                -((b >> 3) & 1),
+                -((b >> 4) & 1),
+                -((b >> 5) & 1),
+                -((b >> 6) & 1),
+                -((b >> 7) & 1),
+            ))
+        };
+        // Lane i of the low half: bit b of i set; bit 3 is the choice of half.
+        let lo = _mm256_add_ps(
+            _mm256_add_ps(
+                _mm256_and_ps(m(0xAA), _mm256_set1_ps(w[0])),
+                _mm256_and_ps(m(0xCC), _mm256_set1_ps(w[1])),
+            ),
+            _mm256_and_ps(m(0xF0), _mm256_set1_ps(w[2])),
+        );
+        (lo, _mm256_add_ps(lo, _mm256_set1_ps(w[3])))
+    }
+
+    /// Scores of up to [`HEADS`] heads, 8 tokens per vector.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn scores256(
+        bits: &[u8],
+        n: usize,
+        d: usize,
+        w: &[f32],
+        base: &[f32],
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { by_heads!(base.len(), scores256_h(bits, n, d, w, base, out, stride)) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn scores256_h<const H: usize>(
+        bits: &[u8],
+        n: usize,
+        d: usize,
+        w: &[f32],
+        base: &[f32],
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let (row, words) = (d / 8, d.div_ceil(32));
+        let mut tab = [MaybeUninit::<(__m256, __m256)>::uninit(); HEADS * MAX_D / 4];
+        for h in 0..H {
+            for k in 0..d / 4 {
+                tab[h * (d / 4) + k].write(table256(&w[h * d + 4 * k..]));
+            }
+        }
+        let offsets = _mm256_mullo_epi32(
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            _mm256_set1_epi32(row as i32),
+        );
+        for t0 in (0..n).step_by(8) {
+            let m = (n - t0).min(8);
+            let mask = _mm256_cmpgt_epi32(
+                _mm256_set1_epi32(m as i32),
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            );
+            let at = bits[t0 * row..].as_ptr();
+            let mut acc = [_mm256_setzero_ps(); H];
+            for wd in 0..words {
+                let (at_word, high_half) = word(row, wd);
+                let idx = _mm256_add_epi32(offsets, _mm256_set1_epi32(at_word as i32));
+                // SAFETY: lanes in `mask` read 4 bytes of token `t0 + lane`'s row, inside `bits`.
+                let code = unsafe {
+                    _mm256_mask_i32gather_epi32::<1>(_mm256_setzero_si256(), at.cast(), idx, mask)
+                };
+                let (code, nibbles) = if high_half {
+                    (_mm256_srli_epi32::<16>(code), 4)
+                } else {
+                    (code, 8)
+                };
+                for j in 0..nibbles {
+                    let nib = _mm256_srlv_epi32(code, _mm256_set1_epi32(4 * j as i32));
+                    let high = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(nib));
+                    let k = wd * 8 + j;
+                    for (h, a) in acc.iter_mut().enumerate() {
+                        // SAFETY: tables 0..d/4 of heads 0..H were written above.
+                        let (tl, th) = unsafe { tab[h * (d / 4) + k].assume_init() };
+                        let v = _mm256_blendv_ps(
+                            _mm256_permutevar8x32_ps(tl, nib),
+                            _mm256_permutevar8x32_ps(th, nib),
+                            high,
+                        );
+                        *a = _mm256_add_ps(*a, v);
+                    }
+                }
+            }
+            for (h, a) in acc.iter().enumerate() {
+                let mut s = [0f32; 8];
+                // SAFETY: `s` holds 8 floats.
+                unsafe {
+                    _mm256_storeu_ps(s.as_mut_ptr(), _mm256_add_ps(*a, _mm256_set1_ps(base[h])))
+                };
+                out[h * stride + t0..h * stride + t0 + m].copy_from_slice(&s[..m]);
+            }
+        }
+    }
+
+    /// [`sums512`], 16 channels (two bytes, each expanded to eight lane masks) at a time.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn sums256(
+        bits: &[u8],
+        n: usize,
+        d: usize,
+        p: &[f32],
+        stride: usize,
+        s: &Sums,
+        out: &mut [f32],
+    ) {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { by_heads!(out.len() / d, sums256_h(bits, n, d, p, stride, s, out)) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn sums256_h<const H: usize>(
+        bits: &[u8],
+        n: usize,
+        d: usize,
+        p: &[f32],
+        stride: usize,
+        s: &Sums,
+        out: &mut [f32],
+    ) {
+        let row = d / 8;
+        let lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        for c0 in (0..d).step_by(16) {
+            let mut a = [[_mm256_setzero_ps(); 2]; H];
+            for t in 0..n {
+                let (b0, b1) = (bits[t * row + c0 / 8], bits[t * row + c0 / 8 + 1]);
+                // Each bit as 0.0 or 1.0: one FMA per head adds the weight where it is set
+                // (exactly: p·1 + a = p + a, p·0 + a = a).
+                let expand = |b: u8| {
+                    let v = _mm256_set1_epi32(b as i32);
+                    let m = _mm256_cmpeq_epi32(_mm256_and_si256(v, lane_bit), lane_bit);
+                    _mm256_and_ps(_mm256_castsi256_ps(m), _mm256_set1_ps(1.0))
+                };
+                let (m0, m1) = (expand(b0), expand(b1));
+                for (h, ah) in a.iter_mut().enumerate() {
+                    // SAFETY: the caller checked `h·stride + t < p.len()`.
+                    let pv = _mm256_set1_ps(unsafe { *p.get_unchecked(h * stride + t) });
+                    ah[0] = _mm256_fmadd_ps(pv, m0, ah[0]);
+                    ah[1] = _mm256_fmadd_ps(pv, m1, ah[1]);
+                }
+            }
+            for (h, ah) in a.iter().enumerate() {
+                let psum = _mm256_set1_ps(s.psum[h]);
+                for (i, ai) in ah.iter().enumerate() {
+                    let c = c0 + 8 * i;
+                    let o = &mut out[h * d + c..][..8];
+                    let (lo, span) = (&s.lo[c..c + 8], &s.span[c..c + 8]);
+                    // SAFETY: `o`, `lo` and `span` hold 8 floats; unaligned loads and store.
+                    unsafe {
+                        let v = _mm256_mul_ps(_mm256_loadu_ps(lo.as_ptr()), psum);
+                        let v = _mm256_fmadd_ps(_mm256_loadu_ps(span.as_ptr()), *ai, v);
+                        let v = _mm256_add_ps(_mm256_loadu_ps(o.as_ptr()), v);
+                        _mm256_storeu_ps(o.as_mut_ptr(), v);
+                    }
+                }
+            }
+        }
+    }
+}
