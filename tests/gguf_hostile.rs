@@ -92,7 +92,10 @@ fn every_truncation_is_an_error_unless_only_padding_goes() {
         .unwrap() as usize;
     // The last tensor ends on an alignment boundary in about half the samples: then no
     // trailing padding exists and every cut must fail.
-    assert!(data_end <= bytes.len(), "tensor data past the end of the sample");
+    assert!(
+        data_end <= bytes.len(),
+        "tensor data past the end of the sample"
+    );
     println!("{} bytes, data ends at {data_end}", bytes.len());
     for cut in 0..bytes.len() {
         let what = format!("cut at {cut}");
