@@ -51,5 +51,6 @@ LD_LIBRARY_PATH="$prefix/lib" "$work/host_cpp_shared" "$model" "$work/shared_cpp
 
 echo "== valgrind: the C host"
 valgrind --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,indirect,possible \
+  --suppressions=ffi/valgrind.supp \
   "$work/cmake/host_c" "$model" "$work/valgrind.gguf" akvq
 echo "test-ffi: all host checks passed"
