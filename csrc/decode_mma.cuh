@@ -202,48 +202,40 @@ struct MmaDecode {
         }
     }
 
+    template <typename KeyTile>
+    __device__ static void score_steps(const Query &q, const KeyTile &kt, float (&part)[4][4]) {
+        uint32_t a[4];
+#pragma unroll
+        for (int s = 0; s < kSteps; ++s) {
+            kt.frag(s, a);
+            mma_16816(part[s & 1], a, q.hi[s][0], q.hi[s][1]);
+            mma_16816(part[2 + (s & 1)], a, q.lo[s][0], q.lo[s][1]);
+        }
+    }
+
     // S (16 tokens x 8 heads) of one tile. Four accumulators (hi and lo parts, even and odd
     // k-steps) keep the chain of dependent MMAs a quarter as long.
     __device__ static void tile_scores(const Query &q, int k_format, const uint8_t *rows, int lane, float (&c)[4]) {
         float part[4][4] = {};
-        uint32_t a[4];
-        if (k_format == Q1_CALIB) {
-            const typename FmtQ1Calib<D>::KeyTile kt(rows, lane);
-#pragma unroll
-            for (int s = 0; s < kSteps; ++s) {
-                kt.frag(s, a);
-                mma_16816(part[s & 1], a, q.hi[s][0], q.hi[s][1]);
-                mma_16816(part[2 + (s & 1)], a, q.lo[s][0], q.lo[s][1]);
-            }
-        } else {
-            const typename FmtF16<D>::KeyTile kt(rows, lane);
-#pragma unroll
-            for (int s = 0; s < kSteps; ++s) {
-                kt.frag(s, a);
-                mma_16816(part[s & 1], a, q.hi[s][0], q.hi[s][1]);
-                mma_16816(part[2 + (s & 1)], a, q.lo[s][0], q.lo[s][1]);
-            }
-        }
+        if (k_format == Q1_CALIB) score_steps(q, typename FmtQ1Calib<D>::KeyTile(rows, lane), part);
+        else score_steps(q, typename FmtF16<D>::KeyTile(rows, lane), part);
 #pragma unroll
         for (int e = 0; e < 4; ++e) c[e] = (part[0][e] + part[1][e]) + (part[2][e] + part[3][e]);
     }
 
-    // Reduce over the 8 lanes of one t (the tokens of a tile).
-    __device__ static float max_over_tokens(float v) {
+    // Reduce over the 8 lanes of one t (the tokens of a tile) with `op`.
+    template <typename Op>
+    __device__ static float over_tokens(float v, Op op) {
 #pragma unroll
-        for (int o = 4; o < 32; o <<= 1) v = fmaxf(v, __shfl_xor_sync(kAll, v, o));
+        for (int o = 4; o < 32; o <<= 1) v = op(v, __shfl_xor_sync(kAll, v, o));
         return v;
     }
-    __device__ static float min_over_tokens(float v) {
-#pragma unroll
-        for (int o = 4; o < 32; o <<= 1) v = fminf(v, __shfl_xor_sync(kAll, v, o));
-        return v;
-    }
-    __device__ static float sum_over_tokens(float v) {
-#pragma unroll
-        for (int o = 4; o < 32; o <<= 1) v += __shfl_xor_sync(kAll, v, o);
-        return v;
-    }
+    struct Max { __device__ float operator()(float a, float b) const { return fmaxf(a, b); } };
+    struct Min { __device__ float operator()(float a, float b) const { return fminf(a, b); } };
+    struct Sum { __device__ float operator()(float a, float b) const { return a + b; } };
+    __device__ static float max_over_tokens(float v) { return over_tokens(v, Max{}); }
+    __device__ static float min_over_tokens(float v) { return over_tokens(v, Min{}); }
+    __device__ static float sum_over_tokens(float v) { return over_tokens(v, Sum{}); }
 };
 
 // Order-preserving float atomics (min and max over logits).
@@ -267,6 +259,18 @@ __host__ __device__ inline Scratch scratch_layout(float *base, int n_seq, int n_
     s.span_range = base;
     s.partial = base + (size_t)n_seq * n_spans * n_head * 2;
     return s;
+}
+
+// dst[m] += V^T (m-tile m) · P for one tile's values.
+template <int D, typename ValueTile>
+__device__ __forceinline__ void value_steps(const ValueTile &vt, uint32_t b0, uint32_t b1,
+                                            float (&dst)[D / 16][4]) {
+    uint32_t af[4];
+#pragma unroll
+    for (int m = 0; m < D / 16; ++m) {
+        vt.frag(m, af);
+        mma_16816(dst[m], af, b0, b1);
+    }
 }
 
 // Online softmax over one tile's logits v (tokens g, g+8 x heads 2t, 2t+1; all-masked so far:
@@ -302,22 +306,11 @@ __device__ __forceinline__ void tile_softmax_values(const float (&v)[4], int v_f
     lsum[0] += ps0, lsum[1] += ps1;
     const uint32_t b0 = movmatrix_trans(*reinterpret_cast<const uint32_t *>(&p01));
     const uint32_t b1 = movmatrix_trans(*reinterpret_cast<const uint32_t *>(&p23));
-    uint32_t af[4];
     if (v_format == Q1_CALIB) {
         psum[0] += ps0, psum[1] += ps1;
-        const typename FmtQ1Calib<D>::ValueTile vt(rows, lane);
-#pragma unroll
-        for (int m = 0; m < kSteps; ++m) {
-            vt.frag(m, af);
-            mma_16816(vbits[m], af, b0, b1);
-        }
+        value_steps<D>(typename FmtQ1Calib<D>::ValueTile(rows, lane), b0, b1, vbits);
     } else {
-        const typename FmtF16<D>::ValueTile vt(rows, lane);
-#pragma unroll
-        for (int m = 0; m < kSteps; ++m) {
-            vt.frag(m, af);
-            mma_16816(acc[m], af, b0, b1);
-        }
+        value_steps<D>(typename FmtF16<D>::ValueTile(rows, lane), b0, b1, acc);
     }
 }
 

@@ -489,6 +489,33 @@ fn cpu_attention(h: &HeadBlocks, q: &[f32], d: usize, scale: f32, delta: f32) ->
     out
 }
 
+/// [`cpu_attention`] for every sequence and query head: `q` and the result are
+/// `[n_seq][n_head][d]`, `heads` is `[n_seq][n_head_kv]`.
+fn cpu_outputs(
+    heads: &[HeadBlocks],
+    q: &[f32],
+    n_head: usize,
+    n_head_kv: usize,
+    d: usize,
+    scale: f32,
+    delta: f32,
+) -> Vec<f32> {
+    let g = n_head / n_head_kv;
+    let mut want = vec![0f32; q.len()];
+    for (i, out) in want.chunks_exact_mut(d).enumerate() {
+        let (seq, h) = (i / n_head, i % n_head);
+        let r = cpu_attention(
+            &heads[seq * n_head_kv + h / g],
+            &q[i * d..][..d],
+            d,
+            scale,
+            delta,
+        );
+        out.copy_from_slice(&r);
+    }
+    want
+}
+
 /// GPU decode attention equals the CPU reference on the same quantized blocks (rel. < 1e-3):
 /// every K/V pair of formats on the device, GQA 7:1 and 4:1, spans longer than one block,
 /// partial blocks, calibration on q1_calib spans, two sequences, several work items per head.
@@ -585,21 +612,7 @@ fn decode_attention_matches_the_cpu() {
                         &stream,
                     )
                     .unwrap();
-                    let g = n_head / n_head_kv;
-                    let mut want = vec![0f32; q.len()];
-                    for seq in 0..n_seq as usize {
-                        for h in 0..n_head {
-                            let at = (seq * n_head + h) * d;
-                            let r = cpu_attention(
-                                &heads[seq * n_head_kv + h / g],
-                                &q[at..at + d],
-                                d,
-                                scale_of(d),
-                                delta,
-                            );
-                            want[at..at + d].copy_from_slice(&r);
-                        }
-                    }
+                    let want = cpu_outputs(&heads, &q, n_head, n_head_kv, d, scale_of(d), delta);
                     // Both kernel paths where the tensor-core one applies: f16/q1_calib, D <= 128.
                     let both = [kf, vf]
                         .iter()
@@ -885,21 +898,7 @@ fn calibration_in_one_pass_matches_the_cpu() {
                 }
                 let q: Vec<f32> = rng.normals(n_seq as usize * n_head * d);
                 let scale = 1.0 / (d as f32).sqrt();
-                let g = n_head / n_head_kv;
-                let mut want = vec![0f32; q.len()];
-                for seq in 0..n_seq as usize {
-                    for h in 0..n_head {
-                        let at = (seq * n_head + h) * d;
-                        let r = cpu_attention(
-                            &heads[seq * n_head_kv + h / g],
-                            &q[at..at + d],
-                            d,
-                            scale,
-                            delta,
-                        );
-                        want[at..at + d].copy_from_slice(&r);
-                    }
-                }
+                let want = cpu_outputs(&heads, &q, n_head, n_head_kv, d, scale, delta);
                 let mut plan = DecodePlan::new(
                     &descs,
                     &work,
