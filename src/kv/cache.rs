@@ -8,6 +8,7 @@
 
 mod attend;
 mod config;
+mod ledger;
 mod snapshot;
 mod store;
 
@@ -15,6 +16,7 @@ use half::f16;
 
 use super::{BlockSize, FormatId, QuantParams};
 use crate::Error;
+pub(crate) use ledger::{Chunk, Mark, Masks, Run};
 
 /// Where a token came from: text tokens and visual (image/video) tokens can use different
 /// formats.
@@ -94,66 +96,48 @@ pub struct KvCache {
     scratch: store::Scratch,
 }
 
-/// One layer: the block plan shared by its KV heads, the heads' bytes, and the residual's
-/// per-token bookkeeping.
-struct Layer {
-    n_tokens: usize,
-    blocks: Vec<Block>,
-    heads: Vec<Head>,
+/// One layer: the block plan shared by its KV heads, the heads' bytes (`H`: in host memory
+/// here, placed in a device arena by `cuda::cache`), and the residual's per-token bookkeeping.
+pub(crate) struct Layer<H = Head> {
+    pub(crate) n_tokens: usize,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) heads: Vec<H>,
     /// Spans (or their tails) still in the residual, oldest first.
-    runs: Vec<Run>,
+    pub(crate) runs: Vec<Run>,
     /// Saliency of every residual token (0 where none was given).
-    saliency: Vec<f32>,
-    n_res: usize,
-    n_spans: usize,
+    pub(crate) saliency: Vec<f32>,
+    pub(crate) n_res: usize,
+    pub(crate) n_spans: usize,
     /// The last span is text and further text appends extend it.
-    open_text: bool,
+    pub(crate) open_text: bool,
 }
 
 /// One KV head of a layer: quantized blocks in one growing arena per role, and the f16
 /// residual laid out as an `f16` block (`[t][d]`, little-endian).
 #[derive(Default)]
-struct Head {
-    k: Vec<u8>,
-    v: Vec<u8>,
+pub(crate) struct Head {
+    pub(crate) k: Vec<u8>,
+    pub(crate) v: Vec<u8>,
     /// Where each block of `Layer::blocks` lies in the arenas.
-    at: Vec<Stored>,
-    k_res: Vec<u8>,
-    v_res: Vec<u8>,
+    pub(crate) at: Vec<Stored>,
+    pub(crate) k_res: Vec<u8>,
+    pub(crate) v_res: Vec<u8>,
 }
 
+/// Where a block lies in a head's K and V arenas.
 #[derive(Clone, Copy, Debug)]
-struct Stored {
-    k_off: usize,
-    k: BlockSize,
-    v_off: usize,
-    v: BlockSize,
-}
-
-/// Consecutive residual tokens of one span.
-#[derive(Clone, Copy, Debug)]
-struct Run {
-    span: usize,
-    modality: Modality,
-    n: usize,
-    /// The caller gave saliency for these tokens.
-    salient: bool,
+pub(crate) struct Stored {
+    pub(crate) k_off: usize,
+    pub(crate) k: BlockSize,
+    pub(crate) v_off: usize,
+    pub(crate) v: BlockSize,
 }
 
 impl KvCache {
     pub fn new(cfg: CacheConfig) -> Result<KvCache, Error> {
         cfg.validate()?;
         let layers = (0..cfg.n_layer)
-            .map(|_| Layer {
-                n_tokens: 0,
-                blocks: Vec::new(),
-                heads: (0..cfg.n_head_kv).map(|_| Head::default()).collect(),
-                runs: Vec::new(),
-                saliency: Vec::new(),
-                n_res: 0,
-                n_spans: 0,
-                open_text: false,
-            })
+            .map(|_| Layer::empty((0..cfg.n_head_kv).map(|_| Head::default()).collect()))
             .collect();
         Ok(KvCache {
             cfg,
@@ -164,6 +148,20 @@ impl KvCache {
 
     pub fn config(&self) -> &CacheConfig {
         &self.cfg
+    }
+
+    /// A cache made of `layers` (the device cache's copy in host memory).
+    pub(crate) fn from_layers(cfg: CacheConfig, layers: Vec<Layer>) -> Result<KvCache, Error> {
+        cfg.validate()?;
+        Ok(KvCache {
+            cfg,
+            layers,
+            scratch: store::Scratch::default(),
+        })
+    }
+
+    pub(crate) fn layers(&self) -> &[Layer] {
+        &self.layers
     }
 
     pub fn n_layer(&self) -> usize {

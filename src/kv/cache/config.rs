@@ -151,7 +151,7 @@ impl CacheConfig {
     }
 
     /// Most tokens in one block.
-    pub(super) fn block_len(&self) -> usize {
+    pub(crate) fn block_len(&self) -> usize {
         match self.block_tokens {
             BlockTokens::Fixed(n) => n,
             // One block per span, within the formats' limit; a text span, which may grow,

@@ -1,11 +1,7 @@
-//! Appending: validate, push into the f16 residual, then quantize what has aged out of it.
-//!
-//! A run (a span's tokens still in the residual) is quantized once its tokens are older than
-//! the last `recent_f16`: in full blocks while its span may still grow or its tail is still
-//! recent, whole (last block partial) once the span is closed and entirely old. Text spans
-//! close when another span follows; a visual span is complete when appended.
+//! Appending: validate, push into the f16 residual, then quantize what has aged out of it
+//! (which tokens, and when, is the ledger's rule: `ledger.rs`).
 
-use super::{Block, CacheConfig, Head, KvCache, Layer, Modality, Rows, Run, Stored};
+use super::{CacheConfig, Chunk, Head, KvCache, Layer, Mark, Masks, Modality, Rows, Run, Stored};
 use crate::Error;
 use crate::kv::format::F16_MAX;
 use crate::kv::simd::{self, f16::f16s_to_f32, f16::f32s_to_f16};
@@ -17,35 +13,13 @@ use rayon::prelude::*;
 pub(super) struct Scratch {
     /// One block (or chunk) of one head, as f32.
     x: Vec<f32>,
-    /// Saliency-protected tokens of the chunk being quantized (the same for every head).
-    salient: Vec<bool>,
-    /// Protected tokens of the chunk, `[n_head_kv][len]`; empty when nothing is protected.
-    masks: Vec<bool>,
-    norms: Vec<f32>,
-    sorted: Vec<f32>,
-    order: Vec<usize>,
+    /// Protected tokens of the chunk being quantized.
+    masks: Masks,
     /// Offset and size of the block being stored, per head: K, and the role in progress.
     k_sizes: Vec<(usize, BlockSize)>,
     sizes: Vec<(usize, BlockSize)>,
     chunks: Vec<Chunk>,
     arenas: Vec<(usize, usize)>,
-}
-
-/// The oldest `len` residual tokens of run `run`, to quantize now.
-#[derive(Clone, Copy)]
-struct Chunk {
-    run: usize,
-    len: usize,
-}
-
-/// A layer's residual state before an append, to undo it if the append fails.
-struct Mark {
-    n_tokens: usize,
-    n_res: usize,
-    n_runs: usize,
-    last_run_n: usize,
-    n_spans: usize,
-    open_text: bool,
 }
 
 impl Rows<'_> {
@@ -162,40 +136,15 @@ impl KvCache {
 }
 
 impl Layer {
-    fn mark(&self) -> Mark {
-        Mark {
-            n_tokens: self.n_tokens,
-            n_res: self.n_res,
-            n_runs: self.runs.len(),
-            last_run_n: self.runs.last().map_or(0, |r| r.n),
-            n_spans: self.n_spans,
-            open_text: self.open_text,
-        }
-    }
-
     fn rewind(&mut self, m: Mark, d: usize) {
         for h in &mut self.heads {
             h.k_res.truncate(m.n_res * d * 2);
             h.v_res.truncate(m.n_res * d * 2);
         }
-        self.saliency.truncate(m.n_res);
-        self.runs.truncate(m.n_runs);
-        if let Some(r) = self.runs.last_mut() {
-            r.n = m.last_run_n;
-        }
-        self.n_tokens = m.n_tokens;
-        self.n_res = m.n_res;
-        self.n_spans = m.n_spans;
-        self.open_text = m.open_text;
+        self.rewind_ledger(m);
     }
 
-    /// Whether run `r`'s span can still grow (an open text span).
-    fn is_open(&self, r: &Run) -> bool {
-        self.open_text && r.span + 1 == self.n_spans
-    }
-
-    /// Adds validated rows to the residual: consecutive text appends extend one span, every
-    /// visual append starts its own.
+    /// Adds validated rows to the residual.
     fn push(
         &mut self,
         k: Rows<'_>,
@@ -205,27 +154,7 @@ impl Layer {
         saliency: Option<&[f32]>,
         d: usize,
     ) {
-        let text = modality == Modality::Text;
-        let extends = text && self.open_text;
-        match self.runs.last_mut() {
-            Some(r) if extends && r.span + 1 == self.n_spans => r.n += n,
-            _ => {
-                if !extends {
-                    self.n_spans += 1;
-                }
-                self.runs.push(Run {
-                    span: self.n_spans - 1,
-                    modality,
-                    n,
-                    salient: saliency.is_some(),
-                });
-            }
-        }
-        self.open_text = text;
-        match saliency {
-            Some(s) => self.saliency.extend_from_slice(s),
-            None => self.saliency.resize(self.saliency.len() + n, 0.0),
-        }
+        self.push_runs(n, modality, saliency);
         let h = self.heads.len();
         for (g, head) in self.heads.iter_mut().enumerate() {
             for t in 0..n {
@@ -233,35 +162,13 @@ impl Layer {
                 v.push_row(t, g, h, d, &mut head.v_res);
             }
         }
-        self.n_res += n;
-        self.n_tokens += n;
     }
 }
 
 /// Quantizes the residual runs that are due (all of them when `force`). Either every due
 /// chunk is stored and leaves the residual, or nothing changes.
 fn flush(cfg: &CacheConfig, lay: &mut Layer, s: &mut Scratch, force: bool) -> Result<(), Error> {
-    let old_end = if force {
-        lay.n_tokens
-    } else {
-        lay.n_tokens.saturating_sub(cfg.recent_f16)
-    };
-    s.chunks.clear();
-    let mut pos = lay.n_tokens - lay.n_res;
-    for (i, run) in lay.runs.iter().enumerate() {
-        let old = old_end.saturating_sub(pos).min(run.n);
-        if old == run.n && (force || !lay.is_open(run)) {
-            s.chunks.push(Chunk { run: i, len: run.n });
-            pos += run.n;
-        } else {
-            let bt = cfg.block_len();
-            let len = old / bt * bt;
-            if len > 0 {
-                s.chunks.push(Chunk { run: i, len });
-            }
-            break;
-        }
-    }
+    lay.due_chunks(cfg, force, &mut s.chunks);
     if s.chunks.is_empty() {
         return Ok(());
     }
@@ -286,22 +193,10 @@ fn flush(cfg: &CacheConfig, lay: &mut Layer, s: &mut Scratch, force: bool) -> Re
         off += c.len;
     }
 
-    let bytes = off * cfg.head_dim * 2;
+    let bytes = lay.retire(&s.chunks) * cfg.head_dim * 2;
     for h in &mut lay.heads {
         h.k_res.drain(..bytes);
         h.v_res.drain(..bytes);
-    }
-    lay.saliency.drain(..off);
-    lay.n_res -= off;
-    let whole = s
-        .chunks
-        .iter()
-        .take_while(|c| c.len == lay.runs[c.run].n)
-        .count();
-    let partial = s.chunks.get(whole).map(|c| c.len);
-    lay.runs.drain(..whole);
-    if let Some(len) = partial {
-        lay.runs[0].n -= len;
     }
     Ok(())
 }
@@ -316,19 +211,18 @@ fn quantize(
     off: usize,
     len: usize,
 ) -> Result<(), Error> {
+    let b0 = lay.plan_blocks(cfg, run, off, len);
     let (kf, vf) = cfg.formats(run.modality);
-    let bt = cfg.block_len();
-    let first = lay.n_tokens - lay.n_res + off;
-    let b0 = lay.blocks.len();
-    lay.blocks.extend((0..len).step_by(bt).map(|t| Block {
-        first: first + t,
-        n_tokens: bt.min(len - t),
-        span: run.span,
-        modality: run.modality,
-        k: kf,
-        v: vf,
-    }));
-    protect_masks(cfg, lay, s, run, off, len);
+    let first = lay.blocks[b0].first;
+    let d = cfg.head_dim;
+    let x = &mut s.x;
+    lay.protect_masks(cfg, run, off, len, &mut s.masks, |g, norms| {
+        let keys = &lay.heads[g].k_res[off * d * 2..(off + len) * d * 2];
+        x.resize(len * d, 0.0);
+        f16s_to_f32(keys, x);
+        norms.clear();
+        norms.extend(x.chunks_exact(d).map(key_norm));
+    });
     for i in b0..lay.blocks.len() {
         let b = lay.blocks[i];
         let job = |f, role| Job {
@@ -349,56 +243,6 @@ fn quantize(
         }
     }
     Ok(())
-}
-
-/// Fills `s.masks` (`[n_head_kv][len]`, or empty when no rule applies) with the tokens to
-/// protect in a chunk: the most salient of a visual span (`protect_fraction`) and, per head,
-/// the pivots (`pivot_factor`). Only formats that protect get masks.
-fn protect_masks(
-    cfg: &CacheConfig,
-    lay: &Layer,
-    s: &mut Scratch,
-    run: Run,
-    off: usize,
-    len: usize,
-) {
-    let (kf, vf) = cfg.formats(run.modality);
-    let protects = kf.imp().protects() || vf.imp().protects();
-    let by_saliency =
-        protects && run.modality == Modality::Visual && run.salient && cfg.protect_fraction > 0.0;
-    let pivots = cfg.pivot_factor.filter(|_| protects);
-    s.masks.clear();
-    if !by_saliency && pivots.is_none() {
-        return;
-    }
-    if by_saliency {
-        top_fraction(
-            &lay.saliency[off..off + len],
-            cfg.protect_fraction,
-            &mut s.order,
-            &mut s.salient,
-        );
-    }
-    let d = cfg.head_dim;
-    for head in &lay.heads {
-        let at = s.masks.len();
-        if by_saliency {
-            s.masks.extend_from_slice(&s.salient);
-        } else {
-            s.masks.resize(at + len, false);
-        }
-        if let Some(f) = pivots {
-            s.x.resize(len * d, 0.0);
-            let bytes = &head.k_res[off * d * 2..(off + len) * d * 2];
-            let shape = Shape {
-                n: len,
-                d,
-                role: Role::Key,
-            };
-            FormatId::F16.imp().dequantize(bytes, shape, &mut s.x);
-            mark_pivots(&s.x, d, f, &mut s.norms, &mut s.sorted, &mut s.masks[at..]);
-        }
-    }
 }
 
 /// One block of one role, to store in every KV head.
@@ -431,7 +275,7 @@ fn store_role(
         role: job.role,
     };
     let f = job.f.imp();
-    let masks = &s.masks;
+    let masks = &s.masks.masks;
     // Heads in parallel, each into its own arena: the bytes do not depend on the threads.
     let stored: Vec<Result<(usize, BlockSize), Error>> = heads
         .par_iter_mut()
@@ -506,56 +350,8 @@ impl Head {
     }
 }
 
-/// `mask[i]` set for the `round(fraction · n)` most salient tokens (ties: lower position).
-fn top_fraction(sal: &[f32], fraction: f32, order: &mut Vec<usize>, mask: &mut Vec<bool>) {
-    let n = sal.len();
-    let count = ((fraction as f64 * n as f64).round() as usize).min(n);
-    mask.clear();
-    mask.resize(n, false);
-    if count == 0 {
-        return;
-    }
-    order.clear();
-    order.extend(0..n);
-    order.select_nth_unstable_by(count - 1, |&a, &b| {
-        sal[b].total_cmp(&sal[a]).then(a.cmp(&b))
-    });
-    for &i in &order[..count] {
-        mask[i] = true;
-    }
-}
-
-/// ORs into `mask` (one flag per token) the tokens whose key norm exceeds `factor`
-/// times the median key norm of `kx` (`[n][d]`).
-fn mark_pivots(
-    kx: &[f32],
-    d: usize,
-    factor: f32,
-    norms: &mut Vec<f32>,
-    sorted: &mut Vec<f32>,
-    mask: &mut [bool],
-) {
-    norms.clear();
-    norms.extend(
-        kx.chunks_exact(d)
-            .map(|r| r.iter().map(|x| x * x).sum::<f32>().sqrt()),
-    );
-    sorted.clear();
-    sorted.extend_from_slice(norms);
-    let limit = factor * median(sorted);
-    for (m, &n) in mask.iter_mut().zip(norms.iter()) {
-        *m |= n > limit;
-    }
-}
-
-/// Median of a non-empty slice (mean of the two middle values for an even count); reorders it.
-fn median(x: &mut [f32]) -> f32 {
-    let (n, mid) = (x.len(), x.len() / 2);
-    let (below, &mut m, _) = x.select_nth_unstable_by(mid, f32::total_cmp);
-    if n % 2 == 1 {
-        m
-    } else {
-        let lower = below.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        (lower + m) / 2.0
-    }
+/// The Euclidean norm of a key row, summed in channel order (the device cache sums the same
+/// way, so both find the same pivots).
+pub(crate) fn key_norm(row: &[f32]) -> f32 {
+    row.iter().map(|x| x * x).sum::<f32>().sqrt()
 }
