@@ -55,7 +55,7 @@ mod cuda {
         // SAFETY: the build script is single-threaded at this point.
         unsafe { env::set_var("NVCC", &nvcc) };
         // kernels.cu includes every format's csrc/<name>.cu, so the fused kernels inline them.
-        let sources = ["csrc/runtime.cu", "csrc/kernels.cu"];
+        let sources = ["csrc/runtime.cu", "csrc/kernels.cu", "csrc/cache.cu"];
         println!("cargo:rerun-if-changed=csrc");
         let mut build = cc::Build::new();
         build

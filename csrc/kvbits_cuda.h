@@ -52,6 +52,9 @@ int kvb_cuda_copy_kernel(void *dst, const void *src, size_t bytes, kvb_cuda_stre
 int kvb_cuda_fill_kv(void *dst, size_t n, int32_t channels, float outlier, uint64_t seed,
                      kvb_cuda_stream stream);
 
+/* The device `ptr` lies on (-1 for host memory or a pointer CUDA does not know). */
+int kvb_cuda_pointer_device(const void *ptr, int *device);
+
 /* ---- KV blocks in device memory ------------------------------------------------------
  * A cache keeps its blocks in one device arena; each block is the byte string of
  * docs/FORMATS.md, starting at a 16-byte aligned offset. Format ids are those of FormatId. */
@@ -134,6 +137,19 @@ size_t kvb_cuda_decode_scratch_bytes(int32_t n_work, int32_t n_seq, int32_t n_he
 /* Softmax attention of one query token per sequence over its blocks, f32 accumulation,
  * split over work items (flash-decoding) and combined. */
 int kvb_cuda_attention_decode(const kvb_cuda_decode_args *args, kvb_cuda_stream stream);
+
+/* ---- The device-resident cache (csrc/cache.cu) ------------------------------------------
+ * Rows x[t][g][c] of n tokens and n_head_kv KV heads (f32, or f16 when x_is_f16) to f16 at
+ * dst[g * head_stride + t * head_dim + c] (elements); *bad |= 1 where a value is NaN,
+ * infinite or beyond the f16 range. */
+int kvb_cuda_scatter_rows(const void *x, int32_t x_is_f16, int32_t n, int32_t n_head_kv,
+                          int32_t head_dim, void *dst, int64_t head_stride, uint32_t *bad,
+                          kvb_cuda_stream stream);
+
+/* Norms of n f16 key rows per KV head (row t of head g at x + g * head_stride + t * head_dim)
+ * into out[g * n + t], summed channel by channel as the CPU does. */
+int kvb_cuda_key_norms(const void *x, int64_t head_stride, int32_t n, int32_t n_head_kv,
+                       int32_t head_dim, float *out, kvb_cuda_stream stream);
 
 #ifdef __cplusplus
 }

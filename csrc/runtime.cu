@@ -30,6 +30,15 @@ int kvb_cuda_device_info(int device, char *name, size_t len, int *sm_count, int 
     return cudaSuccess;
 }
 
+int kvb_cuda_pointer_device(const void *ptr, int *device) {
+    cudaPointerAttributes attr;
+    cudaError_t err = cudaPointerGetAttributes(&attr, ptr);
+    if (err != cudaSuccess) return err;
+    const bool on_device = attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged;
+    *device = on_device ? attr.device : -1;
+    return cudaSuccess;
+}
+
 int kvb_cuda_malloc(void **ptr, size_t bytes) { return cudaMalloc(ptr, bytes); }
 
 int kvb_cuda_free(void *ptr) { return cudaFree(ptr); }

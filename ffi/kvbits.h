@@ -71,8 +71,8 @@
 // A CUDA call failed.
 #define KVB_ERR_CUDA -6
 
-// Out of memory where kvbits can report it. Reserved: the CPU calls do not return it (a
-// failed host allocation aborts, as in Rust); the CUDA cache will, for device memory.
+// Out of device memory (a CUDA cache). The CPU calls do not return it: a failed host
+// allocation aborts, as in Rust.
 #define KVB_ERR_OUT_OF_MEMORY -7
 
 // A bug in kvbits (a panic was caught at the boundary); the message says where.
@@ -155,9 +155,9 @@ extern "C" {
 // The library's version ("0.1.0"), a static string.
 const char *kvb_version(void);
 
-// Creates a cache. With `device = KVB_DEVICE_CUDA` it fails: `KVB_ERR_NO_CUDA` in a build
-// without CUDA, `KVB_ERR_UNSUPPORTED` in one with it (the device-resident cache is not
-// available yet).
+// Creates a cache: in host memory (`device = KVB_DEVICE_CPU`), or in the memory of GPU
+// `device_id` (`KVB_DEVICE_CUDA`; `KVB_ERR_NO_CUDA` in a build without CUDA). A CUDA cache's
+// calls take device pointers for rows, queries and outputs (saliency stays in host memory).
 //
 // # Safety
 // `p` must be NULL or valid; `out` NULL or writable.
@@ -177,7 +177,9 @@ int kvb_cache_get_params(const kvb_cache *c, kvb_cache_params *out);
 
 // Appends `n_tokens` tokens of one modality to `layer`: `k` and `v` are f32 rows
 // `[n_tokens][n_head_kv][head_dim]`; `saliency` (one per token, may be NULL) ranks a visual
-// span's tokens for protection. On error the cache is left as it was.
+// span's tokens for protection. On error the cache is left as it was. On a CUDA cache `k`
+// and `v` are device pointers (`saliency` stays in host memory) and the call returns when
+// the rows are stored; a NaN, an infinity or a value beyond ±65504 is refused.
 //
 // # Safety
 // `c` must be NULL or a live cache; `k` and `v` NULL or `n_tokens * n_head_kv * head_dim`
@@ -191,7 +193,8 @@ int kvb_cache_append(kvb_cache *c, int32_t layer, const float *k, const float *v
 int kvb_cache_append_f16(kvb_cache *c, int32_t layer, const uint16_t *k, const uint16_t *v, int32_t n_tokens, int32_t modality, const float *saliency);
 
 // Decode attention of one new token over everything cached in `layer`: `q` and `out` are
-// `[n_head][head_dim]` floats; logits are `scale * q.k` (usually `1/sqrt(head_dim)`).
+// `[n_head][head_dim]` floats (device pointers on a CUDA cache); logits are `scale * q.k`
+// (usually `1/sqrt(head_dim)`).
 //
 // # Safety
 // `c` must be NULL or a live cache; `q` NULL or `n_head * head_dim` readable floats; `out`
@@ -199,7 +202,7 @@ int kvb_cache_append_f16(kvb_cache *c, int32_t layer, const uint16_t *k, const u
 int kvb_cache_attn_decode(kvb_cache *c, int32_t layer, const float *q, float *out, float scale);
 
 // Tokens `first..first + n` of `layer` as f16 rows `[n][n_head_kv][head_dim]` (bits in
-// `uint16_t`), for a host's own attention.
+// `uint16_t`; device pointers on a CUDA cache), for a host's own attention.
 //
 // # Safety
 // `c` must be NULL or a live cache; `k_f16` and `v_f16` NULL or `n * n_head_kv * head_dim`
@@ -226,27 +229,48 @@ int kvb_cache_memory(const kvb_cache *c, kvb_memory *out);
 // `c` must be NULL or a live cache; `path` NULL or NUL-terminated.
 int kvb_cache_save(const kvb_cache *c, const char *path);
 
-// Loads a cache saved by `kvb_cache_save`; a damaged or truncated file is `KVB_ERR_FORMAT`.
-// Attention of the loaded cache equals the saved one's, bit for bit.
+// Loads a cache saved by `kvb_cache_save` into host memory; a damaged or truncated file is
+// `KVB_ERR_FORMAT`. Attention of the loaded cache equals the saved one's, bit for bit.
 //
 // # Safety
 // `path` must be NULL or NUL-terminated; `out` NULL or writable.
 int kvb_cache_load(const char *path, kvb_cache **out);
 
+// `kvb_cache_load` onto `device` (`KVB_DEVICE_CPU`, or `KVB_DEVICE_CUDA` and GPU
+// `device_id`), whatever device the cache was saved from.
+//
+// # Safety
+// `path` must be NULL or NUL-terminated; `out` NULL or writable.
+int kvb_cache_load_on(const char *path, int32_t device, int32_t device_id, kvb_cache **out);
+
 // 1 if this library was built with CUDA (the `cuda` feature), else 0.
 int kvb_has_cuda(void);
 
-// `kvb_cache_append` on a CUDA cache, ordered on `stream` (a `cudaStream_t`).
-// Not available yet: `KVB_ERR_NO_CUDA` without CUDA, else `KVB_ERR_UNSUPPORTED`.
+// `kvb_cache_append` on a CUDA cache, queued on `stream` (a `cudaStream_t`; NULL is the
+// default stream): the call returns once the work is queued, the rows are read in stream
+// order and not checked for NaN or infinities. `KVB_ERR_NO_CUDA` without CUDA.
+//
+// # Safety
+// As `kvb_cache_append`; the rows stay valid until the stream reaches the call.
 int kvb_cache_append_async(kvb_cache *c, int32_t layer, const float *k, const float *v, int32_t n_tokens, int32_t modality, const float *saliency, void *stream);
 
-// `kvb_cache_append_f16` on a CUDA cache, ordered on `stream`. Not available yet.
+// `kvb_cache_append_f16` on a CUDA cache, queued on `stream`.
+//
+// # Safety
+// As `kvb_cache_append_async`.
 int kvb_cache_append_f16_async(kvb_cache *c, int32_t layer, const uint16_t *k, const uint16_t *v, int32_t n_tokens, int32_t modality, const float *saliency, void *stream);
 
-// `kvb_cache_attn_decode` on a CUDA cache, ordered on `stream`. Not available yet.
+// `kvb_cache_attn_decode` on a CUDA cache, queued on `stream`: `out` is written in stream
+// order.
+//
+// # Safety
+// As `kvb_cache_attn_decode`; `q` and `out` stay valid until the stream reaches the call.
 int kvb_cache_attn_decode_async(kvb_cache *c, int32_t layer, const float *q, float *out, float scale, void *stream);
 
-// `kvb_cache_dequantize` on a CUDA cache, ordered on `stream`. Not available yet.
+// `kvb_cache_dequantize` on a CUDA cache, on `stream`.
+//
+// # Safety
+// As `kvb_cache_dequantize`.
 int kvb_cache_dequantize_async(kvb_cache *c, int32_t layer, int64_t first, int64_t n, uint16_t *k_f16, uint16_t *v_f16, void *stream);
 
 // Opens an LLM GGUF (only its header is read) and learns its KV shape.

@@ -323,13 +323,40 @@ impl DecodePlan {
         if q.len() < values || out.len() < values {
             return Err(Error::InvalidArgument(format!("q/out need {values} bytes")));
         }
+        // SAFETY: q and out hold the queries and outputs, checked above.
+        unsafe {
+            self.launch_raw(
+                arena.as_ptr().cast(),
+                q.as_ptr().cast(),
+                out.as_ptr().cast(),
+                scale,
+                calib_delta,
+                stream,
+            )
+        }
+    }
+
+    /// [`DecodePlan::launch`] on raw device pointers.
+    ///
+    /// # Safety
+    /// `arena` must be the arena the plan's blocks lie in; `q` and `out` must each point to
+    /// `n_seq * n_head * head_dim` f32 of device memory.
+    pub unsafe fn launch_raw(
+        &self,
+        arena: *const u8,
+        q: *const f32,
+        out: *mut f32,
+        scale: f32,
+        calib_delta: f32,
+        stream: &Stream,
+    ) -> Result<(), Error> {
         let args = sys::kvb_cuda_decode_args {
-            arena: arena.as_ptr().cast(),
+            arena,
             blocks: self.blocks.as_ptr().cast(),
             work: self.work.as_ptr().cast(),
             work_begin: self.work_begin.as_ptr().cast(),
-            q: q.as_ptr().cast(),
-            out: out.as_ptr().cast(),
+            q,
+            out,
             scratch: self.scratch.as_ptr().cast(),
             n_work: self.n_work as i32,
             n_seq: self.n_seq as i32,
@@ -343,7 +370,7 @@ impl DecodePlan {
             generic_only: self.generic_only.into(),
             local_spans: self.local_spans.into(),
         };
-        // SAFETY: every pointer is a live device buffer of the sizes the plan was built for.
+        // SAFETY: the plan's tables and scratch are live; the rest is the caller's promise.
         check(
             unsafe { sys::kvb_cuda_attention_decode(&args, stream.raw()) },
             "kvb_cuda_attention_decode",

@@ -5,10 +5,14 @@
 //! not need; the dozen runtime calls kvbits makes are a few lines of C++ next to the kernels.
 
 pub mod bench;
+mod cache;
 pub mod kernels;
 mod runtime;
 
-pub use runtime::{DeviceBuffer, Event, Stream, device_count, device_info, set_device};
+pub use cache::DeviceCache;
+pub use runtime::{
+    DeviceBuffer, Event, Stream, device_count, device_info, pointer_device, set_device,
+};
 
 #[allow(non_camel_case_types, non_upper_case_globals, dead_code)]
 pub(crate) mod sys {

@@ -37,6 +37,18 @@ pub fn set_device(device: usize) -> Result<(), Error> {
     )
 }
 
+/// The GPU `ptr` points into, or `None` for host memory (or a pointer CUDA does not know).
+#[allow(clippy::not_unsafe_ptr_arg_deref)] // the driver is asked about the address; nothing is read
+pub fn pointer_device(ptr: *const c_void) -> Result<Option<usize>, Error> {
+    let mut device = -1;
+    // SAFETY: only asks the driver about the address; writes one int.
+    check(
+        unsafe { sys::kvb_cuda_pointer_device(ptr, &mut device) },
+        "cudaPointerGetAttributes",
+    )?;
+    Ok(usize::try_from(device).ok())
+}
+
 /// Name, multiprocessor count and L2 bytes of `device`.
 pub fn device_info(device: usize) -> Result<(String, usize, usize), Error> {
     let mut name = [0u8; 256];
@@ -233,6 +245,59 @@ impl DeviceBuffer {
             "cudaMemcpyAsync",
         )?;
         stream.synchronize()
+    }
+
+    /// Copy `bytes` from `src` at `src_offset` to `dst_offset` (ranges of distinct buffers).
+    pub fn copy_range_from(
+        &self,
+        dst_offset: usize,
+        src: &DeviceBuffer,
+        src_offset: usize,
+        bytes: usize,
+        stream: &Stream,
+    ) -> Result<(), Error> {
+        let src = src.range(src_offset, bytes)?;
+        // SAFETY: `src_offset..+bytes` lies in `src`; the destination is checked the same way.
+        unsafe { self.copy_to_ptr_from(dst_offset, src, bytes, stream) }
+    }
+
+    /// Copy `bytes` from `offset` to device memory at `dst`.
+    ///
+    /// # Safety
+    /// `dst` must point to `bytes` of writable device memory that does not overlap the source.
+    pub unsafe fn copy_to_ptr(
+        &self,
+        offset: usize,
+        dst: *mut c_void,
+        bytes: usize,
+        stream: &Stream,
+    ) -> Result<(), Error> {
+        let src = self.range(offset, bytes)?;
+        // SAFETY: the source range lies in this buffer; `dst` is the caller's promise.
+        check(
+            unsafe { sys::kvb_cuda_memcpy_dtod(dst, src, bytes, stream.raw) },
+            "cudaMemcpyAsync",
+        )
+    }
+
+    /// Copy `bytes` of device memory at `src` to `offset` of this buffer.
+    ///
+    /// # Safety
+    /// `src` must point to `bytes` of readable device memory that does not overlap the
+    /// destination.
+    unsafe fn copy_to_ptr_from(
+        &self,
+        offset: usize,
+        src: *const c_void,
+        bytes: usize,
+        stream: &Stream,
+    ) -> Result<(), Error> {
+        let dst = self.range(offset, bytes)?;
+        // SAFETY: the destination range lies in this buffer; `src` is the caller's promise.
+        check(
+            unsafe { sys::kvb_cuda_memcpy_dtod(dst, src, bytes, stream.raw) },
+            "cudaMemcpyAsync",
+        )
     }
 
     /// Set every byte to `value` (tests poison outputs this way).

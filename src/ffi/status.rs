@@ -20,8 +20,8 @@ pub const KVB_ERR_UNSUPPORTED: c_int = -4;
 pub const KVB_ERR_NO_CUDA: c_int = -5;
 /// A CUDA call failed.
 pub const KVB_ERR_CUDA: c_int = -6;
-/// Out of memory where kvbits can report it. Reserved: the CPU calls do not return it (a
-/// failed host allocation aborts, as in Rust); the CUDA cache will, for device memory.
+/// Out of device memory (a CUDA cache). The CPU calls do not return it: a failed host
+/// allocation aborts, as in Rust.
 pub const KVB_ERR_OUT_OF_MEMORY: c_int = -7;
 /// A bug in kvbits (a panic was caught at the boundary); the message says where.
 pub const KVB_ERR_INTERNAL: c_int = -8;
@@ -53,6 +53,8 @@ impl From<Error> for Fail {
             Error::Io { .. } => KVB_ERR_IO,
             Error::InvalidArgument(_) | Error::NonFinite { .. } => KVB_ERR_INVALID_ARGUMENT,
             Error::Unsupported(_) => KVB_ERR_UNSUPPORTED,
+            // cudaErrorMemoryAllocation
+            Error::Cuda { code: 2, .. } => KVB_ERR_OUT_OF_MEMORY,
             Error::Cuda { .. } => KVB_ERR_CUDA,
         };
         Fail::new(status, e.to_string())

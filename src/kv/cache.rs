@@ -151,6 +151,7 @@ impl KvCache {
     }
 
     /// A cache made of `layers` (the device cache's copy in host memory).
+    #[cfg(feature = "cuda")]
     pub(crate) fn from_layers(cfg: CacheConfig, layers: Vec<Layer>) -> Result<KvCache, Error> {
         cfg.validate()?;
         Ok(KvCache {
@@ -160,6 +161,7 @@ impl KvCache {
         })
     }
 
+    #[cfg(feature = "cuda")]
     pub(crate) fn layers(&self) -> &[Layer] {
         &self.layers
     }

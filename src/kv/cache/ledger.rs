@@ -51,6 +51,7 @@ impl<H> Layer<H> {
     }
 
     /// The same bookkeeping over other heads (the same cache in other memory).
+    #[cfg(feature = "cuda")]
     pub(crate) fn with_heads<G>(&self, heads: Vec<G>) -> Layer<G> {
         Layer {
             n_tokens: self.n_tokens,
