@@ -96,6 +96,16 @@ fn cuda(args: &Args) -> Result<(), Error> {
             r.pct_of_copy
         );
     }
+    println!(
+        "\n{:<15} {:>7} {:<11} {:>12} {:>11} {:>8}",
+        "cache step", "tokens", "preset", "step µs", "decode µs", "vs f16"
+    );
+    for r in &report.cache {
+        println!(
+            "{:<15} {:>7} {:<11} {:>12.1} {:>11.1} {:>7.2}x",
+            r.shape, r.tokens, r.preset, r.step_us, r.decode_us, r.speedup_vs_f16
+        );
+    }
     Ok(())
 }
 

@@ -8,9 +8,9 @@ use serde::Serialize;
 
 use super::kernels::{self, BlockDesc, DecodePlan, DeviceRows, QuantBatch, QuantJob, WorkItem};
 use super::runtime::{DeviceBuffer, Event, Stream, check};
-use super::{device_info, sys};
+use super::{DeviceCache, device_info, sys};
 use crate::Error;
-use crate::kv::{FormatId, QuantParams, Role, Shape};
+use crate::kv::{CacheConfig, FormatId, Modality, QuantParams, Role, Shape};
 
 /// An attention layer shape: query heads, KV heads, head dim.
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -114,12 +114,27 @@ pub struct QuantRow {
     pub pct_of_copy: f64,
 }
 
+/// One token of a decode loop through [`DeviceCache`]: append its K and V, then attend.
+#[derive(Clone, Debug, Serialize)]
+pub struct CacheRow {
+    pub shape: &'static str,
+    pub tokens: usize,
+    pub preset: &'static str,
+    /// Host wall time of a synchronous append of one token plus decode, waited for.
+    pub step_us: f64,
+    /// GPU time of decode alone on an unchanged cache (its plan already uploaded).
+    pub decode_us: f64,
+    /// Our f16 cache's step time over this one.
+    pub speedup_vs_f16: f64,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub device: String,
     pub copy_gb_per_s: f64,
     pub decode: Vec<DecodeRow>,
     pub quantize: Vec<QuantRow>,
+    pub cache: Vec<CacheRow>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -452,10 +467,79 @@ pub fn run(tokens: &[usize], batches: &[usize]) -> Result<Report, Error> {
     for shape in SHAPES {
         quantize.extend(quantize_rows(shape, 4096, copy, &stream)?);
     }
+    let mut cache = Vec::new();
+    for &t in tokens {
+        cache.extend(cache_rows(SHAPES[0], t, &stream)?);
+    }
     Ok(Report {
         device,
         copy_gb_per_s: copy,
         decode,
         quantize,
+        cache,
     })
+}
+
+/// Decode-loop steps through a one-layer [`DeviceCache`] of `tokens` visual tokens (appended
+/// in 2048-token spans, calibrated where the preset calibrates), for our f16 cache and every
+/// preset: what a runtime pays per token, host round trips and plan uploads included.
+pub fn cache_rows(
+    shape: LayerShape,
+    tokens: usize,
+    stream: &Stream,
+) -> Result<Vec<CacheRow>, Error> {
+    let (d, h) = (shape.head_dim, shape.n_head_kv);
+    let span = SPAN.min(tokens);
+    let rows = DeviceBuffer::new(2 * span * h * d)?;
+    fill_kv(&rows, span * h * d, d, 5, stream)?;
+    let q = DeviceBuffer::from_slice(&crate::rng::Rng::new(9).normals(shape.n_head * d), stream)?;
+    let out = DeviceBuffer::new(shape.n_head * d * 4)?;
+    let scale = 1.0 / (d as f32).sqrt();
+    let configs = std::iter::once((
+        "f16",
+        CacheConfig::pair(FormatId::F16, FormatId::F16, 1, h, d),
+    ))
+    .chain(
+        CacheConfig::PRESETS
+            .iter()
+            .map(|&p| (p, CacheConfig::preset(p, 1, h, d).expect("preset"))),
+    );
+    let mut out_rows: Vec<CacheRow> = Vec::new();
+    for (name, cfg) in configs {
+        if ![cfg.k_text, cfg.v_text, cfg.k_visual, cfg.v_visual]
+            .into_iter()
+            .all(kernels::supports)
+        {
+            continue;
+        }
+        let mut cache = DeviceCache::new(cfg, 0)?;
+        for start in (0..tokens).step_by(span) {
+            let n = span.min(tokens - start);
+            cache.append(0, &rows, &rows, true, n, Modality::Visual, None, stream)?;
+        }
+        let decode_us = time_us(stream, 3, 30, |_| {
+            cache.attention_decode(0, &q, &out, shape.n_head, scale, stream)
+        })?;
+        let mut times = Vec::with_capacity(40);
+        for i in 0..45 {
+            let t0 = std::time::Instant::now();
+            cache.append(0, &rows, &rows, true, 1, Modality::Text, None, stream)?;
+            cache.attention_decode(0, &q, &out, shape.n_head, scale, stream)?;
+            stream.synchronize()?;
+            if i >= 5 {
+                times.push(t0.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        let step_us = median(times);
+        let f16_us = out_rows.first().map_or(step_us, |f| f.step_us);
+        out_rows.push(CacheRow {
+            shape: shape.name,
+            tokens,
+            preset: name,
+            step_us,
+            decode_us,
+            speedup_vs_f16: f16_us / step_us,
+        });
+    }
+    Ok(out_rows)
 }

@@ -50,8 +50,9 @@ struct Arena {
     /// Tokens per residual row, and the first live one.
     res_cap: usize,
     res_start: usize,
-    /// The decode plan of the layer as it is now, built on first use.
+    /// The decode plan of the layer, built on first use, and whether the layer changed since.
     plan: Option<DecodePlan>,
+    stale: bool,
 }
 
 /// A KV cache whose blocks live in device memory.
@@ -81,6 +82,7 @@ impl Arena {
             res_cap,
             res_start: 0,
             plan: None,
+            stale: true,
         })
     }
 
@@ -122,6 +124,7 @@ impl Arena {
             res_cap,
             res_start: 0,
             plan: None,
+            stale: true,
         };
         grown
             .buf
@@ -367,7 +370,7 @@ impl DeviceCache {
         }
         let mark = lay.mark();
         lay.push_runs(n_tokens, modality, saliency);
-        arena.plan = None;
+        arena.stale = true;
         if let Err(e) = self.flush_layer(layer, false, stream) {
             let lay = &mut self.layers[layer];
             lay.rewind_ledger(mark);
@@ -407,7 +410,7 @@ impl DeviceCache {
         })();
         let lay = &mut self.layers[layer];
         let arena = &mut self.arenas[layer];
-        arena.plan = None;
+        arena.stale = true;
         if let Err(e) = result {
             lay.blocks.truncate(n_blocks);
             for (p, &n) in lay.heads.iter_mut().zip(&placed) {
@@ -636,13 +639,21 @@ impl DeviceCache {
         if !scale.is_finite() {
             return Err(Error::InvalidArgument("the scale must be finite".into()));
         }
-        if self.arenas[layer]
-            .plan
-            .as_ref()
-            .is_none_or(|p| p.n_head != n_head)
-        {
-            let plan = self.decode_plan(layer, n_head, stream)?;
-            self.arenas[layer].plan = Some(plan);
+        let arena = &self.arenas[layer];
+        let fresh = arena.plan.as_ref().is_some_and(|p| p.n_head == n_head) && !arena.stale;
+        if !fresh {
+            let (descs, work) = self.decode_table(layer);
+            let n_spans = self.layers[layer].n_spans;
+            let arena = &mut self.arenas[layer];
+            match &mut arena.plan {
+                Some(p) if p.n_head == n_head => p.update(&descs, &work, n_spans, stream)?,
+                _ => {
+                    let (d, h) = (self.cfg.head_dim, self.cfg.n_head_kv);
+                    let plan = DecodePlan::new(&descs, &work, 1, n_head, h, d, n_spans, stream)?;
+                    arena.plan = Some(plan);
+                }
+            }
+            arena.stale = false;
         }
         let arena = &self.arenas[layer];
         let plan = arena.plan.as_ref().expect("built above");
@@ -662,12 +673,7 @@ impl DeviceCache {
     /// The block table of `layer` (blocks, then the residual in pieces) and its work items:
     /// one per calibrated span where that fills the GPU (calibrated in one pass), else a few
     /// per SM split evenly by tokens.
-    fn decode_plan(
-        &self,
-        layer: usize,
-        n_head: usize,
-        stream: &Stream,
-    ) -> Result<DecodePlan, Error> {
+    fn decode_table(&self, layer: usize) -> (Vec<BlockDesc>, Vec<WorkItem>) {
         let cfg = &self.cfg;
         let (d, h) = (cfg.head_dim, cfg.n_head_kv);
         let (lay, arena) = (&self.layers[layer], &self.arenas[layer]);
@@ -717,7 +723,7 @@ impl DeviceCache {
                     .collect()
             }
         };
-        DecodePlan::new(&descs, &work, 1, n_head, h, d, lay.n_spans, stream)
+        (descs, work)
     }
 }
 

@@ -265,10 +265,41 @@ impl DecodePlan {
         n_spans: usize,
         stream: &Stream,
     ) -> Result<DecodePlan, Error> {
-        let mut begin = vec![0i32; n_seq * n_head_kv + 1];
+        let mut plan = DecodePlan {
+            blocks: DeviceBuffer::new(0)?,
+            work: DeviceBuffer::new(0)?,
+            work_begin: DeviceBuffer::new(0)?,
+            scratch: DeviceBuffer::new(0)?,
+            n_work: 0,
+            n_seq,
+            n_head,
+            n_head_kv,
+            head_dim,
+            n_spans,
+            formats_used: 0,
+            generic_only: false,
+            local_spans: false,
+        };
+        plan.update(blocks, work, n_spans, stream)?;
+        stream.synchronize()?;
+        Ok(plan)
+    }
+
+    /// Describe new blocks and work items of the same shape, reusing the device buffers where
+    /// they are large enough (a cache re-plans every decode step). The uploads are queued on
+    /// `stream` from pageable memory, which CUDA stages before returning.
+    pub fn update(
+        &mut self,
+        blocks: &[BlockDesc],
+        work: &[WorkItem],
+        n_spans: usize,
+        stream: &Stream,
+    ) -> Result<(), Error> {
+        let keys = self.n_seq * self.n_head_kv;
+        let mut begin = vec![0i32; keys + 1];
         for w in work {
-            let key = w.seq as usize * n_head_kv + w.kv_head as usize;
-            if key >= n_seq * n_head_kv {
+            let key = w.seq as usize * self.n_head_kv + w.kv_head as usize;
+            if key >= keys {
                 return Err(Error::InvalidArgument(format!(
                     "work item of sequence {} head {}",
                     w.seq, w.kv_head
@@ -283,30 +314,32 @@ impl DecodePlan {
         let scratch = unsafe {
             sys::kvb_cuda_decode_scratch_bytes(
                 work.len() as i32,
-                n_seq as i32,
-                n_head as i32,
-                head_dim as i32,
+                self.n_seq as i32,
+                self.n_head as i32,
+                self.head_dim as i32,
                 n_spans as i32,
             )
         };
-        let formats_used = blocks
+        fn fit(buf: &mut DeviceBuffer, bytes: usize) -> Result<(), Error> {
+            if buf.len() < bytes {
+                *buf = DeviceBuffer::new(bytes)?;
+            }
+            Ok(())
+        }
+        fit(&mut self.blocks, std::mem::size_of_val(blocks))?;
+        fit(&mut self.work, std::mem::size_of_val(work))?;
+        fit(&mut self.work_begin, std::mem::size_of_val(&begin[..]))?;
+        fit(&mut self.scratch, scratch)?;
+        self.blocks.upload(blocks, 0, stream)?;
+        self.work.upload(work, 0, stream)?;
+        self.work_begin.upload(&begin, 0, stream)?;
+        self.formats_used = blocks
             .iter()
             .fold(0u32, |m, b| m | 1 << b.k_format | 1 << b.v_format);
-        Ok(DecodePlan {
-            formats_used,
-            generic_only: false,
-            local_spans: one_pass_spans(blocks, work),
-            blocks: DeviceBuffer::from_slice(blocks, stream)?,
-            work: DeviceBuffer::from_slice(work, stream)?,
-            work_begin: DeviceBuffer::from_slice(&begin, stream)?,
-            scratch: DeviceBuffer::new(scratch)?,
-            n_work: work.len(),
-            n_seq,
-            n_head,
-            n_head_kv,
-            head_dim,
-            n_spans,
-        })
+        self.local_spans = one_pass_spans(blocks, work);
+        self.n_work = work.len();
+        self.n_spans = n_spans;
+        Ok(())
     }
 
     /// Launch decode attention: `q` and `out` hold `[n_seq][n_head][head_dim]` f32.
