@@ -72,6 +72,12 @@ public:
         check(kvb_cache_load(path.c_str(), &c));
         return Cache(c);
     }
+    // Load onto KVB_DEVICE_CPU or KVB_DEVICE_CUDA (GPU device_id).
+    static Cache load_on(const std::string &path, int32_t device, int32_t device_id = 0) {
+        kvb_cache *c = nullptr;
+        check(kvb_cache_load_on(path.c_str(), device, device_id, &c));
+        return Cache(c);
+    }
 
     // Rows [n_tokens][n_head_kv][head_dim]; saliency one per token or nullptr.
     void append(int32_t layer, const float *k, const float *v, int32_t n_tokens, int32_t modality,
