@@ -439,7 +439,9 @@ __global__ void __launch_bounds__(MmaDecode<D>::kWarps * 32)
             },
             end_values);
     } else {
-        // Key sweep: logits of the item's tokens into shared memory, and their range.
+        // Key sweep: logits of the item's tokens into shared memory, and their range. An item
+        // is one calibrated span, or blocks that are not calibrated at all.
+        const bool calibrated = a.blocks[w.first_block].span >= 0;
         auto at = [&](const typename M::Chunk &c, int t0, int e) {
             return (c.tok0 + c.c0 + t0 + g + 8 * (e >> 1)) * M::kHeads + 2 * t + (e & 1);
         };
@@ -472,7 +474,7 @@ __global__ void __launch_bounds__(MmaDecode<D>::kWarps * 32)
                 lo = fminf(lo, range[(k * M::kHeads + 2 * t + hh) * 2]), hi = fmaxf(hi, range[(k * M::kHeads + 2 * t + hh) * 2 + 1]);
             const float r = hi - lo;
             lo_c[hh] = 0.f, ratio[hh] = 1.f;
-            if (r > a.calib_delta) lo_c[hh] = lo, ratio[hh] = (r - a.calib_delta) / r;
+            if (calibrated && r > a.calib_delta) lo_c[hh] = lo, ratio[hh] = (r - a.calib_delta) / r;
         }
         // Value sweep: calibrated logits back from shared memory.
         M::template sweep<M::kValues, false>(

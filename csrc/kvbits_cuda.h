@@ -123,8 +123,9 @@ typedef struct {
     float scale, calib_delta;
     uint32_t formats_used; /* bit f set when some block holds format id f: picks the kernels */
     int32_t generic_only;  /* 1: skip the tensor-core path (tests compare the two) */
-    int32_t local_spans;   /* 1: every work item is one whole calibrated span of at most
-                              KVB_CUDA_LOCAL_SPAN_TOKENS tokens, calibrated in one pass */
+    int32_t local_spans;   /* 1: every work item is one whole calibrated span, or blocks that are
+                              not calibrated, of at most KVB_CUDA_LOCAL_SPAN_TOKENS tokens:
+                              spans are calibrated in one pass */
 } kvb_cuda_decode_args;
 
 /* Tokens a work item may hold for one-pass calibration (its logits stay in shared memory). */

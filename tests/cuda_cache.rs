@@ -223,6 +223,30 @@ fn device_cache_matches_the_cpu_cache() {
     }
 }
 
+/// Enough calibrated spans for one work item each (one-pass calibration), with text blocks
+/// and the residual in items of their own: the same attention as the CPU.
+#[test]
+fn many_calibrated_spans_with_text_and_residual_match_the_cpu() {
+    let Some(s) = gpu() else { return };
+    let mut rng = seeded();
+    let (h, d) = (4, 128);
+    let mut cfg = CacheConfig::preset("calibquant", 1, h, d).unwrap();
+    cfg.block_tokens = BlockTokens::Fixed(64);
+    let mut t = Twin {
+        cpu: KvCache::new(cfg.clone()).unwrap(),
+        dev: DeviceCache::new(cfg, 0).unwrap(),
+        h,
+        d,
+    };
+    t.append(&mut rng, 50, Modality::Text, false, &s);
+    for _ in 0..48 {
+        let (image, text) = (96 + rng.below(100), 1 + rng.below(40));
+        t.append(&mut rng, image, Modality::Visual, true, &s);
+        t.append(&mut rng, text, Modality::Text, false, &s);
+    }
+    t.check(&mut rng, "calibquant, 48 spans", &s);
+}
+
 #[test]
 fn a_snapshot_reloads_to_the_same_attention() {
     let Some(s) = gpu() else { return };

@@ -986,4 +986,26 @@ fn one_pass_needs_whole_calibrated_spans_per_item() {
     assert!(!kernels::one_pass_spans(&long, &[item(0, 2)]));
     assert!(kernels::one_pass_spans(&long[..1], &[item(0, 1)]));
     assert!(!kernels::one_pass_spans(&two_spans, &[item(2, 2)]));
+    // Blocks that are not calibrated (text, the f16 residual) may have items of their own,
+    // beside calibrated spans, within the same token limit; never mixed with a span.
+    let with_text = [
+        block(128, 0),
+        block(100, -1),
+        block(200, -1),
+        block(2000, -1),
+    ];
+    assert!(kernels::one_pass_spans(
+        &with_text,
+        &[item(0, 1), item(1, 2), item(3, 1)]
+    ));
+    assert!(!kernels::one_pass_spans(
+        &with_text,
+        &[item(0, 2), item(2, 2)]
+    ));
+    assert!(!kernels::one_pass_spans(
+        &with_text,
+        &[item(0, 1), item(1, 3)]
+    ));
+    // Not calibrated at all: nothing to calibrate in one pass.
+    assert!(!kernels::one_pass_spans(&with_text[1..], &[item(0, 1)]));
 }

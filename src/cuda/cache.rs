@@ -33,6 +33,8 @@ const HEAD_DIMS: [usize; 6] = [64, 80, 96, 112, 128, 256];
 const MAX_GROUP: usize = 16;
 /// Residual tokens per descriptor in a decode plan: pieces small enough to balance items.
 const RESIDUAL_PIECE: usize = 256;
+/// Tokens of a work item whose logits stay on chip (one-pass calibration).
+const LOCAL_TOKENS: usize = sys::KVB_CUDA_LOCAL_SPAN_TOKENS as usize;
 
 /// Where each block of a head lies in its layer's arena.
 #[derive(Default)]
@@ -706,39 +708,43 @@ impl DeviceCache {
             }
             heads.push(start..descs.len());
         }
-        let per_span = span_items(&descs[heads[0].clone()]);
-        let work: Vec<WorkItem> = match per_span {
-            Some(n_spans) if h * n_spans >= self.sms => heads
+        // One item per calibrated span, the other blocks in items of at most as many tokens,
+        // where that gives every SM an item; else about four items per SM, by tokens.
+        let per_span = |descs: &[BlockDesc], first, g| {
+            let (mut filled, mut item) = (0, 0);
+            items_by(descs, first, g, |b| {
+                if b.span >= 0 {
+                    return b.span.into();
+                }
+                if filled + b.n as usize > LOCAL_TOKENS {
+                    (item, filled) = (item + 1, 0);
+                }
+                filled += b.n as usize;
+                -1 - item
+            })
+        };
+        let one_pass: Vec<WorkItem> = heads
+            .iter()
+            .enumerate()
+            .flat_map(|(g, r)| per_span(&descs[r.clone()], r.start, g))
+            .collect();
+        let calibrated = descs.iter().any(|b| b.span >= 0);
+        let work = if calibrated
+            && one_pass.len() >= self.sms
+            && kernels::one_pass_spans(&descs, &one_pass)
+        {
+            one_pass
+        } else {
+            let items = (4 * self.sms).div_ceil(h).max(1);
+            let tokens = lay.n_tokens.div_ceil(items).max(1);
+            heads
                 .iter()
                 .enumerate()
-                .flat_map(|(g, r)| items_by(&descs[r.clone()], r.start, g, |b| b.span.into()))
-                .collect(),
-            _ => {
-                let items = (4 * self.sms).div_ceil(h).max(1);
-                let tokens = lay.n_tokens.div_ceil(items).max(1);
-                heads
-                    .iter()
-                    .enumerate()
-                    .flat_map(|(g, r)| split_by_tokens(&descs[r.clone()], r.start, g, tokens))
-                    .collect()
-            }
+                .flat_map(|(g, r)| split_by_tokens(&descs[r.clone()], r.start, g, tokens))
+                .collect()
         };
         (descs, work)
     }
-}
-
-/// The number of calibrated spans when every block belongs to one that fits a one-pass work
-/// item, else `None`.
-fn span_items(descs: &[BlockDesc]) -> Option<usize> {
-    let mut spans = 0;
-    for run in descs.chunk_by(|a, b| a.span == b.span) {
-        let tokens: i64 = run.iter().map(|b| i64::from(b.n)).sum();
-        if run[0].span < 0 || tokens > i64::from(sys::KVB_CUDA_LOCAL_SPAN_TOKENS) {
-            return None;
-        }
-        spans += 1;
-    }
-    Some(spans)
 }
 
 /// One work item per run of consecutive descriptors with the same key (`key` is called once

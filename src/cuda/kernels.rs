@@ -209,10 +209,12 @@ pub fn dequantize(
 
 /// Everything one decode-attention launch reads, already in device memory.
 pub struct DecodePlan {
-    pub blocks: DeviceBuffer,
-    pub work: DeviceBuffer,
-    pub work_begin: DeviceBuffer,
-    pub scratch: DeviceBuffer,
+    /// The block table, the work items and their per-(sequence, KV head) starts, one after the
+    /// other: one upload per plan.
+    tables: DeviceBuffer,
+    work_at: usize,
+    begin_at: usize,
+    scratch: DeviceBuffer,
     pub n_work: usize,
     pub n_seq: usize,
     pub n_head: usize,
@@ -229,27 +231,36 @@ pub struct DecodePlan {
     pub local_spans: bool,
 }
 
-/// Whether every work item holds exactly the blocks of one calibrated span, no more than
-/// `KVB_CUDA_LOCAL_SPAN_TOKENS` tokens: then the kernels keep the span's logits on chip and
-/// read its keys once.
+/// The bytes of plain-data values (the bindgen structs of kvbits_cuda.h have no padding).
+fn bytes_of<T: Copy>(x: &[T]) -> &[u8] {
+    // SAFETY: any initialized `Copy` value of these padding-free C structs is readable as bytes.
+    unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), std::mem::size_of_val(x)) }
+}
+
+/// Whether every work item holds either exactly the blocks of one calibrated span or only
+/// blocks that are not calibrated, no more than `KVB_CUDA_LOCAL_SPAN_TOKENS` tokens, and some
+/// item is calibrated: then the kernels keep each item's logits on chip and read a span's keys
+/// once.
 pub fn one_pass_spans(blocks: &[BlockDesc], work: &[WorkItem]) -> bool {
     let mut owners = std::collections::HashSet::new();
-    !work.is_empty()
-        && work.iter().all(|w| {
-            let Some(items) = usize::try_from(w.first_block)
-                .ok()
-                .zip(usize::try_from(w.n_blocks).ok())
-                .and_then(|(first, n)| blocks.get(first..first.checked_add(n)?))
-            else {
-                return false;
-            };
-            let span = items.first().map_or(-1, |b| b.span);
-            let tokens: i64 = items.iter().map(|b| i64::from(b.n)).sum();
-            span >= 0
-                && items.iter().all(|b| b.span == span)
-                && tokens <= i64::from(sys::KVB_CUDA_LOCAL_SPAN_TOKENS)
-                && owners.insert((w.seq, w.kv_head, span))
-        })
+    work.iter().all(|w| {
+        let Some(items) = usize::try_from(w.first_block)
+            .ok()
+            .zip(usize::try_from(w.n_blocks).ok())
+            .and_then(|(first, n)| blocks.get(first..first.checked_add(n)?))
+            .filter(|items| !items.is_empty())
+        else {
+            return false;
+        };
+        let span = items[0].span;
+        let tokens: i64 = items.iter().map(|b| i64::from(b.n)).sum();
+        let whole = if span >= 0 {
+            items.iter().all(|b| b.span == span) && owners.insert((w.seq, w.kv_head, span))
+        } else {
+            items.iter().all(|b| b.span < 0)
+        };
+        whole && tokens <= i64::from(sys::KVB_CUDA_LOCAL_SPAN_TOKENS)
+    }) && !owners.is_empty()
 }
 
 impl DecodePlan {
@@ -266,9 +277,9 @@ impl DecodePlan {
         stream: &Stream,
     ) -> Result<DecodePlan, Error> {
         let mut plan = DecodePlan {
-            blocks: DeviceBuffer::new(0)?,
-            work: DeviceBuffer::new(0)?,
-            work_begin: DeviceBuffer::new(0)?,
+            tables: DeviceBuffer::new(0)?,
+            work_at: 0,
+            begin_at: 0,
             scratch: DeviceBuffer::new(0)?,
             n_work: 0,
             n_seq,
@@ -320,19 +331,24 @@ impl DecodePlan {
                 n_spans as i32,
             )
         };
-        fn fit(buf: &mut DeviceBuffer, bytes: usize) -> Result<(), Error> {
+        let mut tables = Vec::new();
+        tables.extend_from_slice(bytes_of(blocks));
+        tables.resize(tables.len().next_multiple_of(16), 0);
+        let work_at = tables.len();
+        tables.extend_from_slice(bytes_of(work));
+        tables.resize(tables.len().next_multiple_of(16), 0);
+        let begin_at = tables.len();
+        tables.extend_from_slice(bytes_of(&begin));
+        for (buf, bytes) in [
+            (&mut self.tables, tables.len()),
+            (&mut self.scratch, scratch),
+        ] {
             if buf.len() < bytes {
                 *buf = DeviceBuffer::new(bytes)?;
             }
-            Ok(())
         }
-        fit(&mut self.blocks, std::mem::size_of_val(blocks))?;
-        fit(&mut self.work, std::mem::size_of_val(work))?;
-        fit(&mut self.work_begin, std::mem::size_of_val(&begin[..]))?;
-        fit(&mut self.scratch, scratch)?;
-        self.blocks.upload(blocks, 0, stream)?;
-        self.work.upload(work, 0, stream)?;
-        self.work_begin.upload(&begin, 0, stream)?;
+        self.tables.upload(&tables, 0, stream)?;
+        (self.work_at, self.begin_at) = (work_at, begin_at);
         self.formats_used = blocks
             .iter()
             .fold(0u32, |m, b| m | 1 << b.k_format | 1 << b.v_format);
@@ -383,11 +399,12 @@ impl DecodePlan {
         calib_delta: f32,
         stream: &Stream,
     ) -> Result<(), Error> {
+        let tables = self.tables.as_ptr().cast::<u8>();
         let args = sys::kvb_cuda_decode_args {
             arena,
-            blocks: self.blocks.as_ptr().cast(),
-            work: self.work.as_ptr().cast(),
-            work_begin: self.work_begin.as_ptr().cast(),
+            blocks: tables.cast(),
+            work: tables.wrapping_add(self.work_at).cast(),
+            work_begin: tables.wrapping_add(self.begin_at).cast(),
             q,
             out,
             scratch: self.scratch.as_ptr().cast(),
