@@ -97,13 +97,27 @@ fn cuda(args: &Args) -> Result<(), Error> {
         );
     }
     println!(
-        "\n{:<15} {:>7} {:<11} {:>12} {:>11} {:>8}",
-        "cache step", "tokens", "preset", "step µs", "decode µs", "vs f16"
+        "\n{:<15} {:>7} {:<11} {:>9} {:>10} {:>11} {:>10} {:>8}",
+        "cache step",
+        "tokens",
+        "preset",
+        "step µs",
+        "append µs",
+        "decode GPU",
+        "kernel µs",
+        "vs f16"
     );
     for r in &report.cache {
         println!(
-            "{:<15} {:>7} {:<11} {:>12.1} {:>11.1} {:>7.2}x",
-            r.shape, r.tokens, r.preset, r.step_us, r.decode_us, r.speedup_vs_f16
+            "{:<15} {:>7} {:<11} {:>9.1} {:>10.1} {:>11.1} {:>10.1} {:>7.2}x",
+            r.shape,
+            r.tokens,
+            r.preset,
+            r.step_us,
+            r.append_us,
+            r.step_decode_us,
+            r.decode_us,
+            r.speedup_vs_f16
         );
     }
     Ok(())

@@ -122,6 +122,10 @@ pub struct CacheRow {
     pub preset: &'static str,
     /// Host wall time of a synchronous append of one token plus decode, waited for.
     pub step_us: f64,
+    /// The append's share of it.
+    pub append_us: f64,
+    /// GPU time of the step's decode (table upload and kernels), from CUDA events.
+    pub step_decode_us: f64,
     /// GPU time of decode alone on an unchanged cache (its plan already uploaded).
     pub decode_us: f64,
     /// Our f16 cache's step time over this one.
@@ -520,23 +524,31 @@ pub fn cache_rows(
         let decode_us = time_us(stream, 3, 30, |_| {
             cache.attention_decode(0, &q, &out, shape.n_head, scale, stream)
         })?;
-        let mut times = Vec::with_capacity(40);
+        let (mut steps, mut appends, mut gpu) = (Vec::new(), Vec::new(), Vec::new());
+        let (start, end) = (Event::new()?, Event::new()?);
         for i in 0..45 {
             let t0 = std::time::Instant::now();
             cache.append(0, &rows, &rows, true, 1, Modality::Text, None, stream)?;
+            let appended = t0.elapsed();
+            start.record(stream)?;
             cache.attention_decode(0, &q, &out, shape.n_head, scale, stream)?;
+            end.record(stream)?;
             stream.synchronize()?;
             if i >= 5 {
-                times.push(t0.elapsed().as_secs_f64() * 1e6);
+                steps.push(t0.elapsed().as_secs_f64() * 1e6);
+                appends.push(appended.as_secs_f64() * 1e6);
+                gpu.push(start.elapsed_ms(&end)? as f64 * 1e3);
             }
         }
-        let step_us = median(times);
+        let step_us = median(steps);
         let f16_us = out_rows.first().map_or(step_us, |f| f.step_us);
         out_rows.push(CacheRow {
             shape: shape.name,
             tokens,
             preset: name,
             step_us,
+            append_us: median(appends),
+            step_decode_us: median(gpu),
             decode_us,
             speedup_vs_f16: f16_us / step_us,
         });

@@ -55,6 +55,9 @@ struct Arena {
     /// The decode plan of the layer, built on first use, and whether the layer changed since.
     plan: Option<DecodePlan>,
     stale: bool,
+    /// The blocks part of the plan (`None` once blocks changed), and whether `plan` holds it.
+    blocks: Option<BlockPlan>,
+    blocks_sent: bool,
 }
 
 /// A KV cache whose blocks live in device memory.
@@ -85,6 +88,8 @@ impl Arena {
             res_start: 0,
             plan: None,
             stale: true,
+            blocks: None,
+            blocks_sent: false,
         })
     }
 
@@ -127,6 +132,8 @@ impl Arena {
             res_start: 0,
             plan: None,
             stale: true,
+            blocks: None,
+            blocks_sent: false,
         };
         grown
             .buf
@@ -412,7 +419,7 @@ impl DeviceCache {
         })();
         let lay = &mut self.layers[layer];
         let arena = &mut self.arenas[layer];
-        arena.stale = true;
+        (arena.stale, arena.blocks) = (true, None);
         if let Err(e) = result {
             lay.blocks.truncate(n_blocks);
             for (p, &n) in lay.heads.iter_mut().zip(&placed) {
@@ -642,20 +649,8 @@ impl DeviceCache {
             return Err(Error::InvalidArgument("the scale must be finite".into()));
         }
         let arena = &self.arenas[layer];
-        let fresh = arena.plan.as_ref().is_some_and(|p| p.n_head == n_head) && !arena.stale;
-        if !fresh {
-            let (descs, work) = self.decode_table(layer);
-            let n_spans = self.layers[layer].n_spans;
-            let arena = &mut self.arenas[layer];
-            match &mut arena.plan {
-                Some(p) if p.n_head == n_head => p.update(&descs, &work, n_spans, stream)?,
-                _ => {
-                    let (d, h) = (self.cfg.head_dim, self.cfg.n_head_kv);
-                    let plan = DecodePlan::new(&descs, &work, 1, n_head, h, d, n_spans, stream)?;
-                    arena.plan = Some(plan);
-                }
-            }
-            arena.stale = false;
+        if arena.stale || arena.plan.as_ref().is_none_or(|p| p.n_head != n_head) {
+            self.replan(layer, n_head, stream)?;
         }
         let arena = &self.arenas[layer];
         let plan = arena.plan.as_ref().expect("built above");
@@ -672,16 +667,14 @@ impl DeviceCache {
         }
     }
 
-    /// The block table of `layer` (blocks, then the residual in pieces) and its work items:
-    /// one per calibrated span where that fills the GPU (calibrated in one pass), else a few
-    /// per SM split evenly by tokens.
-    fn decode_table(&self, layer: usize) -> (Vec<BlockDesc>, Vec<WorkItem>) {
+    /// The table of `layer`'s blocks and their work items, as [`BlockPlan`] describes them.
+    fn block_plan(&self, layer: usize) -> BlockPlan {
         let cfg = &self.cfg;
-        let (d, h) = (cfg.head_dim, cfg.n_head_kv);
-        let (lay, arena) = (&self.layers[layer], &self.arenas[layer]);
+        let h = cfg.n_head_kv;
+        let lay = &self.layers[layer];
         let calibrated =
             |b: &Block| cfg.calibrate && b.modality == Modality::Visual && b.k == FormatId::Q1Calib;
-        let mut descs = Vec::new();
+        let mut descs = Vec::with_capacity(h * lay.blocks.len());
         let mut heads = Vec::with_capacity(h);
         for g in 0..h {
             let start = descs.len();
@@ -695,9 +688,54 @@ impl DeviceCache {
                     span: if calibrated(b) { b.span as i32 } else { -1 },
                 });
             }
+            heads.push(start..descs.len());
+        }
+        // The items of `items(head's descs, their first index, head)`, head by head.
+        let per_head = |items: &dyn Fn(&[BlockDesc], usize, usize) -> Items| {
+            let by_head = heads.iter().enumerate();
+            by_head
+                .map(|(g, r)| items(&descs[r.clone()], r.start, g))
+                .collect::<Vec<_>>()
+        };
+        let one_pass = Some(per_head(&local_items)).filter(|items| {
+            descs.iter().any(|b| b.span >= 0) && kernels::one_pass_spans(&descs, &items.concat())
+        });
+        let items = (4 * self.sms).div_ceil(h).max(1);
+        let tokens = (lay.n_tokens - lay.n_res).div_ceil(items).max(1);
+        let split = per_head(&|d: &[BlockDesc], first, g| split_by_tokens(d, first, g, tokens));
+        let formats_used = descs
+            .iter()
+            .fold(0u32, |m, b| m | 1 << b.k_format | 1 << b.v_format);
+        BlockPlan {
+            descs,
+            one_pass,
+            split,
+            formats_used,
+        }
+    }
+
+    /// Brings `layer`'s decode plan up to date: the block part when blocks changed, the
+    /// residual (one piece per 256 tokens, after every head's blocks) and the work items on
+    /// every step. One item per calibrated span (calibrated in one pass), the residual and
+    /// other blocks in items of at most as many tokens, where that gives every SM an item;
+    /// else about four items per SM, by tokens.
+    fn replan(&mut self, layer: usize, n_head: usize, stream: &Stream) -> Result<(), Error> {
+        if self.arenas[layer].blocks.is_none() {
+            let plan = self.block_plan(layer);
+            let arena = &mut self.arenas[layer];
+            arena.blocks = Some(plan);
+            arena.blocks_sent = false;
+        }
+        let (d, h) = (self.cfg.head_dim, self.cfg.n_head_kv);
+        let (lay, arena) = (&self.layers[layer], &self.arenas[layer]);
+        let bp = arena.blocks.as_ref().expect("built above");
+        let mut tail = Vec::new();
+        let mut residual_items = Vec::with_capacity(h);
+        for g in 0..h {
+            let start = tail.len();
             for t in (0..lay.n_res).step_by(RESIDUAL_PIECE) {
                 let at = |role| arena.res_at(g, role, arena.res_start + t, d) as u64;
-                descs.push(BlockDesc {
+                tail.push(BlockDesc {
                     k_offset: at(Role::Key),
                     v_offset: at(Role::Value),
                     n: RESIDUAL_PIECE.min(lay.n_res - t) as i32,
@@ -706,45 +744,79 @@ impl DeviceCache {
                     span: -1,
                 });
             }
-            heads.push(start..descs.len());
+            residual_items.push(local_items(&tail[start..], bp.descs.len() + start, g));
         }
-        // One item per calibrated span, the other blocks in items of at most as many tokens,
-        // where that gives every SM an item; else about four items per SM, by tokens.
-        let per_span = |descs: &[BlockDesc], first, g| {
-            let (mut filled, mut item) = (0, 0);
-            items_by(descs, first, g, |b| {
-                if b.span >= 0 {
-                    return b.span.into();
-                }
-                if filled + b.n as usize > LOCAL_TOKENS {
-                    (item, filled) = (item + 1, 0);
-                }
-                filled += b.n as usize;
-                -1 - item
-            })
-        };
-        let one_pass: Vec<WorkItem> = heads
+        let n_items = |items: &[Vec<WorkItem>]| items.iter().map(Vec::len).sum::<usize>();
+        let one_pass = bp
+            .one_pass
+            .as_ref()
+            .filter(|op| n_items(op) + n_items(&residual_items) >= self.sms);
+        let blocks_items = one_pass.unwrap_or(&bp.split);
+        let work: Vec<WorkItem> = blocks_items
             .iter()
-            .enumerate()
-            .flat_map(|(g, r)| per_span(&descs[r.clone()], r.start, g))
+            .zip(&residual_items)
+            .flat_map(|(b, r)| b.iter().chain(r))
+            .copied()
             .collect();
-        let calibrated = descs.iter().any(|b| b.span >= 0);
-        let work = if calibrated
-            && one_pass.len() >= self.sms
-            && kernels::one_pass_spans(&descs, &one_pass)
-        {
-            one_pass
+        let residual_formats = if tail.is_empty() {
+            0
         } else {
-            let items = (4 * self.sms).div_ceil(h).max(1);
-            let tokens = lay.n_tokens.div_ceil(items).max(1);
-            heads
-                .iter()
-                .enumerate()
-                .flat_map(|(g, r)| split_by_tokens(&descs[r.clone()], r.start, g, tokens))
-                .collect()
+            1 << FormatId::F16 as u32
         };
-        (descs, work)
+        let formats_used = bp.formats_used | residual_formats;
+        let reuse = arena.plan.as_ref().is_some_and(|p| p.n_head == n_head);
+        let kept = if reuse && arena.blocks_sent {
+            bp.descs.len()
+        } else {
+            0
+        };
+        let (n_spans, local) = (lay.n_spans, one_pass.is_some());
+        let sent = if kept == 0 {
+            [&bp.descs[..], &tail[..]].concat()
+        } else {
+            tail
+        };
+        let arena = &mut self.arenas[layer];
+        if !reuse {
+            arena.plan = Some(DecodePlan::new(&[], &[], 1, n_head, h, d, n_spans, stream)?);
+        }
+        let plan = arena.plan.as_mut().expect("made above");
+        plan.update_tail(kept, &sent, &work, n_spans, formats_used, local, stream)?;
+        arena.blocks_sent = true;
+        arena.stale = false;
+        Ok(())
     }
+}
+
+/// The blocks part of a layer's decode plan, rebuilt only when blocks change: their
+/// descriptors (head by head), and per head the work items over them in either split.
+struct BlockPlan {
+    descs: Vec<BlockDesc>,
+    /// One item per calibrated span, the other blocks in items of at most
+    /// `LOCAL_TOKENS`; `None` where that does not give a one-pass plan.
+    one_pass: Option<Vec<Vec<WorkItem>>>,
+    /// About four items per SM over all heads, by tokens.
+    split: Vec<Vec<WorkItem>>,
+    formats_used: u32,
+}
+
+type Items = Vec<WorkItem>;
+
+/// Work items for one-pass calibration over one head's `descs` (at `first` in the table):
+/// one per calibrated span, blocks that are not calibrated in items of at most
+/// `LOCAL_TOKENS` tokens.
+fn local_items(descs: &[BlockDesc], first: usize, head: usize) -> Vec<WorkItem> {
+    let (mut filled, mut item) = (0, 0);
+    items_by(descs, first, head, |b| {
+        if b.span >= 0 {
+            return b.span.into();
+        }
+        if filled + b.n as usize > LOCAL_TOKENS {
+            (item, filled) = (item + 1, 0);
+        }
+        filled += b.n as usize;
+        -1 - item
+    })
 }
 
 /// One work item per run of consecutive descriptors with the same key (`key` is called once

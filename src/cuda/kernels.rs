@@ -212,6 +212,8 @@ pub struct DecodePlan {
     /// The block table, the work items and their per-(sequence, KV head) starts, one after the
     /// other: one upload per plan.
     tables: DeviceBuffer,
+    /// What `tables` holds (a host copy, so that a re-plan sends only what changed).
+    uploaded: Vec<u8>,
     work_at: usize,
     begin_at: usize,
     scratch: DeviceBuffer,
@@ -278,6 +280,7 @@ impl DecodePlan {
     ) -> Result<DecodePlan, Error> {
         let mut plan = DecodePlan {
             tables: DeviceBuffer::new(0)?,
+            uploaded: Vec::new(),
             work_at: 0,
             begin_at: 0,
             scratch: DeviceBuffer::new(0)?,
@@ -297,8 +300,8 @@ impl DecodePlan {
     }
 
     /// Describe new blocks and work items of the same shape, reusing the device buffers where
-    /// they are large enough (a cache re-plans every decode step). The uploads are queued on
-    /// `stream` from pageable memory, which CUDA stages before returning.
+    /// they are large enough. The uploads are queued on `stream` from pageable memory, which
+    /// CUDA stages before returning.
     pub fn update(
         &mut self,
         blocks: &[BlockDesc],
@@ -306,14 +309,49 @@ impl DecodePlan {
         n_spans: usize,
         stream: &Stream,
     ) -> Result<(), Error> {
+        let formats_used = blocks
+            .iter()
+            .fold(0u32, |m, b| m | 1 << b.k_format | 1 << b.v_format);
+        let local_spans = one_pass_spans(blocks, work);
+        self.uploaded.clear();
+        self.update_tail(0, blocks, work, n_spans, formats_used, local_spans, stream)
+    }
+
+    /// [`DecodePlan::update`] for a block table whose first `kept` blocks are those of the last
+    /// upload, followed by `tail`: only the tail, the work items and their starts travel (a
+    /// cache re-plans every decode step, and mostly its residual changed). `formats_used` and
+    /// `local_spans` are the caller's, as [`DecodePlan`] documents them.
+    #[allow(clippy::too_many_arguments)]
+    pub fn update_tail(
+        &mut self,
+        kept: usize,
+        tail: &[BlockDesc],
+        work: &[WorkItem],
+        n_spans: usize,
+        formats_used: u32,
+        local_spans: bool,
+        stream: &Stream,
+    ) -> Result<(), Error> {
+        let kept_bytes = kept * std::mem::size_of::<BlockDesc>();
+        if kept_bytes > self.uploaded.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{kept} blocks kept of a plan of {} bytes",
+                self.uploaded.len()
+            )));
+        }
+        let n_blocks = kept + tail.len();
         let keys = self.n_seq * self.n_head_kv;
         let mut begin = vec![0i32; keys + 1];
         for w in work {
             let key = w.seq as usize * self.n_head_kv + w.kv_head as usize;
-            if key >= keys {
+            let blocks_ok = w.first_block >= 0
+                && w.n_blocks >= 0
+                && (w.first_block as usize + w.n_blocks as usize) <= n_blocks;
+            if key >= keys || !blocks_ok {
                 return Err(Error::InvalidArgument(format!(
-                    "work item of sequence {} head {}",
-                    w.seq, w.kv_head
+                    "work item of sequence {} head {}, blocks {}+{}, in a plan of {keys} \
+                     (sequence, KV head) pairs and {n_blocks} blocks",
+                    w.seq, w.kv_head, w.first_block, w.n_blocks
                 )));
             }
             begin[key + 1] += 1;
@@ -331,28 +369,29 @@ impl DecodePlan {
                 n_spans as i32,
             )
         };
-        let mut tables = Vec::new();
-        tables.extend_from_slice(bytes_of(blocks));
+        let mut tables = std::mem::take(&mut self.uploaded);
+        tables.truncate(kept_bytes);
+        tables.extend_from_slice(bytes_of(tail));
         tables.resize(tables.len().next_multiple_of(16), 0);
         let work_at = tables.len();
         tables.extend_from_slice(bytes_of(work));
         tables.resize(tables.len().next_multiple_of(16), 0);
         let begin_at = tables.len();
         tables.extend_from_slice(bytes_of(&begin));
-        for (buf, bytes) in [
-            (&mut self.tables, tables.len()),
-            (&mut self.scratch, scratch),
-        ] {
-            if buf.len() < bytes {
-                *buf = DeviceBuffer::new(bytes)?;
-            }
+        if self.scratch.len() < scratch {
+            self.scratch = DeviceBuffer::new(scratch)?;
         }
-        self.tables.upload(&tables, 0, stream)?;
+        let from = if self.tables.len() < tables.len() {
+            self.tables = DeviceBuffer::new(tables.len())?;
+            0
+        } else {
+            kept_bytes
+        };
+        self.tables.upload(&tables[from..], from, stream)?;
+        self.uploaded = tables;
         (self.work_at, self.begin_at) = (work_at, begin_at);
-        self.formats_used = blocks
-            .iter()
-            .fold(0u32, |m, b| m | 1 << b.k_format | 1 << b.v_format);
-        self.local_spans = one_pass_spans(blocks, work);
+        self.formats_used = formats_used;
+        self.local_spans = local_spans;
         self.n_work = work.len();
         self.n_spans = n_spans;
         Ok(())
