@@ -20,7 +20,7 @@ use super::kernels::{self, BlockDesc, DecodePlan, DeviceRows, QuantBatch, QuantJ
 use super::runtime::{DeviceBuffer, Stream, check};
 use super::sys;
 use crate::Error;
-use crate::kv::cache::{Chunk, Head, Layer, Masks, Stored};
+use crate::kv::cache::{Chunk, Head, HeadBlocks, Layer, Masks, Stored, memory_report};
 use crate::kv::{Block, CacheConfig, FormatId, KvCache, MemoryReport, Modality, Role, Shape};
 
 /// A block to dequantize: `(offset, n, role, out offset, out stride)`, as
@@ -40,6 +40,12 @@ const LOCAL_TOKENS: usize = sys::KVB_CUDA_LOCAL_SPAN_TOKENS as usize;
 #[derive(Default)]
 struct Placed {
     at: Vec<Stored>,
+}
+
+impl HeadBlocks for Placed {
+    fn stored(&self) -> &[Stored] {
+        &self.at
+    }
 }
 
 /// One layer's device memory.
@@ -78,8 +84,8 @@ fn align16(x: usize) -> usize {
 }
 
 impl Arena {
-    fn new(d: usize, h: usize, res_cap: usize) -> Result<Arena, Error> {
-        let res_base = 1 << 16;
+    /// An arena with room for `res_base` bytes of blocks and `res_cap` residual tokens.
+    fn new(res_base: usize, res_cap: usize, d: usize, h: usize) -> Result<Arena, Error> {
         Ok(Arena {
             buf: DeviceBuffer::new(res_base + 4 * h * res_cap * d)?,
             used: 0,
@@ -124,17 +130,8 @@ impl Arena {
         } else {
             tokens.max(2 * self.res_cap)
         };
-        let grown = Arena {
-            buf: DeviceBuffer::new(res_base + 4 * h * res_cap * d)?,
-            used: self.used,
-            res_base,
-            res_cap,
-            res_start: 0,
-            plan: None,
-            stale: true,
-            blocks: None,
-            blocks_sent: false,
-        };
+        let mut grown = Arena::new(res_base, res_cap, d, h)?;
+        grown.used = self.used;
         grown
             .buf
             .copy_range_from(0, &self.buf, 0, self.used, stream)?;
@@ -180,7 +177,7 @@ impl DeviceCache {
         let (_, sms, _) = super::device_info(device)?;
         let res_cap = cfg.recent_f16 + cfg.block_len();
         let arenas = (0..cfg.n_layer)
-            .map(|_| Arena::new(cfg.head_dim, cfg.n_head_kv, res_cap))
+            .map(|_| Arena::new(1 << 16, res_cap, cfg.head_dim, cfg.n_head_kv))
             .collect::<Result<_, _>>()?;
         Ok(DeviceCache {
             layers: (0..cfg.n_layer)
@@ -222,35 +219,7 @@ impl DeviceCache {
     /// Exact bytes stored, counted as the CPU cache counts them (alignment padding between
     /// blocks is allocator slack, like a vector's spare capacity, and is not counted).
     pub fn memory(&self) -> MemoryReport {
-        let d = self.cfg.head_dim;
-        let mut r = MemoryReport::default();
-        let (mut bytes_k, mut bytes_v, mut values) = (0u64, 0u64, 0u64);
-        for lay in &self.layers {
-            values += (lay.n_tokens * self.cfg.n_head_kv * d) as u64;
-            for head in &lay.heads {
-                for s in &head.at {
-                    r.codes += (s.k.codes + s.v.codes) as u64;
-                    r.meta += (s.k.meta + s.v.meta) as u64;
-                    bytes_k += s.k.total() as u64;
-                    bytes_v += s.v.total() as u64;
-                }
-                let res = (lay.n_res * d * 2) as u64;
-                r.residual += 2 * res;
-                bytes_k += res;
-                bytes_v += res;
-            }
-        }
-        r.total = r.codes + r.meta + r.residual;
-        let bits = |b: u64| {
-            if values == 0 {
-                0.0
-            } else {
-                b as f64 * 8.0 / values as f64
-            }
-        };
-        r.bits_k = bits(bytes_k);
-        r.bits_v = bits(bytes_v);
-        r
+        memory_report(&self.cfg, &self.layers)
     }
 
     fn check_layer(&self, layer: usize) -> Result<(), Error> {

@@ -118,6 +118,14 @@ impl kvb_cache {
         Ok(())
     }
 
+    /// Refuses an `_async` call (one with a stream) on a CPU cache.
+    fn check_stream(&self, stream: Option<*mut c_void>) -> Result<(), Fail> {
+        match self.store {
+            Store::Cpu(_) if stream.is_some() => Err(on_cpu_cache()),
+            _ => Ok(()),
+        }
+    }
+
     fn row(&self) -> usize {
         self.store.config().n_head_kv * self.store.config().head_dim
     }
@@ -271,6 +279,7 @@ unsafe fn append(
 ) -> Result<(), Fail> {
     // SAFETY: the caller's contract.
     let c = unsafe { cache_mut(c) }?;
+    c.check_stream(stream)?;
     let layer = layer_index(c, layer)?;
     let n = positive(n_tokens.into(), "n_tokens")?;
     let m = modality(modality_id)?;
@@ -282,7 +291,6 @@ unsafe fn append(
         Some(unsafe { slice(saliency, n, "saliency") }?)
     };
     c.modify(|store| match store {
-        Store::Cpu(_) if stream.is_some() => Err(on_cpu_cache()),
         Store::Cpu(cache) => {
             // SAFETY: the caller's contract; `f16` is a transparent `u16`.
             let (k, v) = unsafe {
@@ -403,11 +411,11 @@ unsafe fn attn_decode(
 ) -> Result<(), Fail> {
     // SAFETY: the caller's contract.
     let c = unsafe { cache_mut(c) }?;
+    c.check_stream(stream)?;
     let layer = layer_index(c, layer)?;
     let n_head = c.n_head;
     let len = n_head * c.store.config().head_dim;
     c.modify(|store| match store {
-        Store::Cpu(_) if stream.is_some() => Err(on_cpu_cache()),
         Store::Cpu(cache) => {
             // SAFETY: the caller's contract.
             let (q, out) = unsafe { (slice(q, len, "q")?, slice_mut(out, len, "out")?) };
@@ -460,6 +468,7 @@ unsafe fn dequantize(
 ) -> Result<(), Fail> {
     // SAFETY: the caller's contract.
     let c = unsafe { cache_mut(c) }?;
+    c.check_stream(stream)?;
     let layer = layer_index(c, layer)?;
     let first = non_negative(first, "first")?;
     let n = positive(n, "n")?;
@@ -471,7 +480,6 @@ unsafe fn dequantize(
     }
     let len = mul(n, c.row(), "n x n_head_kv x head_dim")?;
     c.modify(|store| match store {
-        Store::Cpu(_) if stream.is_some() => Err(on_cpu_cache()),
         Store::Cpu(cache) => {
             // SAFETY: the caller's contract; `f16` is a transparent `u16`.
             let (k, v) = unsafe {

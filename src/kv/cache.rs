@@ -16,7 +16,7 @@ use half::f16;
 
 use super::{BlockSize, FormatId, QuantParams};
 use crate::Error;
-pub(crate) use ledger::{Chunk, Mark, Masks, Run};
+pub(crate) use ledger::{Chunk, HeadBlocks, Mark, Masks, Run, memory_report};
 
 /// Where a token came from: text tokens and visual (image/video) tokens can use different
 /// formats.
@@ -124,6 +124,12 @@ pub(crate) struct Head {
     pub(crate) v_res: Vec<u8>,
 }
 
+impl HeadBlocks for Head {
+    fn stored(&self) -> &[Stored] {
+        &self.at
+    }
+}
+
 /// Where a block lies in a head's K and V arenas.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Stored {
@@ -187,37 +193,7 @@ impl KvCache {
 
     /// Exact bytes stored: block sizes as the formats report them, plus the f16 residual.
     pub fn memory(&self) -> MemoryReport {
-        let (mut codes, mut meta, mut res) = (0u64, 0u64, 0u64);
-        let (mut bytes_k, mut bytes_v, mut values) = (0u64, 0u64, 0u64);
-        for lay in &self.layers {
-            values += (lay.n_tokens * self.cfg.n_head_kv * self.cfg.head_dim) as u64;
-            for head in &lay.heads {
-                for s in &head.at {
-                    codes += (s.k.codes + s.v.codes) as u64;
-                    meta += (s.k.meta + s.v.meta) as u64;
-                    bytes_k += s.k.total() as u64;
-                    bytes_v += s.v.total() as u64;
-                }
-                res += (head.k_res.len() + head.v_res.len()) as u64;
-                bytes_k += head.k_res.len() as u64;
-                bytes_v += head.v_res.len() as u64;
-            }
-        }
-        let bits = |bytes: u64| {
-            if values == 0 {
-                0.0
-            } else {
-                bytes as f64 * 8.0 / values as f64
-            }
-        };
-        MemoryReport {
-            codes,
-            meta,
-            residual: res,
-            total: codes + meta + res,
-            bits_k: bits(bytes_k),
-            bits_v: bits(bytes_v),
-        }
+        memory_report(&self.cfg, &self.layers)
     }
 
     fn layer(&self, layer: usize) -> Result<&Layer, Error> {

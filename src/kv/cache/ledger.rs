@@ -6,7 +6,7 @@
 //! recent, whole (last block partial) once the span is closed and entirely old. Text spans
 //! close when another span follows; a visual span is complete when appended.
 
-use super::{Block, CacheConfig, Layer, Modality};
+use super::{Block, CacheConfig, Layer, MemoryReport, Modality, Stored};
 
 /// Consecutive residual tokens of one span.
 #[derive(Clone, Copy, Debug)]
@@ -294,4 +294,43 @@ fn median(x: &mut [f32]) -> f32 {
         let lower = below.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         (lower + m) / 2.0
     }
+}
+
+/// A head's blocks, wherever its bytes are.
+pub(crate) trait HeadBlocks {
+    fn stored(&self) -> &[Stored];
+}
+
+/// Exact bytes held by `layers`: block sizes as the formats report them, plus the f16
+/// residual (two bytes per value of K and of V).
+pub(crate) fn memory_report<H: HeadBlocks>(cfg: &CacheConfig, layers: &[Layer<H>]) -> MemoryReport {
+    let d = cfg.head_dim;
+    let mut r = MemoryReport::default();
+    let (mut bytes_k, mut bytes_v, mut values) = (0u64, 0u64, 0u64);
+    for lay in layers {
+        values += (lay.n_tokens * cfg.n_head_kv * d) as u64;
+        let res = (lay.n_res * d * 2) as u64;
+        for head in &lay.heads {
+            for s in head.stored() {
+                r.codes += (s.k.codes + s.v.codes) as u64;
+                r.meta += (s.k.meta + s.v.meta) as u64;
+                bytes_k += s.k.total() as u64;
+                bytes_v += s.v.total() as u64;
+            }
+            r.residual += 2 * res;
+            bytes_k += res;
+            bytes_v += res;
+        }
+    }
+    r.total = r.codes + r.meta + r.residual;
+    let bits = |b: u64| {
+        if values == 0 {
+            0.0
+        } else {
+            b as f64 * 8.0 / values as f64
+        }
+    };
+    r.bits_k = bits(bytes_k);
+    r.bits_v = bits(bytes_v);
+    r
 }
