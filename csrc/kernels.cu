@@ -3,6 +3,10 @@
 
 #include <cuda_runtime.h>
 
+#include <map>
+#include <mutex>
+#include <utility>
+
 #include "decode_mma.cuh"
 #include "formats.cuh"
 
@@ -22,6 +26,22 @@ bool with_head_dim(int d, F &&f) {
     }
 }
 
+// Raise `kernel`'s dynamic shared memory cap to `bytes` on the current device, once:
+// cudaFuncSetAttribute costs microseconds, as much as a small kernel runs.
+cudaError_t allow_smem(const void *kernel, size_t bytes) {
+    static std::mutex lock;
+    static std::map<std::pair<const void *, int>, size_t> allowed;
+    int device = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err != cudaSuccess) return err;
+    std::lock_guard<std::mutex> guard(lock);
+    size_t &cap = allowed[{kernel, device}];
+    if (bytes <= cap) return cudaSuccess;
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+    if (err == cudaSuccess) cap = bytes;
+    return err;
+}
+
 bool known_format(int f) {
 #define KVB_KNOWN(ID, FMT) if (f == ID) return true;
     KVB_FORMATS(KVB_KNOWN)
@@ -33,6 +53,29 @@ bool known_format(int f) {
 
 constexpr int kQuantSmemFloats = 12 * 1024;
 
+// CTAs per block a format quantizes with: its kQuantParts (each CTA then gets its part), else 1.
+template <class F>
+constexpr int quant_parts() {
+    if constexpr (requires { F::kQuantParts; }) return F::kQuantParts;
+    else return 1;
+}
+
+template <class F>
+__device__ void quantize_part(Src x, const kvb_cuda_quant_job &job, QuantParams p, uint8_t *out, float *smem) {
+    if constexpr (quant_parts<F>() > 1) F::quantize(x, job.n, job.role, job.protect, p, out, smem, blockIdx.y);
+    else if (blockIdx.y == 0) F::quantize(x, job.n, job.role, job.protect, p, out, smem);
+}
+
+template <int D>
+int quant_parts_of(int format) {
+    switch (format) {
+#define KVB_PARTS(ID, FMT) case ID: return quant_parts<FMT<D>>();
+        KVB_FORMATS(KVB_PARTS)
+#undef KVB_PARTS
+    }
+    return 1;
+}
+
 template <int D>
 __global__ void __launch_bounds__(kThreads)
     quantize_kernel(int format, int is_f16, const kvb_cuda_quant_job *jobs, QuantParams p,
@@ -43,7 +86,7 @@ __global__ void __launch_bounds__(kThreads)
     uint8_t *out = arena + job.out_offset;
     switch (format) {
 #define KVB_QUANT(ID, FMT) \
-    case ID: FMT<D>::quantize(x, job.n, job.role, job.protect, p, out, smem); break;
+    case ID: quantize_part<FMT<D>>(x, job, p, out, smem); break;
         KVB_FORMATS(KVB_QUANT)
 #undef KVB_QUANT
     }
@@ -304,9 +347,10 @@ extern "C" int kvb_cuda_quantize(int32_t format, int32_t head_dim, int32_t x_is_
     cudaError_t err = cudaSuccess;
     bool ok = with_head_dim(head_dim, [&]<int D>() {
         size_t smem = sizeof(float) * kQuantSmemFloats;
-        err = cudaFuncSetAttribute(quantize_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        err = allow_smem((const void *)quantize_kernel<D>, smem);
         if (err != cudaSuccess) return;
-        quantize_kernel<D><<<n_jobs, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(
+        const dim3 grid(n_jobs, quant_parts_of<D>(format));
+        quantize_kernel<D><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(
             format, x_is_f16, jobs, params, arena);
         err = cudaGetLastError();
     });
@@ -342,8 +386,7 @@ extern "C" int kvb_cuda_attention_decode(const kvb_cuda_decode_args *args, kvb_c
     const int G = a.n_head / a.n_head_kv;
     cudaError_t err = cudaSuccess;
     auto set_smem = [&](const void *kernel, size_t bytes) {
-        if (err == cudaSuccess)
-            err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+        if (err == cudaSuccess) err = allow_smem(kernel, bytes);
     };
     constexpr uint32_t kMmaFormats = (1u << F16) | (1u << Q1_CALIB);
     const bool mma = !a.generic_only && G <= MmaDecode<64>::kHeads && a.formats_used != 0 &&
@@ -378,7 +421,7 @@ extern "C" int kvb_cuda_attention_decode(const kvb_cuda_decode_args *args, kvb_c
         }
         size_t smem = decode_smem<D>(G);
         for (const void *k : {(const void *)decode_kernel<D>, (const void *)span_range_kernel<D>}) {
-            err = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+            err = allow_smem(k, smem);
             if (err != cudaSuccess) return;
         }
         if (a.n_spans > 0) {

@@ -34,71 +34,83 @@ struct FmtQ1Calib {
         }
     }
 
-    // Ranges then bits, a thread per 8 channels of a token (16-byte loads, coalesced along the
-    // row); the per-channel min and max of the token groups meet in shared memory.
+    // One CTA per 16 channels of the block (a block is D/16 CTAs: enough of them to fill the
+    // GPU for a span of a few thousand tokens). Threads pair up on a token, 8 channels each,
+    // 16-byte loads; ranges meet by warp shuffles then across warps, and a second read (from
+    // L2) sets the bits.
+    static constexpr int kQuantParts = D / 16;
+    static constexpr int kPartWarps = kThreads / 32;
+
     template <bool kF16>
-    __device__ static void quantize_rows(Src x, int n, float alpha, uint8_t *out, float *smem) {
-        constexpr int kGroups = kThreads / kRow;  // tokens read side by side
+    __device__ static void quantize_part(Src x, int n, float alpha, uint8_t *out, float *smem, int part) {
+        constexpr int kTokens = kThreads / 2;  // tokens side by side
         constexpr int kBatch = 4;
-        float *mn = smem, *mx = smem + kGroups * D, *mid = smem + 2 * kGroups * D;
-        const int j = threadIdx.x % kRow, tg = threadIdx.x / kRow;
-        if (tg < kGroups) {
-            float lo[8], hi[8];
+        const int j = threadIdx.x & 1, tg = threadIdx.x >> 1, c0 = 16 * part + 8 * j;
+        float lo[8], hi[8];
 #pragma unroll
-            for (int k = 0; k < 8; ++k) lo[k] = INFINITY, hi[k] = -INFINITY;
-            // kBatch loads in flight before the first is used: a block is a few round trips.
-            for (int t0 = tg; t0 < n; t0 += kBatch * kGroups) {
-                float v[kBatch][8];
+        for (int k = 0; k < 8; ++k) lo[k] = INFINITY, hi[k] = -INFINITY;
+        for (int t0 = tg; t0 < n; t0 += kBatch * kTokens) {
+            float v[kBatch][8];
 #pragma unroll
-                for (int u = 0; u < kBatch; ++u) load8<kF16>(x, min(t0 + u * kGroups, n - 1), 8 * j, v[u]);
+            for (int u = 0; u < kBatch; ++u) load8<kF16>(x, min(t0 + u * kTokens, n - 1), c0, v[u]);
 #pragma unroll
-                for (int u = 0; u < kBatch; ++u)
+            for (int u = 0; u < kBatch; ++u)
 #pragma unroll
-                    for (int k = 0; k < 8; ++k) lo[k] = fminf(lo[k], v[u][k]), hi[k] = fmaxf(hi[k], v[u][k]);
+                for (int k = 0; k < 8; ++k) lo[k] = fminf(lo[k], v[u][k]), hi[k] = fmaxf(hi[k], v[u][k]);
+        }
+        // Lanes of one channel half differ in bits 1..4: reduce over them.
+#pragma unroll
+        for (int k = 0; k < 8; ++k)
+#pragma unroll
+            for (int m = 2; m < 32; m *= 2) {
+                lo[k] = fminf(lo[k], __shfl_xor_sync(0xffffffffu, lo[k], m));
+                hi[k] = fmaxf(hi[k], __shfl_xor_sync(0xffffffffu, hi[k], m));
             }
+        float *mn = smem, *mx = smem + kPartWarps * 16, *mid = smem + 2 * kPartWarps * 16;
+        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+        if (lane < 2)
 #pragma unroll
-            for (int k = 0; k < 8; ++k) mn[tg * D + 8 * j + k] = lo[k], mx[tg * D + 8 * j + k] = hi[k];
-        }
+            for (int k = 0; k < 8; ++k) mn[warp * 16 + 8 * j + k] = lo[k], mx[warp * 16 + 8 * j + k] = hi[k];
         __syncthreads();
-        for (int c = threadIdx.x; c < D; c += kThreads) {
-            float lo = INFINITY, hi = -INFINITY;
-            for (int k = 0; k < kGroups; ++k) lo = fminf(lo, mn[k * D + c]), hi = fmaxf(hi, mx[k * D + c]);
-            lo = round_f16(alpha * lo);
-            hi = round_f16(alpha * hi);
+        if (threadIdx.x < 16) {
+            const int c = threadIdx.x;
+            float l = INFINITY, h = -INFINITY;
+#pragma unroll
+            for (int w = 0; w < kPartWarps; ++w) l = fminf(l, mn[w * 16 + c]), h = fmaxf(h, mx[w * 16 + c]);
+            l = round_f16(alpha * l);
+            h = round_f16(alpha * h);
             // Blocks start 16-byte aligned, so the scales are aligned f16 stores.
-            reinterpret_cast<__half *>(out)[c] = __float2half_rn(lo);
-            reinterpret_cast<__half *>(out)[D + c] = __float2half_rn(hi);
-            mid[c] = (lo + hi) * 0.5f;
+            reinterpret_cast<__half *>(out)[16 * part + c] = __float2half_rn(l);
+            reinterpret_cast<__half *>(out)[D + 16 * part + c] = __float2half_rn(h);
+            mid[c] = (l + h) * 0.5f;
         }
         __syncthreads();
-        for (int i0 = threadIdx.x; i0 < n * kRow; i0 += 2 * kThreads) {
+        for (int t0 = tg; t0 < n; t0 += 2 * kTokens) {
             float v[2][8];
 #pragma unroll
-            for (int u = 0; u < 2; ++u) {
-                const int i = min(i0 + u * kThreads, n * kRow - 1);
-                load8<kF16>(x, i / kRow, (i % kRow) * 8, v[u]);
-            }
+            for (int u = 0; u < 2; ++u) load8<kF16>(x, min(t0 + u * kTokens, n - 1), c0, v[u]);
 #pragma unroll
             for (int u = 0; u < 2; ++u) {
-                const int i = i0 + u * kThreads, c0 = (i % kRow) * 8;
+                const int t = t0 + u * kTokens;
                 unsigned byte = 0;
 #pragma unroll
-                for (int k = 0; k < 8; ++k) byte |= (v[u][k] > mid[c0 + k] ? 1u : 0u) << k;
-                if (i < n * kRow) out[kBits + i] = (uint8_t)byte;
+                for (int k = 0; k < 8; ++k) byte |= (v[u][k] > mid[8 * j + k] ? 1u : 0u) << k;
+                if (t < n) out[kBits + (int64_t)t * kRow + c0 / 8] = (uint8_t)byte;
             }
         }
     }
 
-    // Rows whose 8-channel groups are not 16-byte aligned take the scalar loop.
+    // Rows whose 8-channel groups are not 16-byte aligned take the scalar loop, in part 0.
     __device__ static void quantize(Src x, int n, int role, const uint8_t *, QuantParams p,
-                                    uint8_t *out, float *smem) {
+                                    uint8_t *out, float *smem, int part) {
         const float alpha = role == KEY ? p.calib_alpha_k : p.calib_alpha_v;
         const int elem = x.is_f16 ? 2 : 4;
         if ((reinterpret_cast<uintptr_t>(x.data) | (uintptr_t)(x.stride * elem)) % 16 == 0) {
-            if (x.is_f16) quantize_rows<true>(x, n, alpha, out, smem);
-            else quantize_rows<false>(x, n, alpha, out, smem);
+            if (x.is_f16) quantize_part<true>(x, n, alpha, out, smem, part);
+            else quantize_part<false>(x, n, alpha, out, smem, part);
             return;
         }
+        if (part != 0) return;
         float *lo = smem, *hi = smem + D;
         for (int c = threadIdx.x; c < D; c += kThreads) {
             float mn = INFINITY, mx = -INFINITY;

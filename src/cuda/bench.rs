@@ -415,13 +415,18 @@ pub fn quantize_rows(
             }
         }
         let arena = DeviceBuffer::new(written)?;
-        let batches = [(preset.k, Role::Key), (preset.v, Role::Value)]
+        // One launch per format: K and V go together where they share one.
+        let mut formats = vec![preset.k];
+        if preset.v != preset.k {
+            formats.push(preset.v);
+        }
+        let batches = formats
             .into_iter()
-            .map(|(fmt, role)| {
+            .map(|fmt| {
                 let qj: Vec<QuantJob> = jobs
                     .iter()
-                    .filter(|j| j.1 == role)
-                    .map(|&(_, _, row0, n, off)| QuantJob {
+                    .filter(|j| j.0 == fmt)
+                    .map(|&(_, role, row0, n, off)| QuantJob {
                         rows: DeviceRows {
                             buf: &input,
                             f16: true,

@@ -470,9 +470,10 @@ impl DeviceCache {
         // The reservation may have moved the residual to the start of its rows.
         let res0 = arena.res_start + off;
 
-        // One launch per (format, role), reading the residual rows in the same arena.
+        // Jobs read the residual rows in the same arena.
         let mut at = arena.used;
-        let mut jobs: BTreeMap<(i32, i32), (FormatId, Vec<QuantJob>)> = BTreeMap::new();
+        // One launch per format: K and V of one format go together.
+        let mut jobs: BTreeMap<i32, (FormatId, Vec<QuantJob>)> = BTreeMap::new();
         let mut stored = Vec::with_capacity(plan.len());
         for &(bi, g, mask_at, k, v) in &plan {
             let b = lay.blocks[bi];
@@ -495,7 +496,7 @@ impl DeviceCache {
                         .map(|p| (p, g * c.len + mask_at)),
                     out_offset,
                 };
-                jobs.entry((f as i32, role as i32))
+                jobs.entry(f as i32)
                     .or_insert_with(|| (f, Vec::new()))
                     .1
                     .push(job);
