@@ -121,7 +121,12 @@ impl QuantBatch {
             format,
             head_dim,
             f16,
-            table: DeviceBuffer::from_slice(&raw, stream)?,
+            table: {
+                // Queued, not waited for: CUDA stages pageable memory before returning.
+                let table = DeviceBuffer::new(std::mem::size_of_val(&raw[..]))?;
+                table.upload(&raw, 0, stream)?;
+                table
+            },
             n_jobs: raw.len(),
             params: *params,
         })
