@@ -23,7 +23,7 @@ use crate::kv::{BlockSize, FormatId, QuantParams, Role, Shape};
 /// `general.architecture` of a snapshot.
 const ARCH: &str = "kvbits-cache";
 /// Layout version, bumped whenever the tensors or keys change meaning.
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const CHECKSUM_KEY: &str = "kvbits.cache.checksum";
 /// Tensors per layer besides the heads', and per head.
 const LAYER_TENSORS: usize = 4;
@@ -33,8 +33,10 @@ fn key(name: &str) -> String {
     format!("kvbits.cache.{name}")
 }
 
-/// A 64-bit multiply-xor hash (FNV-1a's prime, a word at a time): any single damaged word
-/// changes it, and it runs at memory speed. Not a defence against a forger.
+/// A 64-bit multiply-xor hash a word at a time (FNV-1a's prime, then a shift that folds the
+/// high bits down: a multiply alone carries a difference only upwards, so two flips of the top
+/// bit of two words would cancel). Any single damaged word changes it, and it runs at memory
+/// speed. Not a defence against a forger.
 struct Checksum(u64);
 
 impl Checksum {
@@ -43,7 +45,8 @@ impl Checksum {
     }
 
     fn word(&mut self, w: u64) {
-        self.0 = (self.0 ^ w).wrapping_mul(0x0000_0100_0000_01B3);
+        let h = (self.0 ^ w).wrapping_mul(0x0000_0100_0000_01B3);
+        self.0 = h ^ (h >> 29);
     }
 
     fn bytes(&mut self, b: &[u8]) {
