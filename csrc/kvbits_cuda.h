@@ -23,6 +23,7 @@ enum { KVB_CUDA_INVALID_ARGUMENT = 100000 };
 const char *kvb_cuda_error_string(int err);
 int kvb_cuda_device_count(int *count);
 int kvb_cuda_set_device(int device);
+int kvb_cuda_get_device(int *device);
 /* Name, SM count and L2 size of `device`; `name` gets at most `len` bytes, NUL included. */
 int kvb_cuda_device_info(int device, char *name, size_t len, int *sm_count, int *l2_bytes);
 

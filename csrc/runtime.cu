@@ -16,6 +16,8 @@ int kvb_cuda_device_count(int *count) { return cudaGetDeviceCount(count); }
 
 int kvb_cuda_set_device(int device) { return cudaSetDevice(device); }
 
+int kvb_cuda_get_device(int *device) { return cudaGetDevice(device); }
+
 int kvb_cuda_device_info(int device, char *name, size_t len, int *sm_count, int *l2_bytes) {
     cudaDeviceProp prop;
     cudaError_t err = cudaGetDeviceProperties(&prop, device);

@@ -162,7 +162,7 @@ impl DeviceCache {
                  CUDA_VISIBLE_DEVICES"
             )));
         }
-        super::set_device(device)?;
+        let _device = super::on_device(device)?;
         if !HEAD_DIMS.contains(&cfg.head_dim) {
             return Err(Error::Unsupported(format!(
                 "head dim {} on CUDA: the kernels take {HEAD_DIMS:?}",
@@ -222,14 +222,15 @@ impl DeviceCache {
         memory_report(&self.cfg, &self.layers)
     }
 
-    fn check_layer(&self, layer: usize) -> Result<(), Error> {
+    /// Checks `layer` and makes the cache's GPU current for the call.
+    fn check_layer(&self, layer: usize) -> Result<super::OnDevice, Error> {
         if layer >= self.cfg.n_layer {
             return Err(Error::InvalidArgument(format!(
                 "layer {layer} out of range (the cache has {} layers)",
                 self.cfg.n_layer
             )));
         }
-        super::set_device(self.device)
+        super::on_device(self.device)
     }
 
     /// Appends `n_tokens` rows of K and V (`[n_tokens][n_head_kv][head_dim]`, f32 or f16 by
@@ -290,7 +291,7 @@ impl DeviceCache {
         check_values: bool,
         stream: &Stream,
     ) -> Result<(), Error> {
-        self.check_layer(layer)?;
+        let _device = self.check_layer(layer)?;
         if n_tokens == 0 {
             return Err(Error::InvalidArgument(
                 "append of 0 tokens: pass at least one".into(),
@@ -359,7 +360,7 @@ impl DeviceCache {
 
     /// Quantizes everything still in the residual, like [`KvCache::flush`].
     pub fn flush(&mut self, stream: &Stream) -> Result<(), Error> {
-        super::set_device(self.device)?;
+        let _device = super::on_device(self.device)?;
         for layer in 0..self.cfg.n_layer {
             self.layers[layer].open_text = false;
             self.flush_layer(layer, true, stream)?;
@@ -602,7 +603,7 @@ impl DeviceCache {
         scale: f32,
         stream: &Stream,
     ) -> Result<(), Error> {
-        self.check_layer(layer)?;
+        let _device = self.check_layer(layer)?;
         let h = self.cfg.n_head_kv;
         if n_head == 0 || !n_head.is_multiple_of(h) || n_head / h > MAX_GROUP {
             return Err(Error::InvalidArgument(format!(
@@ -841,7 +842,7 @@ impl DeviceCache {
         v: *mut c_void,
         stream: &Stream,
     ) -> Result<(), Error> {
-        self.check_layer(layer)?;
+        let _device = self.check_layer(layer)?;
         let (d, h) = (self.cfg.head_dim, self.cfg.n_head_kv);
         let (lay, arena) = (&self.layers[layer], &self.arenas[layer]);
         let end = first
@@ -916,7 +917,7 @@ impl DeviceCache {
 
     /// A copy of this cache in host memory (to save it, or compare it with the CPU's).
     pub fn to_host(&self, stream: &Stream) -> Result<KvCache, Error> {
-        super::set_device(self.device)?;
+        let _device = super::on_device(self.device)?;
         let d = self.cfg.head_dim;
         let mut layers = Vec::with_capacity(self.layers.len());
         for (lay, arena) in self.layers.iter().zip(&self.arenas) {
@@ -955,6 +956,7 @@ impl DeviceCache {
         stream: &Stream,
     ) -> Result<DeviceCache, Error> {
         let mut dev = DeviceCache::new(cache.config().clone(), device)?;
+        let _device = super::on_device(device)?;
         let (d, h) = (dev.cfg.head_dim, dev.cfg.n_head_kv);
         for (l, lay) in cache.layers().iter().enumerate() {
             let mut bytes = Vec::new();

@@ -11,7 +11,8 @@ mod runtime;
 
 pub use cache::DeviceCache;
 pub use runtime::{
-    DeviceBuffer, Event, Stream, device_count, device_info, pointer_device, set_device,
+    DeviceBuffer, Event, OnDevice, Stream, device_count, device_info, on_device, pointer_device,
+    set_device,
 };
 
 #[allow(non_camel_case_types, non_upper_case_globals, dead_code)]

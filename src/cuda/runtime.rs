@@ -37,6 +37,38 @@ pub fn set_device(device: usize) -> Result<(), Error> {
     )
 }
 
+/// The calling thread's current device switched to another until this is dropped: a library
+/// call must leave the host's current device as it found it.
+pub struct OnDevice {
+    previous: Option<i32>,
+}
+
+/// Makes `device` current for the calling thread until the result is dropped.
+pub fn on_device(device: usize) -> Result<OnDevice, Error> {
+    let mut current = 0;
+    // SAFETY: writes one int.
+    check(
+        unsafe { sys::kvb_cuda_get_device(&mut current) },
+        "cudaGetDevice",
+    )?;
+    if current == device as i32 {
+        return Ok(OnDevice { previous: None });
+    }
+    set_device(device)?;
+    Ok(OnDevice {
+        previous: Some(current),
+    })
+}
+
+impl Drop for OnDevice {
+    fn drop(&mut self) {
+        if let Some(d) = self.previous {
+            // SAFETY: plain call; a device that was current before is valid.
+            unsafe { sys::kvb_cuda_set_device(d) };
+        }
+    }
+}
+
 /// The GPU `ptr` points into, or `None` for host memory (or a pointer CUDA does not know).
 #[allow(clippy::not_unsafe_ptr_arg_deref)] // the driver is asked about the address; nothing is read
 pub fn pointer_device(ptr: *const c_void) -> Result<Option<usize>, Error> {
