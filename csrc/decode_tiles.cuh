@@ -6,8 +6,9 @@
 // Per work item a CTA of kWarps warps; warp w takes the 32-token units w, w + kWarps, ... of
 // the item's blocks (so one block per item still busies every warp), two 16-token tiles per
 // unit, with tokens as MMA rows and the G query heads as the 8 columns, as decode_mma.cuh.
-// Quantized blocks are read straight from global memory into fragments (each lane loads the
-// code words of its tokens; no shared-memory staging), f16 blocks staged by cp.async.
+// A quantized unit's K and V bytes are staged by cp.async in two stages per warp (the next
+// unit's copies are in flight while this one is computed); lanes read their tokens' code words
+// from there into fragments. f16 blocks (text runs) are staged a tile at a time.
 // Values of a rotated format (q2_had) accumulate in the rotated basis; the accumulators turn
 // (R is its own inverse) where the item passes between f16 and rotated value blocks, and back
 // at its end.
@@ -24,13 +25,50 @@ struct TileDecode {
     static constexpr int kMaxGroups = 4;                   // qsum entries per head
     static constexpr int kWarpFloats = kHeads * (D + 2);   // a warp's scratch, then merge rows
     static constexpr int kF16Tile = 16 * FmtF16<D>::kSmemRow;
+    static constexpr int kKeyStage = (KF::kKeyUnitBytes + 15) & ~15;
+    static constexpr int kStage = kKeyStage + ((VF::kValueUnitBytes + 15) & ~15);  // K, V of a unit
     static_assert(KF::kValueGroups <= kMaxGroups && VF::kValueGroups <= kMaxGroups, "group sums fit");
 
     // Scaled query [8][D], rotated query [8][D], its group sums [8][kMaxGroups], the warps'
-    // scratch; with f16 blocks, each warp's K and V tile of f16 rows.
+    // scratch, their two unit stages; with f16 blocks, each warp's K and V tile of f16 rows.
     static size_t smem_bytes(bool has_f16) {
         return sizeof(float) * (2 * kHeads * D + kHeads * kMaxGroups + kWarps * kWarpFloats) +
-               (has_f16 ? (size_t)kWarps * 2 * kF16Tile : 0);
+               (size_t)kWarps * 2 * kStage + (has_f16 ? (size_t)kWarps * 2 * kF16Tile : 0);
+    }
+
+    // Where a warp is in its work item: block b (of the item), unit at token u0; b < 0 past
+    // the end.
+    struct Unit {
+        int b, u0;
+        kvb_cuda_block blk;
+    };
+
+    // The unit `skip` units after (b, u0) in the item's order.
+    __device__ static Unit unit_after(const kvb_cuda_decode_args &a, const kvb_cuda_work &w, int b, int u0, int skip) {
+        for (; b < w.n_blocks; ++b, u0 = 0) {
+            const kvb_cuda_block blk = a.blocks[w.first_block + b];
+            const int left = (blk.n - u0 + kUnit - 1) / kUnit;
+            if (skip < left) return {b, u0 + skip * kUnit, blk};
+            skip -= left;
+        }
+        return {-1, 0, {}};
+    }
+
+    // Start the copies of unit u's quantized K and V bytes into stage st (asynchronous; the
+    // caller commits); f16 blocks stage per tile instead.
+    __device__ static void stage(uint8_t *st, const uint8_t *arena, const Unit &u, int lane) {
+        auto copy = [&](uint8_t *dst, const uint8_t *blk, int2 span) {
+            for (int p = lane; 16 * p < span.y; p += 32)
+                cp_async16(dst + 16 * p, blk + span.x + 16 * p, min(16, span.y - 16 * p));
+        };
+        if (u.blk.k_format != F16) {
+            const uint8_t *kb = arena + u.blk.k_offset;
+            copy(st, kb, KF::unit_span(kb, u.blk.n, u.u0, KEY));
+        }
+        if (u.blk.v_format != F16) {
+            const uint8_t *vb = arena + u.blk.v_offset;
+            copy(st + kKeyStage, vb, VF::unit_span(vb, u.blk.n, u.u0, VALUE));
+        }
     }
 
     // acc (heads 2t, 2t+1 of channels 16m + g, +8) through the rotation, via the warp's
@@ -85,7 +123,8 @@ __global__ void __launch_bounds__(TileDecode<D, KF, VF>::kWarps * 32)
     float *warp_rows = qsum + kHeads * T::kMaxGroups;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     float *scratch = warp_rows + warp * T::kWarpFloats;
-    uint8_t *k_tile = reinterpret_cast<uint8_t *>(warp_rows + kWarps * T::kWarpFloats) + warp * 2 * T::kF16Tile;
+    uint8_t *stages = reinterpret_cast<uint8_t *>(warp_rows + kWarps * T::kWarpFloats) + warp * 2 * T::kStage;
+    uint8_t *k_tile = stages + (kWarps - warp) * 2 * T::kStage + warp * 2 * T::kF16Tile;
     uint8_t *v_tile = k_tile + T::kF16Tile;
     const kvb_cuda_work w = a.work[blockIdx.x];
     const int G = a.n_head / a.n_head_kv;
@@ -121,80 +160,90 @@ __global__ void __launch_bounds__(TileDecode<D, KF, VF>::kWarps * 32)
     typename M::Query q;
     enum { kNoQuery, kF16Query, kFmtQuery } prepared = kNoQuery;
 
-    int unit = 0;
-    for (int b = 0; b < w.n_blocks; ++b) {
-        const kvb_cuda_block blk = a.blocks[w.first_block + b];
+    typename T::Unit cur = T::unit_after(a, w, 0, 0, warp);
+    if (cur.b >= 0) T::stage(stages, a.arena, cur, lane);
+    cp_async_commit();
+    for (int slot = 0; cur.b >= 0; slot ^= 1) {
+        const typename T::Unit nxt = T::unit_after(a, w, cur.b, cur.u0, kWarps);
+        if (nxt.b >= 0) T::stage(stages + (slot ^ 1) * T::kStage, a.arena, nxt, lane);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncwarp();
+        const kvb_cuda_block &blk = cur.blk;
+        const int n = blk.n, u0 = cur.u0;
         const uint8_t *kb = a.arena + blk.k_offset, *vb = a.arena + blk.v_offset;
-        const int n = blk.n;
-        for (int u0 = 0; u0 < n; u0 += T::kUnit, ++unit) {
-            if (unit % kWarps != warp) continue;
-            float qv[kSteps][4], base;
-            if (blk.k_format == F16) {
-                if (prepared != kF16Query) {
-                    FmtF16<D>::mma_query(qs + g * D, nullptr, t, qv, base);
-                    M::split(q, qv, base, lane);
-                    prepared = kF16Query;
-                }
-            } else if (KF::kQueryPerUnit || prepared != kFmtQuery) {
-                KF::mma_query(qs + g * D, qr + g * D, kb, u0, scratch, lane, qv, base);
+        // The staged bytes, addressed as their blocks are.
+        const uint8_t *st = stages + slot * T::kStage;
+        const uint8_t *k_rows = blk.k_format == F16 ? kb : st - KF::unit_span(kb, n, u0, KEY).x;
+        const uint8_t *v_rows = blk.v_format == F16 ? vb : st + T::kKeyStage - VF::unit_span(vb, n, u0, VALUE).x;
+        float qv[kSteps][4], base;
+        if (blk.k_format == F16) {
+            if (prepared != kF16Query) {
+                FmtF16<D>::mma_query(qs + g * D, nullptr, t, qv, base);
                 M::split(q, qv, base, lane);
-                prepared = kFmtQuery;
+                prepared = kF16Query;
             }
-            if constexpr (VF::kRotated) {
-                if ((blk.v_format != F16) != rotated) {
-                    T::flush_lo(lo_acc, acc);
-                    T::rotate_acc(acc, scratch, lane);
-                    rotated = !rotated;
-                }
-            }
-            for (int t0 = u0; t0 < min(n, u0 + T::kUnit); t0 += 16) {
-                float v[4];
-                if (blk.k_format == F16) {
-                    FmtF16<D>::stage_rows(k_tile, kb, t0, min(16, n - t0), lane);
-                    cp_async_commit();
-                    cp_async_wait<0>();
-                    __syncwarp();
-                    float s[4];
-                    M::tile_scores(q, F16, k_tile, lane, s);
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) v[e] = q.inv_scale[e & 1] * s[e] + q.base[e & 1];
-                } else {
-                    KF::mma_key_logits(q, qs, qsum, kb, n, t0, scratch, lane, v);
-                }
-#pragma unroll
-                for (int e = 0; e < 4; ++e)
-                    if (t0 + g + 8 * (e >> 1) >= n) v[e] = -INFINITY;
-                float ref[2], corr[2];
-                if (softmax_advance<D>(v, mx, ref, corr)) {
-#pragma unroll
-                    for (int m = 0; m < kSteps; ++m)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) acc[m][e] *= corr[e & 1];
-#pragma unroll
-                    for (int grp = 0; grp < VF::kValueGroups; ++grp)
-#pragma unroll
-                        for (int hh = 0; hh < 2; ++hh) lo_acc[grp][hh] *= corr[hh];
-#pragma unroll
-                    for (int hh = 0; hh < 2; ++hh) lsum[hh] *= corr[hh];
-                }
-                float p[4];
-#pragma unroll
-                for (int e = 0; e < 4; ++e) p[e] = __expf(v[e] - ref[e & 1]);
-                lsum[0] += p[0] + p[2], lsum[1] += p[1] + p[3];
-                if (blk.v_format == F16) {
-                    FmtF16<D>::stage_rows(v_tile, vb, t0, min(16, n - t0), lane);
-                    cp_async_commit();
-                    cp_async_wait<0>();
-                    __syncwarp();
-                    value_steps<D>(typename FmtF16<D>::ValueTile(v_tile, lane), movmatrix_trans(half2_bits(p[0], p[1])),
-                                   movmatrix_trans(half2_bits(p[2], p[3])), acc);
-                } else {
-                    VF::mma_value_tile(vb, n, t0, p, acc, lo_acc, scratch, lane);
-                }
-                __syncwarp();
+        } else if (KF::kQueryPerUnit || prepared != kFmtQuery) {
+            KF::mma_query(qs + g * D, qr + g * D, k_rows, u0, lane, qv, base);
+            M::split(q, qv, base, lane);
+            prepared = kFmtQuery;
+        }
+        if constexpr (VF::kRotated) {
+            if ((blk.v_format != F16) != rotated) {
+                T::flush_lo(lo_acc, acc);
+                T::rotate_acc(acc, scratch, lane);
+                rotated = !rotated;
             }
         }
+        for (int t0 = u0; t0 < min(n, u0 + T::kUnit); t0 += 16) {
+            float v[4];
+            if (blk.k_format == F16) {
+                FmtF16<D>::stage_rows(k_tile, kb, t0, min(16, n - t0), lane);
+                cp_async_commit();
+                cp_async_wait<0>();
+                __syncwarp();
+                float s[4];
+                M::tile_scores(q, F16, k_tile, lane, s);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) v[e] = q.inv_scale[e & 1] * s[e] + q.base[e & 1];
+            } else {
+                KF::mma_key_logits(q, qs, qsum, kb, k_rows, n, t0, lane, v);
+            }
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                if (t0 + g + 8 * (e >> 1) >= n) v[e] = -INFINITY;
+            float ref[2], corr[2];
+            if (softmax_advance<D>(v, mx, ref, corr)) {
+#pragma unroll
+                for (int m = 0; m < kSteps; ++m)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[m][e] *= corr[e & 1];
+#pragma unroll
+                for (int grp = 0; grp < VF::kValueGroups; ++grp)
+#pragma unroll
+                    for (int hh = 0; hh < 2; ++hh) lo_acc[grp][hh] *= corr[hh];
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) lsum[hh] *= corr[hh];
+            }
+            float p[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) p[e] = __expf(v[e] - ref[e & 1]);
+            lsum[0] += p[0] + p[2], lsum[1] += p[1] + p[3];
+            if (blk.v_format == F16) {
+                FmtF16<D>::stage_rows(v_tile, vb, t0, min(16, n - t0), lane);
+                cp_async_commit();
+                cp_async_wait<0>();
+                __syncwarp();
+                value_steps<D>(typename FmtF16<D>::ValueTile(v_tile, lane), movmatrix_trans(half2_bits(p[0], p[1])),
+                               movmatrix_trans(half2_bits(p[2], p[3])), acc);
+            } else {
+                VF::mma_value_tile(vb, v_rows, n, t0, p, acc, lo_acc, scratch, lane);
+            }
+            __syncwarp();
+        }
+        cur = nxt;
     }
+    cp_async_wait<0>();
     T::flush_lo(lo_acc, acc);
     if constexpr (VF::kRotated) {
         if (rotated) T::rotate_acc(acc, scratch, lane);

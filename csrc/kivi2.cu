@@ -138,7 +138,7 @@ struct FmtKivi2 {
     // ---- tensor-core decode (decode_tiles.cuh) ----------------------------------------
     // Codes become exact f16 0..3 operands (codes2_to_half2). Keys: a group's per-channel s
     // folds into the query and Σ q·lo into the logit's base, once per 32-token group (a
-    // warp's unit). Key slots of k-step s (word s of a token's codes): thread t takes channels
+    // warp's unit, staged in shared memory). Key slots of k-step s (word s of a token's codes): thread t takes channels
     // 16s + t, +8 (slots 2t, 2t+1) and 16s + t + 4, +12 (slots 2t+8, 2t+9), one mask each.
     // Values: m-tile m is word m % 2 of channel group m / 2, rows in channel order; a token's
     // s scales its probabilities for that group (P·s) and Σ p·lo adds to the group's channels.
@@ -148,13 +148,20 @@ struct FmtKivi2 {
     static constexpr int kValueGroups = Values::kGroups;
     __device__ static constexpr int value_group(int m) { return m / 2; }
 
-    // Head qh's query for the key group of token u0, through the warp's `scratch` (4D bytes).
-    __device__ static void mma_query(const float *qh, const float *, const uint8_t *blk, int u0,
-                                     float *scratch, int lane, float (&qv)[D / 16][4], float &base) {
-        const uint8_t *hdr = blk + (int64_t)(u0 / 32) * kKeyGroup;
-        for (int i = lane; i < D / 4; i += 32) reinterpret_cast<uint4 *>(scratch)[i] = reinterpret_cast<const uint4 *>(hdr)[i];
-        __syncwarp();
-        const __half *lo = reinterpret_cast<const __half *>(scratch), *st = lo + D;
+    // Bytes a warp stages for the 32-token unit at u0 (a key group, or the value rows) as
+    // {offset in the block, length}; offsets are 16-byte aligned.
+    static constexpr int kKeyUnitBytes = kKeyGroup, kValueUnitBytes = 32 * Values::kRow;
+    __device__ static int2 unit_span(const uint8_t *, int n, int u0, int role) {
+        const int m = min(32, n - u0);
+        return role == KEY ? make_int2((u0 / 32) * kKeyGroup, 4 * D + m * kTokRow)
+                           : make_int2(u0 * Values::kRow, m * Values::kRow);
+    }
+
+    // Head qh's query for the key group of token u0; `rows` addresses the staged unit as the
+    // block is addressed.
+    __device__ static void mma_query(const float *qh, const float *, const uint8_t *rows, int u0, int lane,
+                                     float (&qv)[D / 16][4], float &base) {
+        const __half *lo = reinterpret_cast<const __half *>(rows + (int64_t)(u0 / 32) * kKeyGroup), *st = lo + D;
         constexpr int kSlot[4] = {0, 8, 4, 12};
         const int t = lane & 3;
         base = 0.f;
@@ -167,18 +174,17 @@ struct FmtKivi2 {
                 base += qh[c] * __half2float(lo[c]);
             }
         }
-        __syncwarp();
     }
 
     // Logits of tokens t0 + g, t0 + g + 8 for heads 2t, 2t + 1 (the query's C fragment).
     template <class Query>
-    __device__ static void mma_key_logits(const Query &q, const float *, const float *, const uint8_t *blk,
-                                          int n, int t0, float *, int lane, float (&v)[4]) {
+    __device__ static void mma_key_logits(const Query &q, const float *, const float *, const uint8_t *,
+                                          const uint8_t *rows, int n, int t0, int lane, float (&v)[4]) {
         const int g = lane >> 2, t = lane & 3;
-        const uint8_t *rows = blk + (int64_t)(t0 / 32) * kKeyGroup + 4 * D;
+        const uint8_t *codes = rows + (int64_t)(t0 / 32) * kKeyGroup + 4 * D;
         uint32_t w0[D / 16], w1[D / 16];
-        load_words<kTokRow % 16 == 0>(rows + (min(t0 + g, n - 1) % 32) * kTokRow, w0);
-        load_words<kTokRow % 16 == 0>(rows + (min(t0 + g + 8, n - 1) % 32) * kTokRow, w1);
+        load_words<kTokRow % 16 == 0>(codes + (min(t0 + g, n - 1) % 32) * kTokRow, w0);
+        load_words<kTokRow % 16 == 0>(codes + (min(t0 + g + 8, n - 1) % 32) * kTokRow, w1);
         float part[4][4] = {};
 #pragma unroll
         for (int s = 0; s < D / 16; ++s) {
@@ -194,12 +200,12 @@ struct FmtKivi2 {
 
     // acc += V^T·(P·s) for tokens t0..t0+15 (p: probabilities of tokens g, g+8 x heads 2t,
     // 2t+1), lo_acc[group] += Σ p·lo per lane.
-    __device__ static void mma_value_tile(const uint8_t *blk, int n, int t0, const float (&p)[4],
+    __device__ static void mma_value_tile(const uint8_t *, const uint8_t *rows, int n, int t0, const float (&p)[4],
                                           float (&acc)[D / 16][4], float (&lo_acc)[kValueGroups][2],
                                           float *, int lane) {
         constexpr int kRow = Values::kRow, kGroupBytes = Values::kGroupBytes;
         const int g = lane >> 2, t = lane & 3;
-        auto row = [&](int r) { return blk + (int64_t)min(t0 + r, n - 1) * kRow; };
+        auto row = [&](int r) { return rows + (int64_t)min(t0 + r, n - 1) * kRow; };
         uint32_t b[kValueGroups][2];
         const uint8_t *rg = row(g), *rg8 = row(g + 8);
 #pragma unroll

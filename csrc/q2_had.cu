@@ -391,8 +391,9 @@ struct FmtHad {
     // 16s + t, +8, +4, +12), one accumulator pair per group of 64 channels, scaled per token by
     // S, plus LO·Σ_group Rq. Values accumulate in the rotated basis (m-tile m is word m, rows
     // in channel order; P·S per group, Σ p·LO per lane), rotated back once per work item.
-    // Protected tokens: the MMAs see them with S = LO = 0; the warp adds their logits q·row
-    // (unrotated query) and their values R(row).
+    // Records come from the warp's staged unit (`rows` addresses it as the block is
+    // addressed), masks and protected rows from the block. Protected tokens: the MMAs see them
+    // with S = LO = 0; the warp adds their logits q·row (unrotated query) and values R(row).
 
     static constexpr bool kRotated = true;
     static constexpr bool kQueryPerUnit = false;  // one rotated query serves every block
@@ -419,13 +420,25 @@ struct FmtHad {
     }
 
     // (LO, S) of group grp of token t0 + r, zero when protected.
-    __device__ static float2 lo_step(const uint8_t *blk, const TileRanks &tr, int t0, int r, int grp) {
+    __device__ static float2 lo_step(const uint8_t *rows, const TileRanks &tr, int t0, int r, int grp) {
         if ((tr.prot >> r) & 1) return make_float2(0.f, 0.f);
-        const uint8_t *rec = blk + kHeader + (int64_t)tr.record(t0, r) * kRec;
+        const uint8_t *rec = rows + kHeader + (int64_t)tr.record(t0, r) * kRec;
         return __half22float2(reinterpret_cast<const __half2 *>(rec)[grp]);
     }
 
-    __device__ static void mma_query(const float *, const float *qr, const uint8_t *, int, float *, int lane,
+    // Bytes a warp stages for the 32-token unit at u0 as {offset in the block, length}: the
+    // records of its quantized tokens from the 16-byte boundary below them, with room for the
+    // record past them (TileRanks::record of a trailing protected token points there).
+    static constexpr int kKeyUnitBytes = 33 * kRec + 16, kValueUnitBytes = kKeyUnitBytes;
+    __device__ static int2 unit_span(const uint8_t *blk, int n, int u0, int) {
+        const Layout L = layout(blk, n);
+        const int u1 = min(n, u0 + 32);
+        const int from = kHeader + (u0 - protected_before(blk, L, u0)) * kRec;
+        const int to = kHeader + (u1 - protected_before(blk, L, u1)) * kRec;
+        return make_int2(from & ~15, to - (from & ~15));
+    }
+
+    __device__ static void mma_query(const float *, const float *qr, const uint8_t *, int, int lane,
                                      float (&qv)[D / 16][4], float &base) {
         constexpr int kSlot[4] = {0, 8, 4, 12};
         const int t = lane & 3;
@@ -440,15 +453,15 @@ struct FmtHad {
     // qsum[head][group] the group sums of the rotated one, both [8] heads.
     template <class Query>
     __device__ static void mma_key_logits(const Query &q, const float *qs, const float *qsum, const uint8_t *blk,
-                                          int n, int t0, float *, int lane, float (&v)[4]) {
+                                          const uint8_t *rows, int n, int t0, int lane, float (&v)[4]) {
         static_assert(BITS == 2, "2-bit codes");
         const int g = lane >> 2, t = lane & 3;
         const Layout L = layout(blk, n);
         const TileRanks tr = tile_ranks(blk, L, n, t0);
         const int ra = min(g, n - 1 - t0), rb = min(g + 8, n - 1 - t0);
         uint32_t wa[kWords], wb[kWords];
-        load_words<false>(blk + kHeader + (int64_t)tr.record(t0, ra) * kRec + kCodesAt, wa);
-        load_words<false>(blk + kHeader + (int64_t)tr.record(t0, rb) * kRec + kCodesAt, wb);
+        load_words<false>(rows + kHeader + (int64_t)tr.record(t0, ra) * kRec + kCodesAt, wa);
+        load_words<false>(rows + kHeader + (int64_t)tr.record(t0, rb) * kRec + kCodesAt, wb);
         float part[kGroups][2][4] = {};
 #pragma unroll
         for (int s = 0; s < D / 16; ++s) {
@@ -461,7 +474,7 @@ struct FmtHad {
         for (int e = 0; e < 4; ++e) v[e] = 0.f;
 #pragma unroll
         for (int grp = 0; grp < kGroups; ++grp) {
-            const float2 pa = lo_step(blk, tr, t0, ra, grp), pb = lo_step(blk, tr, t0, rb, grp);
+            const float2 pa = lo_step(rows, tr, t0, ra, grp), pb = lo_step(rows, tr, t0, rb, grp);
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const float2 pr = e < 2 ? pa : pb;
@@ -492,7 +505,7 @@ struct FmtHad {
 
     // acc += V̂^T·(P·S) for tokens t0..t0+15 in the rotated basis, lo_acc[group] += Σ p·LO per
     // lane; protected tokens add p·R(row) through the warp's `scratch` (D floats).
-    __device__ static void mma_value_tile(const uint8_t *blk, int n, int t0, const float (&p)[4],
+    __device__ static void mma_value_tile(const uint8_t *blk, const uint8_t *rows, int n, int t0, const float (&p)[4],
                                           float (&acc)[D / 16][4], float (&lo_acc)[kValueGroups][2],
                                           float *scratch, int lane) {
         static_assert(BITS == 2, "2-bit codes");
@@ -503,13 +516,13 @@ struct FmtHad {
         uint32_t b[kGroups][2];
 #pragma unroll
         for (int grp = 0; grp < kGroups; ++grp) {
-            const float2 h0 = lo_step(blk, tr, t0, clamp(g), grp), h8 = lo_step(blk, tr, t0, clamp(g + 8), grp);
+            const float2 h0 = lo_step(rows, tr, t0, clamp(g), grp), h8 = lo_step(rows, tr, t0, clamp(g + 8), grp);
             b[grp][0] = movmatrix_trans(half2_bits(p[0] * h0.y, p[1] * h0.y));
             b[grp][1] = movmatrix_trans(half2_bits(p[2] * h8.y, p[3] * h8.y));
             lo_acc[grp][0] += p[0] * h0.x + p[2] * h8.x;
             lo_acc[grp][1] += p[1] * h0.x + p[3] * h8.x;
         }
-        auto codes = [&](int r) { return blk + kHeader + (int64_t)tr.record(t0, clamp(r)) * kRec + kCodesAt; };
+        auto codes = [&](int r) { return rows + kHeader + (int64_t)tr.record(t0, clamp(r)) * kRec + kCodesAt; };
         const uint8_t *r0 = codes(2 * t), *r1 = codes(2 * t + 1), *r8 = codes(2 * t + 8), *r9 = codes(2 * t + 9);
 #pragma unroll
         for (int m = 0; m < D / 16; ++m) {
