@@ -5,7 +5,8 @@
 //
 // Per work item a CTA of kWarps warps; warp w takes the 32-token units w, w + kWarps, ... of
 // the item's blocks (so one block per item still busies every warp), two 16-token tiles per
-// unit, with tokens as MMA rows and the G query heads as the 8 columns, as decode_mma.cuh.
+// unit under one online-softmax step, tokens as MMA rows and the G query heads as the 8
+// columns, as decode_mma.cuh.
 // A quantized unit's K and V bytes are staged by cp.async in two stages per warp (the next
 // unit's copies are in flight while this one is computed); lanes read their tokens' code words
 // from there into fragments. f16 blocks (text runs) are staged a tile at a time.
@@ -172,10 +173,11 @@ __global__ void __launch_bounds__(TileDecode<D, KF, VF>::kWarps * 32)
         const kvb_cuda_block &blk = cur.blk;
         const int n = blk.n, u0 = cur.u0;
         const uint8_t *kb = a.arena + blk.k_offset, *vb = a.arena + blk.v_offset;
-        // The staged bytes, addressed as their blocks are.
+        // The staged bytes, addressed as their blocks are (kept apart from global pointers, so
+        // reads through them compile to shared-memory loads).
         const uint8_t *st = stages + slot * T::kStage;
-        const uint8_t *k_rows = blk.k_format == F16 ? kb : st - KF::unit_span(kb, n, u0, KEY).x;
-        const uint8_t *v_rows = blk.v_format == F16 ? vb : st + T::kKeyStage - VF::unit_span(vb, n, u0, VALUE).x;
+        const uint8_t *k_rows = st - (blk.k_format == F16 ? 0 : KF::unit_span(kb, n, u0, KEY).x);
+        const uint8_t *v_rows = st + T::kKeyStage - (blk.v_format == F16 ? 0 : VF::unit_span(vb, n, u0, VALUE).x);
         float qv[kSteps][4], base;
         if (blk.k_format == F16) {
             if (prepared != kF16Query) {
@@ -195,8 +197,17 @@ __global__ void __launch_bounds__(TileDecode<D, KF, VF>::kWarps * 32)
                 rotated = !rotated;
             }
         }
-        for (int t0 = u0; t0 < min(n, u0 + T::kUnit); t0 += 16) {
-            float v[4];
+        // Both tiles' logits, one softmax step over the unit, then both tiles' values.
+        const int tiles = n - u0 > 16 ? 2 : 1;
+        float v[2][4];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int t0 = u0 + 16 * i;
+            if (i >= tiles) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) v[i][e] = -INFINITY;
+                continue;
+            }
             if (blk.k_format == F16) {
                 FmtF16<D>::stage_rows(k_tile, kb, t0, min(16, n - t0), lane);
                 cp_async_commit();
@@ -204,30 +215,38 @@ __global__ void __launch_bounds__(TileDecode<D, KF, VF>::kWarps * 32)
                 __syncwarp();
                 float s[4];
                 M::tile_scores(q, F16, k_tile, lane, s);
+                __syncwarp();
 #pragma unroll
-                for (int e = 0; e < 4; ++e) v[e] = q.inv_scale[e & 1] * s[e] + q.base[e & 1];
+                for (int e = 0; e < 4; ++e) v[i][e] = q.inv_scale[e & 1] * s[e] + q.base[e & 1];
             } else {
-                KF::mma_key_logits(q, qs, qsum, kb, k_rows, n, t0, lane, v);
+                KF::mma_key_logits(q, qs, qsum, kb, k_rows, n, t0, lane, v[i]);
             }
 #pragma unroll
             for (int e = 0; e < 4; ++e)
-                if (t0 + g + 8 * (e >> 1) >= n) v[e] = -INFINITY;
-            float ref[2], corr[2];
-            if (softmax_advance<D>(v, mx, ref, corr)) {
+                if (t0 + g + 8 * (e >> 1) >= n) v[i][e] = -INFINITY;
+        }
+        float vmax[4], ref[2], corr[2];
 #pragma unroll
-                for (int m = 0; m < kSteps; ++m)
+        for (int e = 0; e < 4; ++e) vmax[e] = fmaxf(v[0][e], v[1][e]);
+        if (softmax_advance<D>(vmax, mx, ref, corr)) {
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) acc[m][e] *= corr[e & 1];
+            for (int m = 0; m < kSteps; ++m)
 #pragma unroll
-                for (int grp = 0; grp < VF::kValueGroups; ++grp)
+                for (int e = 0; e < 4; ++e) acc[m][e] *= corr[e & 1];
 #pragma unroll
-                    for (int hh = 0; hh < 2; ++hh) lo_acc[grp][hh] *= corr[hh];
+            for (int grp = 0; grp < VF::kValueGroups; ++grp)
 #pragma unroll
-                for (int hh = 0; hh < 2; ++hh) lsum[hh] *= corr[hh];
-            }
+                for (int hh = 0; hh < 2; ++hh) lo_acc[grp][hh] *= corr[hh];
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) lsum[hh] *= corr[hh];
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            if (i >= tiles) break;
+            const int t0 = u0 + 16 * i;
             float p[4];
 #pragma unroll
-            for (int e = 0; e < 4; ++e) p[e] = __expf(v[e] - ref[e & 1]);
+            for (int e = 0; e < 4; ++e) p[e] = __expf(v[i][e] - ref[e & 1]);
             lsum[0] += p[0] + p[2], lsum[1] += p[1] + p[3];
             if (blk.v_format == F16) {
                 FmtF16<D>::stage_rows(v_tile, vb, t0, min(16, n - t0), lane);
