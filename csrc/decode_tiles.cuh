@@ -26,15 +26,20 @@ struct TileDecode {
     static constexpr int kMaxGroups = 4;                   // qsum entries per head
     static constexpr int kWarpFloats = kHeads * (D + 2);   // a warp's scratch, then merge rows
     static constexpr int kF16Tile = 16 * FmtF16<D>::kSmemRow;
-    static constexpr int kKeyStage = (KF::kKeyUnitBytes + 15) & ~15;
-    static constexpr int kStage = kKeyStage + ((VF::kValueUnitBytes + 15) & ~15);  // K, V of a unit
+    // A stage: the first 16 bytes of the K and of the V block (headers), then the unit's K
+    // and V bytes.
+    static constexpr int kKeyStage = 32, kValueStage = kKeyStage + ((KF::kKeyUnitBytes + 15) & ~15);
+    static constexpr int kStage = kValueStage + ((VF::kValueUnitBytes + 15) & ~15);
+    static constexpr int kCachedBlocks = 64;  // block descriptors of an item kept on chip
     static_assert(KF::kValueGroups <= kMaxGroups && VF::kValueGroups <= kMaxGroups, "group sums fit");
 
     // Scaled query [8][D], rotated query [8][D], its group sums [8][kMaxGroups], the warps'
-    // scratch, their two unit stages; with f16 blocks, each warp's K and V tile of f16 rows.
+    // scratch, the item's first block descriptors, the warps' two unit stages; with f16
+    // blocks, each warp's K and V tile of f16 rows.
     static size_t smem_bytes(bool has_f16) {
         return sizeof(float) * (2 * kHeads * D + kHeads * kMaxGroups + kWarps * kWarpFloats) +
-               (size_t)kWarps * 2 * kStage + (has_f16 ? (size_t)kWarps * 2 * kF16Tile : 0);
+               sizeof(kvb_cuda_block) * kCachedBlocks + (size_t)kWarps * 2 * kStage +
+               (has_f16 ? (size_t)kWarps * 2 * kF16Tile : 0);
     }
 
     // Where a warp is in its work item: block b (of the item), unit at token u0; b < 0 past
@@ -44,10 +49,12 @@ struct TileDecode {
         kvb_cuda_block blk;
     };
 
-    // The unit `skip` units after (b, u0) in the item's order.
-    __device__ static Unit unit_after(const kvb_cuda_decode_args &a, const kvb_cuda_work &w, int b, int u0, int skip) {
+    // The unit `skip` units after (b, u0) in the item's order; `cached` holds the item's
+    // first kCachedBlocks descriptors.
+    __device__ static Unit unit_after(const kvb_cuda_decode_args &a, const kvb_cuda_work &w,
+                                      const kvb_cuda_block *cached, int b, int u0, int skip) {
         for (; b < w.n_blocks; ++b, u0 = 0) {
-            const kvb_cuda_block blk = a.blocks[w.first_block + b];
+            const kvb_cuda_block blk = b < kCachedBlocks ? cached[b] : a.blocks[w.first_block + b];
             const int left = (blk.n - u0 + kUnit - 1) / kUnit;
             if (skip < left) return {b, u0 + skip * kUnit, blk};
             skip -= left;
@@ -58,18 +65,15 @@ struct TileDecode {
     // Start the copies of unit u's quantized K and V bytes into stage st (asynchronous; the
     // caller commits); f16 blocks stage per tile instead.
     __device__ static void stage(uint8_t *st, const uint8_t *arena, const Unit &u, int lane) {
-        auto copy = [&](uint8_t *dst, const uint8_t *blk, int2 span) {
+        auto copy = [&](uint8_t *hdr, uint8_t *dst, const uint8_t *blk, int2 span) {
+            if (lane == 31) cp_async16(hdr, blk, 16);
             for (int p = lane; 16 * p < span.y; p += 32)
                 cp_async16(dst + 16 * p, blk + span.x + 16 * p, min(16, span.y - 16 * p));
         };
-        if (u.blk.k_format != F16) {
-            const uint8_t *kb = arena + u.blk.k_offset;
-            copy(st, kb, KF::unit_span(kb, u.blk.n, u.u0, KEY));
-        }
-        if (u.blk.v_format != F16) {
-            const uint8_t *vb = arena + u.blk.v_offset;
-            copy(st + kKeyStage, vb, VF::unit_span(vb, u.blk.n, u.u0, VALUE));
-        }
+        if (u.blk.k_format != F16)
+            copy(st, st + kKeyStage, arena + u.blk.k_offset, KF::unit_span(u.blk.n, u.u0, KEY));
+        if (u.blk.v_format != F16)
+            copy(st + 16, st + kValueStage, arena + u.blk.v_offset, VF::unit_span(u.blk.n, u.u0, VALUE));
     }
 
     // acc (heads 2t, 2t+1 of channels 16m + g, +8) through the rotation, via the warp's
@@ -124,7 +128,8 @@ __global__ void __launch_bounds__(TileDecode<D, KF, VF>::kWarps * 32)
     float *warp_rows = qsum + kHeads * T::kMaxGroups;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     float *scratch = warp_rows + warp * T::kWarpFloats;
-    uint8_t *stages = reinterpret_cast<uint8_t *>(warp_rows + kWarps * T::kWarpFloats) + warp * 2 * T::kStage;
+    uint8_t *stages = reinterpret_cast<uint8_t *>(warp_rows + kWarps * T::kWarpFloats) +
+                      sizeof(kvb_cuda_block) * T::kCachedBlocks + warp * 2 * T::kStage;
     uint8_t *k_tile = stages + (kWarps - warp) * 2 * T::kStage + warp * 2 * T::kF16Tile;
     uint8_t *v_tile = k_tile + T::kF16Tile;
     const kvb_cuda_work w = a.work[blockIdx.x];
@@ -132,6 +137,8 @@ __global__ void __launch_bounds__(TileDecode<D, KF, VF>::kWarps * 32)
     const Scratch scr = scratch_layout(a.scratch, a.n_seq, a.n_spans, a.n_head);
     const float *qsrc = a.q + ((size_t)w.seq * a.n_head + (size_t)w.kv_head * G) * D;
     for (int i = threadIdx.x; i < kHeads * D; i += kWarps * 32) qs[i] = i < G * D ? qsrc[i] * a.scale : 0.f;
+    kvb_cuda_block *cached = reinterpret_cast<kvb_cuda_block *>(warp_rows + kWarps * T::kWarpFloats);
+    for (int i = threadIdx.x; i < min(w.n_blocks, T::kCachedBlocks); i += kWarps * 32) cached[i] = a.blocks[w.first_block + i];
     __syncthreads();
     if constexpr (KF::kRotated) {
         // The rotated query and its sums over each group of 64 channels, a warp per head.
@@ -161,11 +168,11 @@ __global__ void __launch_bounds__(TileDecode<D, KF, VF>::kWarps * 32)
     typename M::Query q;
     enum { kNoQuery, kF16Query, kFmtQuery } prepared = kNoQuery;
 
-    typename T::Unit cur = T::unit_after(a, w, 0, 0, warp);
+    typename T::Unit cur = T::unit_after(a, w, cached, 0, 0, warp);
     if (cur.b >= 0) T::stage(stages, a.arena, cur, lane);
     cp_async_commit();
     for (int slot = 0; cur.b >= 0; slot ^= 1) {
-        const typename T::Unit nxt = T::unit_after(a, w, cur.b, cur.u0, kWarps);
+        const typename T::Unit nxt = T::unit_after(a, w, cached, cur.b, cur.u0, kWarps);
         if (nxt.b >= 0) T::stage(stages + (slot ^ 1) * T::kStage, a.arena, nxt, lane);
         cp_async_commit();
         cp_async_wait<1>();
@@ -175,9 +182,9 @@ __global__ void __launch_bounds__(TileDecode<D, KF, VF>::kWarps * 32)
         const uint8_t *kb = a.arena + blk.k_offset, *vb = a.arena + blk.v_offset;
         // The staged bytes, addressed as their blocks are (kept apart from global pointers, so
         // reads through them compile to shared-memory loads).
-        const uint8_t *st = stages + slot * T::kStage;
-        const uint8_t *k_rows = st - (blk.k_format == F16 ? 0 : KF::unit_span(kb, n, u0, KEY).x);
-        const uint8_t *v_rows = st + T::kKeyStage - (blk.v_format == F16 ? 0 : VF::unit_span(vb, n, u0, VALUE).x);
+        const uint8_t *st = stages + slot * T::kStage, *k_hdr = st, *v_hdr = st + 16;
+        const uint8_t *k_rows = st + T::kKeyStage - KF::unit_span(n, u0, KEY).x;
+        const uint8_t *v_rows = st + T::kValueStage - VF::unit_span(n, u0, VALUE).x;
         float qv[kSteps][4], base;
         if (blk.k_format == F16) {
             if (prepared != kF16Query) {
@@ -219,7 +226,7 @@ __global__ void __launch_bounds__(TileDecode<D, KF, VF>::kWarps * 32)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) v[i][e] = q.inv_scale[e & 1] * s[e] + q.base[e & 1];
             } else {
-                KF::mma_key_logits(q, qs, qsum, kb, k_rows, n, t0, lane, v[i]);
+                KF::mma_key_logits(q, qs, qsum, kb, k_rows, k_hdr, n, t0, lane, v[i]);
             }
 #pragma unroll
             for (int e = 0; e < 4; ++e)
@@ -256,7 +263,7 @@ __global__ void __launch_bounds__(TileDecode<D, KF, VF>::kWarps * 32)
                 value_steps<D>(typename FmtF16<D>::ValueTile(v_tile, lane), movmatrix_trans(half2_bits(p[0], p[1])),
                                movmatrix_trans(half2_bits(p[2], p[3])), acc);
             } else {
-                VF::mma_value_tile(vb, v_rows, n, t0, p, acc, lo_acc, scratch, lane);
+                VF::mma_value_tile(vb, v_rows, v_hdr, n, t0, p, acc, lo_acc, scratch, lane);
             }
             __syncwarp();
         }

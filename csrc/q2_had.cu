@@ -392,8 +392,9 @@ struct FmtHad {
     // S, plus LO·Σ_group Rq. Values accumulate in the rotated basis (m-tile m is word m, rows
     // in channel order; P·S per group, Σ p·LO per lane), rotated back once per work item.
     // Records come from the warp's staged unit (`rows` addresses it as the block is
-    // addressed), masks and protected rows from the block. Protected tokens: the MMAs see them
-    // with S = LO = 0; the warp adds their logits q·row (unrotated query) and values R(row).
+    // addressed) in blocks without protected tokens; blocks with some are read from global
+    // memory, where the MMAs see protected tokens with S = LO = 0 and the warp adds their
+    // logits q·row (unrotated query) and values R(row).
 
     static constexpr bool kRotated = true;
     static constexpr bool kQueryPerUnit = false;  // one rotated query serves every block
@@ -406,7 +407,7 @@ struct FmtHad {
         unsigned prot;
         int before;
         // The record of token t0 + r when it is quantized (else of the next quantized token,
-        // which may lie past the records: still inside the block).
+        // which may lie past the records: still inside the block, read with S = 0).
         __device__ int record(int t0, int r) const { return t0 + r - before - __popc(prot & ((1u << r) - 1)); }
         // The protected row of token t0 + r when it is protected.
         __device__ int row(int r) const { return before + __popc(prot & ((1u << r) - 1)); }
@@ -426,15 +427,12 @@ struct FmtHad {
         return __half22float2(reinterpret_cast<const __half2 *>(rec)[grp]);
     }
 
-    // Bytes a warp stages for the 32-token unit at u0 as {offset in the block, length}: the
-    // records of its quantized tokens from the 16-byte boundary below them, with room for the
-    // record past them (TileRanks::record of a trailing protected token points there).
-    static constexpr int kKeyUnitBytes = 33 * kRec + 16, kValueUnitBytes = kKeyUnitBytes;
-    __device__ static int2 unit_span(const uint8_t *blk, int n, int u0, int) {
-        const Layout L = layout(blk, n);
-        const int u1 = min(n, u0 + 32);
-        const int from = kHeader + (u0 - protected_before(blk, L, u0)) * kRec;
-        const int to = kHeader + (u1 - protected_before(blk, L, u1)) * kRec;
+    // Bytes a warp stages for the 32-token unit at u0 as {offset in the block, length}: its
+    // records from the 16-byte boundary below them, as they lie in a block without protected
+    // tokens (the tile code reads a block with some from global memory).
+    static constexpr int kKeyUnitBytes = 32 * kRec + 16, kValueUnitBytes = kKeyUnitBytes;
+    __device__ static int2 unit_span(int n, int u0, int) {
+        const int from = kHeader + u0 * kRec, to = kHeader + min(n, u0 + 32) * kRec;
         return make_int2(from & ~15, to - (from & ~15));
     }
 
@@ -451,13 +449,23 @@ struct FmtHad {
 
     // Logits of tokens t0 + g, t0 + g + 8 for heads 2t, 2t + 1. qs: the unrotated query and
     // qsum[head][group] the group sums of the rotated one, both [8] heads.
+    // hdr: the block's first bytes, staged with the unit (n_p says whether `rows` holds it).
     template <class Query>
     __device__ static void mma_key_logits(const Query &q, const float *qs, const float *qsum, const uint8_t *blk,
-                                          const uint8_t *rows, int n, int t0, int lane, float (&v)[4]) {
+                                          const uint8_t *rows, const uint8_t *hdr, int n, int t0, int lane,
+                                          float (&v)[4]) {
+        if (*reinterpret_cast<const uint32_t *>(hdr) == 0) key_logits<true>(q, qs, qsum, blk, rows, n, t0, lane, v);
+        else key_logits<false>(q, qs, qsum, blk, blk, n, t0, lane, v);
+    }
+
+    // kPlain: no protected tokens, records in `rows`; else everything from the block.
+    template <bool kPlain, class Query>
+    __device__ static void key_logits(const Query &q, const float *qs, const float *qsum, const uint8_t *blk,
+                                      const uint8_t *rows, int n, int t0, int lane, float (&v)[4]) {
         static_assert(BITS == 2, "2-bit codes");
         const int g = lane >> 2, t = lane & 3;
-        const Layout L = layout(blk, n);
-        const TileRanks tr = tile_ranks(blk, L, n, t0);
+        const Layout L = kPlain ? Layout{0, 0, 0} : layout(blk, n);
+        const TileRanks tr = kPlain ? TileRanks{0u, 0} : tile_ranks(blk, L, n, t0);
         const int ra = min(g, n - 1 - t0), rb = min(g + 8, n - 1 - t0);
         uint32_t wa[kWords], wb[kWords];
         load_words<false>(rows + kHeader + (int64_t)tr.record(t0, ra) * kRec + kCodesAt, wa);
@@ -483,7 +491,7 @@ struct FmtHad {
             }
         }
         // Protected tokens: q·row by the warp, every head, lanes across channels.
-        for (unsigned left = tr.prot; left; left &= left - 1) {
+        for (unsigned left = tr.prot; !kPlain && left; left &= left - 1) {
             const int r = __ffs(left) - 1;
             const __half *row = reinterpret_cast<const __half *>(blk + L.rows_at + (int64_t)tr.row(r) * 2 * D);
             float y[kSlots];
@@ -505,13 +513,21 @@ struct FmtHad {
 
     // acc += V̂^T·(P·S) for tokens t0..t0+15 in the rotated basis, lo_acc[group] += Σ p·LO per
     // lane; protected tokens add p·R(row) through the warp's `scratch` (D floats).
-    __device__ static void mma_value_tile(const uint8_t *blk, const uint8_t *rows, int n, int t0, const float (&p)[4],
-                                          float (&acc)[D / 16][4], float (&lo_acc)[kValueGroups][2],
-                                          float *scratch, int lane) {
+    __device__ static void mma_value_tile(const uint8_t *blk, const uint8_t *rows, const uint8_t *hdr, int n, int t0,
+                                          const float (&p)[4], float (&acc)[D / 16][4],
+                                          float (&lo_acc)[kValueGroups][2], float *scratch, int lane) {
+        if (*reinterpret_cast<const uint32_t *>(hdr) == 0) value_tile<true>(blk, rows, n, t0, p, acc, lo_acc, scratch, lane);
+        else value_tile<false>(blk, blk, n, t0, p, acc, lo_acc, scratch, lane);
+    }
+
+    template <bool kPlain>
+    __device__ static void value_tile(const uint8_t *blk, const uint8_t *rows, int n, int t0, const float (&p)[4],
+                                      float (&acc)[D / 16][4], float (&lo_acc)[kValueGroups][2], float *scratch,
+                                      int lane) {
         static_assert(BITS == 2, "2-bit codes");
         const int g = lane >> 2, t = lane & 3;
-        const Layout L = layout(blk, n);
-        const TileRanks tr = tile_ranks(blk, L, n, t0);
+        const Layout L = kPlain ? Layout{0, 0, 0} : layout(blk, n);
+        const TileRanks tr = kPlain ? TileRanks{0u, 0} : tile_ranks(blk, L, n, t0);
         auto clamp = [&](int r) { return min(r, n - 1 - t0); };
         uint32_t b[kGroups][2];
 #pragma unroll
@@ -534,7 +550,7 @@ struct FmtHad {
                                    codes2_to_half2(lo89, 2 * g), codes2_to_half2(hi89, 2 * g)};
             mma_16816(acc[m], a, b[value_group(m)][0], b[value_group(m)][1]);
         }
-        for (unsigned left = tr.prot; left; left &= left - 1) {
+        for (unsigned left = tr.prot; !kPlain && left; left &= left - 1) {
             const int r = __ffs(left) - 1;
             const __half *row = reinterpret_cast<const __half *>(blk + L.rows_at + (int64_t)tr.row(r) * 2 * D);
             float y[kSlots];
