@@ -46,34 +46,36 @@ struct TileDecode {
     // the end.
     struct Unit {
         int b, u0;
-        kvb_cuda_block blk;
     };
 
-    // The unit `skip` units after (b, u0) in the item's order; `cached` holds the item's
-    // first kCachedBlocks descriptors.
+    // Descriptor of the item's block b; `cached` holds its first kCachedBlocks.
+    __device__ static kvb_cuda_block block(const kvb_cuda_decode_args &a, const kvb_cuda_work &w,
+                                           const kvb_cuda_block *cached, int b) {
+        return b < kCachedBlocks ? cached[b] : a.blocks[w.first_block + b];
+    }
+
+    // The unit `skip` units after (b, u0) in the item's order.
     __device__ static Unit unit_after(const kvb_cuda_decode_args &a, const kvb_cuda_work &w,
                                       const kvb_cuda_block *cached, int b, int u0, int skip) {
         for (; b < w.n_blocks; ++b, u0 = 0) {
-            const kvb_cuda_block blk = b < kCachedBlocks ? cached[b] : a.blocks[w.first_block + b];
-            const int left = (blk.n - u0 + kUnit - 1) / kUnit;
-            if (skip < left) return {b, u0 + skip * kUnit, blk};
+            const int left = (block(a, w, cached, b).n - u0 + kUnit - 1) / kUnit;
+            if (skip < left) return {b, u0 + skip * kUnit};
             skip -= left;
         }
-        return {-1, 0, {}};
+        return {-1, 0};
     }
 
-    // Start the copies of unit u's quantized K and V bytes into stage st (asynchronous; the
-    // caller commits); f16 blocks stage per tile instead.
-    __device__ static void stage(uint8_t *st, const uint8_t *arena, const Unit &u, int lane) {
+    // Start the copies of the quantized K and V bytes of block blk's unit at u0 into stage st
+    // (asynchronous; the caller commits); f16 blocks stage per tile instead.
+    __device__ static void stage(uint8_t *st, const uint8_t *arena, const kvb_cuda_block &blk, int u0, int lane) {
         auto copy = [&](uint8_t *hdr, uint8_t *dst, const uint8_t *blk, int2 span) {
             if (lane == 31) cp_async16(hdr, blk, 16);
             for (int p = lane; 16 * p < span.y; p += 32)
                 cp_async16(dst + 16 * p, blk + span.x + 16 * p, min(16, span.y - 16 * p));
         };
-        if (u.blk.k_format != F16)
-            copy(st, st + kKeyStage, arena + u.blk.k_offset, KF::unit_span(u.blk.n, u.u0, KEY));
-        if (u.blk.v_format != F16)
-            copy(st + 16, st + kValueStage, arena + u.blk.v_offset, VF::unit_span(u.blk.n, u.u0, VALUE));
+        if (blk.k_format != F16) copy(st, st + kKeyStage, arena + blk.k_offset, KF::unit_span(blk.n, u0, KEY));
+        if (blk.v_format != F16)
+            copy(st + 16, st + kValueStage, arena + blk.v_offset, VF::unit_span(blk.n, u0, VALUE));
     }
 
     // acc (heads 2t, 2t+1 of channels 16m + g, +8) through the rotation, via the warp's
@@ -118,7 +120,7 @@ struct TileDecode {
 };
 
 template <int D, class KF, class VF>
-__global__ void __launch_bounds__(TileDecode<D, KF, VF>::kWarps * 32)
+__global__ void __launch_bounds__(TileDecode<D, KF, VF>::kWarps * 32, KF::kTileCtasPerSm)
     decode_tiles_kernel(kvb_cuda_decode_args a) {
     using M = MmaDecode<D>;
     using T = TileDecode<D, KF, VF>;
@@ -169,15 +171,15 @@ __global__ void __launch_bounds__(TileDecode<D, KF, VF>::kWarps * 32)
     enum { kNoQuery, kF16Query, kFmtQuery } prepared = kNoQuery;
 
     typename T::Unit cur = T::unit_after(a, w, cached, 0, 0, warp);
-    if (cur.b >= 0) T::stage(stages, a.arena, cur, lane);
+    if (cur.b >= 0) T::stage(stages, a.arena, T::block(a, w, cached, cur.b), cur.u0, lane);
     cp_async_commit();
     for (int slot = 0; cur.b >= 0; slot ^= 1) {
         const typename T::Unit nxt = T::unit_after(a, w, cached, cur.b, cur.u0, kWarps);
-        if (nxt.b >= 0) T::stage(stages + (slot ^ 1) * T::kStage, a.arena, nxt, lane);
+        if (nxt.b >= 0) T::stage(stages + (slot ^ 1) * T::kStage, a.arena, T::block(a, w, cached, nxt.b), nxt.u0, lane);
         cp_async_commit();
         cp_async_wait<1>();
         __syncwarp();
-        const kvb_cuda_block &blk = cur.blk;
+        const kvb_cuda_block blk = T::block(a, w, cached, cur.b);
         const int n = blk.n, u0 = cur.u0;
         const uint8_t *kb = a.arena + blk.k_offset, *vb = a.arena + blk.v_offset;
         // The staged bytes, addressed as their blocks are (kept apart from global pointers, so
