@@ -26,8 +26,8 @@ struct TileDecode {
     static constexpr int kMaxGroups = 4;                   // qsum entries per head
     static constexpr int kWarpFloats = kHeads * (D + 2);   // a warp's scratch, then merge rows
     static constexpr int kF16Tile = 16 * FmtF16<D>::kSmemRow;
-    // A stage: the first 16 bytes of the K and of the V block (headers), then the unit's K
-    // and V bytes.
+    // A stage: the first 16 bytes of the K block at 0 and of the V block at 16 (headers),
+    // the unit's K bytes at kKeyStage, its V bytes at kValueStage.
     static constexpr int kKeyStage = 32, kValueStage = kKeyStage + ((KF::kKeyUnitBytes + 15) & ~15);
     static constexpr int kStage = kValueStage + ((VF::kValueUnitBytes + 15) & ~15);
     static constexpr int kCachedBlocks = 64;  // block descriptors of an item kept on chip
@@ -68,10 +68,10 @@ struct TileDecode {
     // Start the copies of the quantized K and V bytes of block blk's unit at u0 into stage st
     // (asynchronous; the caller commits); f16 blocks stage per tile instead.
     __device__ static void stage(uint8_t *st, const uint8_t *arena, const kvb_cuda_block &blk, int u0, int lane) {
-        auto copy = [&](uint8_t *hdr, uint8_t *dst, const uint8_t *blk, int2 span) {
-            if (lane == 31) cp_async16(hdr, blk, 16);
+        auto copy = [&](uint8_t *hdr, uint8_t *dst, const uint8_t *src, int2 span) {
+            if (lane == 31) cp_async16(hdr, src, 16);
             for (int p = lane; 16 * p < span.y; p += 32)
-                cp_async16(dst + 16 * p, blk + span.x + 16 * p, min(16, span.y - 16 * p));
+                cp_async16(dst + 16 * p, src + span.x + 16 * p, min(16, span.y - 16 * p));
         };
         if (blk.k_format != F16) copy(st, st + kKeyStage, arena + blk.k_offset, KF::unit_span(blk.n, u0, KEY));
         if (blk.v_format != F16)
@@ -143,7 +143,8 @@ __global__ void __launch_bounds__(TileDecode<D, KF, VF>::kWarps * 32, KF::kTileC
     for (int i = threadIdx.x; i < min(w.n_blocks, T::kCachedBlocks); i += kWarps * 32) cached[i] = a.blocks[w.first_block + i];
     __syncthreads();
     if constexpr (KF::kRotated) {
-        // The rotated query and its sums over each group of 64 channels, a warp per head.
+        // The rotated query and its sums over each of the format's groups of 64 channels
+        // (its value groups are the same), a warp per head.
         for (int h = warp; h < kHeads; h += kWarps) {
             float y[KF::kSlots];
 #pragma unroll
