@@ -81,6 +81,21 @@ __device__ __forceinline__ unsigned code_at(const uint8_t *p, int64_t j, int bit
     return (p[bit >> 3] >> (bit & 7)) & ((1u << bits) - 1);
 }
 
+// N 32-bit words from p: 4-byte aligned, or with kAlign16 16-byte aligned (one load per four).
+template <bool kAlign16, int N>
+__device__ __forceinline__ void load_words(const uint8_t *p, uint32_t (&w)[N]) {
+    if constexpr (kAlign16 && N % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < N / 4; ++i) {
+            const uint4 v = reinterpret_cast<const uint4 *>(p)[i];
+            w[4 * i] = v.x, w[4 * i + 1] = v.y, w[4 * i + 2] = v.z, w[4 * i + 3] = v.w;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < N; ++i) w[i] = reinterpret_cast<const uint32_t *>(p)[i];
+    }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

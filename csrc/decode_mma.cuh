@@ -171,6 +171,13 @@ struct MmaDecode {
         float qv[kSteps][4], base;
         if (k_format == Q1_CALIB) FmtQ1Calib<D>::mma_query(qs + g * D, scales, t, qv, base);
         else FmtF16<D>::mma_query(qs + g * D, scales, t, qv, base);
+        split(q, qv, base, lane);
+    }
+
+    // The B fragments of head g's query slots qv (lane 4g + t holds slots of thread t) and
+    // its partial base, summed here over the head's four lanes.
+    __device__ static void split(Query &q, const float (&qv)[kSteps][4], float base, int lane) {
+        const int t = lane & 3;
         float amax = 0.f;
 #pragma unroll
         for (int s = 0; s < kSteps; ++s)
@@ -273,9 +280,63 @@ __device__ __forceinline__ void value_steps(const ValueTile &vt, uint32_t b0, ui
     }
 }
 
-// Online softmax over one tile's logits v (tokens g, g+8 x heads 2t, 2t+1; all-masked so far:
-// reference 0, not -inf - -inf), then P·V into acc (f16 values) or vbits and psum (q1_calib,
-// folded at the block's end).
+// Online softmax over one more tile of logits v (tokens g, g+8 x heads 2t, 2t+1): the running
+// max mx of the two heads, ref the new reference (0 while all is masked, not -inf - -inf),
+// corr the factor for earlier sums. True (on every lane) when some sum must be rescaled.
+template <int D>
+__device__ __forceinline__ bool softmax_advance(const float (&v)[4], float (&mx)[2], float (&ref)[2],
+                                                float (&corr)[2]) {
+    using M = MmaDecode<D>;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        const float m_new = fmaxf(mx[hh], M::max_over_tokens(fmaxf(v[hh], v[hh + 2])));
+        ref[hh] = m_new == -INFINITY ? 0.f : m_new;
+        corr[hh] = __expf(mx[hh] - ref[hh]);
+        mx[hh] = m_new;
+    }
+    return __any_sync(M::kAll, corr[0] != 1.f || corr[1] != 1.f);
+}
+
+// Merge the kWarps warps of a CTA (each its own max, per-lane sums and C fragments of heads
+// 2t, 2t+1) through `merge` ([kWarps][8][D + 2] floats of shared memory), then write the work
+// item's partial (max, sum, acc per head) to `part`.
+template <int D>
+__device__ void write_partial(float *merge, const float (&mx)[2], const float (&lsum)[2],
+                              const float (&acc)[D / 16][4], float *part, int G) {
+    using M = MmaDecode<D>;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    __syncthreads();
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        const float l = M::sum_over_tokens(lsum[hh]);
+        float *row = merge + ((size_t)warp * M::kHeads + 2 * t + hh) * (D + 2);
+        if (g == 0) row[0] = mx[hh], row[1] = l;
+#pragma unroll
+        for (int m = 0; m < D / 16; ++m) {
+            row[2 + 16 * m + g] = acc[m][hh];
+            row[2 + 16 * m + g + 8] = acc[m][hh + 2];
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * (D + 2); i += M::kWarps * 32) {
+        const int h = i / (D + 2), j = i % (D + 2);
+        float mmax = -INFINITY;
+        for (int k = 0; k < M::kWarps; ++k) mmax = fmaxf(mmax, merge[(k * M::kHeads + h) * (D + 2)]);
+        float val = 0.f;
+        if (j == 0) {
+            val = mmax;
+        } else if (mmax != -INFINITY) {
+            for (int k = 0; k < M::kWarps; ++k) {
+                const float *row = merge + (k * M::kHeads + h) * (D + 2);
+                val += row[0] == -INFINITY ? 0.f : __expf(row[0] - mmax) * row[j];
+            }
+        }
+        part[i] = val;
+    }
+}
+
+// Online softmax over one tile's logits v (softmax_advance), then P·V into acc (f16 values) or
+// vbits and psum (q1_calib, folded at the block's end).
 template <int D>
 __device__ __forceinline__ void tile_softmax_values(const float (&v)[4], int v_format,
                                                    const uint8_t *rows, int lane, float (&mx)[2],
@@ -284,14 +345,7 @@ __device__ __forceinline__ void tile_softmax_values(const float (&v)[4], int v_f
     using M = MmaDecode<D>;
     constexpr int kSteps = M::kSteps;
     float corr[2], ref[2];
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-        const float m_new = fmaxf(mx[hh], M::max_over_tokens(fmaxf(v[hh], v[hh + 2])));
-        ref[hh] = m_new == -INFINITY ? 0.f : m_new;
-        corr[hh] = __expf(mx[hh] - ref[hh]);
-        mx[hh] = m_new;
-    }
-    if (__any_sync(M::kAll, corr[0] != 1.f || corr[1] != 1.f)) {
+    if (softmax_advance<D>(v, mx, ref, corr)) {
 #pragma unroll
         for (int m = 0; m < kSteps; ++m) {
 #pragma unroll
@@ -493,37 +547,8 @@ __global__ void __launch_bounds__(MmaDecode<D>::kWarps * 32)
             end_values);
     }
 
-    // Merge the warps in shared memory, then write the item's partial.
-    __syncthreads();
-    float *merge = reinterpret_cast<float *>(smem + M::kQBytes);  // [kWarps][8][D + 2]
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-        const float l = M::sum_over_tokens(lsum[hh]);
-        float *row = merge + ((size_t)warp * M::kHeads + 2 * t + hh) * (D + 2);
-        if (g == 0) row[0] = mx[hh], row[1] = l;
-#pragma unroll
-        for (int m = 0; m < kSteps; ++m) {
-            row[2 + 16 * m + g] = acc[m][hh];
-            row[2 + 16 * m + g + 8] = acc[m][hh + 2];
-        }
-    }
-    __syncthreads();
-    float *part = scr.partial + (size_t)blockIdx.x * G * (D + 2);
-    for (int i = threadIdx.x; i < G * (D + 2); i += M::kWarps * 32) {
-        const int h = i / (D + 2), j = i % (D + 2);
-        float mmax = -INFINITY;
-        for (int k = 0; k < M::kWarps; ++k) mmax = fmaxf(mmax, merge[(k * M::kHeads + h) * (D + 2)]);
-        float val = 0.f;
-        if (j == 0) {
-            val = mmax;
-        } else if (mmax != -INFINITY) {
-            for (int k = 0; k < M::kWarps; ++k) {
-                const float *row = merge + (k * M::kHeads + h) * (D + 2);
-                val += row[0] == -INFINITY ? 0.f : __expf(row[0] - mmax) * row[j];
-            }
-        }
-        part[i] = val;
-    }
+    write_partial<D>(reinterpret_cast<float *>(smem + M::kQBytes), mx, lsum, acc,
+                     scr.partial + (size_t)blockIdx.x * G * (D + 2), G);
 }
 
 }  // namespace kvb

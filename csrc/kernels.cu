@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "decode_mma.cuh"
+#include "decode_tiles.cuh"
 #include "formats.cuh"
 
 namespace kvb {
@@ -391,8 +392,23 @@ extern "C" int kvb_cuda_attention_decode(const kvb_cuda_decode_args *args, kvb_c
     constexpr uint32_t kMmaFormats = (1u << F16) | (1u << Q1_CALIB);
     const bool mma = !a.generic_only && G <= MmaDecode<64>::kHeads && a.formats_used != 0 &&
                      (a.formats_used & ~kMmaFormats) == 0;
+    // The tiled kernels read one quantized pair (K and V in one format), f16 blocks beside it,
+    // and no calibration.
+    const uint32_t quantized = a.formats_used & ~(1u << F16);
+    const bool tiles = !a.generic_only && G <= MmaDecode<64>::kHeads && a.n_spans == 0;
+    auto launch_tiles = [&]<int D, class KF, class VF>() {
+        const bool has_f16 = (a.formats_used >> F16) & 1;
+        const size_t smem = TileDecode<D, KF, VF>::smem_bytes(has_f16);
+        set_smem((const void *)decode_tiles_kernel<D, KF, VF>, smem);
+        if (err != cudaSuccess) return;
+        decode_tiles_kernel<D, KF, VF><<<a.n_work, TileDecode<D, KF, VF>::kWarps * 32, smem, s>>>(a);
+        combine_kernel<D><<<a.n_seq * a.n_head, kCombineThreads, 0, s>>>(a);
+        err = cudaGetLastError();
+    };
     bool ok = with_head_dim(a.head_dim, [&]<int D>() {
         if constexpr (D <= 128) {
+            if (tiles && quantized == 1u << KIVI2) return launch_tiles.template operator()<D, FmtKivi2<D>, FmtKivi2<D>>();
+            if (tiles && quantized == 1u << Q2_HAD) return launch_tiles.template operator()<D, FmtQ2Had<D>, FmtQ2Had<D>>();
             if (mma) {
                 const bool has_f16 = (a.formats_used >> F16) & 1, local = a.local_spans && a.n_spans > 0;
                 constexpr int kThreadsMma = MmaDecode<D>::kWarps * 32;

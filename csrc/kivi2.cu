@@ -12,6 +12,7 @@
 // as are value rows (4·ceil(d/32) + d/4 bytes).
 #pragma once
 
+#include "mma.cuh"
 #include "token_groups.cuh"
 
 namespace kvb {
@@ -133,6 +134,107 @@ struct FmtKivi2 {
     }
 
     __device__ static void finish(const uint8_t *, int, int, float *, float *) {}
+
+    // ---- tensor-core decode (decode_tiles.cuh) ----------------------------------------
+    // Codes become exact f16 0..3 operands (codes2_to_half2). Keys: a group's per-channel s
+    // folds into the query and Σ q·lo into the logit's base, once per 32-token group (a
+    // warp's unit, staged in shared memory). Key slots of k-step s (word s of a token's codes): thread t takes channels
+    // 16s + t, +8 (slots 2t, 2t+1) and 16s + t + 4, +12 (slots 2t+8, 2t+9), one mask each.
+    // Values: m-tile m is word m % 2 of channel group m / 2, rows in channel order; a token's
+    // s scales its probabilities for that group (P·s) and Σ p·lo adds to the group's channels.
+
+    static constexpr bool kRotated = false;      // keys and values in the channel basis
+    static constexpr bool kQueryPerUnit = true;  // the query folds each group's scales
+    // CTAs per multiprocessor the tiled kernel is built for: at four (128 registers) the
+    // fold spills, and batch-8 steps ran 10% slower on the H200 than at three.
+    static constexpr int kTileCtasPerSm = 3;
+    static constexpr int kValueGroups = Values::kGroups;
+    __device__ static constexpr int value_group(int m) { return m / 2; }
+
+    // Bytes a warp stages for the 32-token unit at u0 (a key group, or the value rows) as
+    // {offset in the block, length}; offsets are 16-byte aligned.
+    static constexpr int kKeyUnitBytes = kKeyGroup, kValueUnitBytes = 32 * Values::kRow;
+    __device__ static int2 unit_span(int n, int u0, int role) {
+        const int m = min(32, n - u0);
+        return role == KEY ? make_int2((u0 / 32) * kKeyGroup, 4 * D + m * kTokRow)
+                           : make_int2(u0 * Values::kRow, m * Values::kRow);
+    }
+
+    // Head qh's query for the key group of token u0; `rows` addresses the staged unit as the
+    // block is addressed.
+    __device__ static void mma_query(const float *qh, const float *, const uint8_t *rows, int u0, int lane,
+                                     float (&qv)[D / 16][4], float &base) {
+        const __half *lo = reinterpret_cast<const __half *>(rows + (int64_t)(u0 / 32) * kKeyGroup), *st = lo + D;
+        constexpr int kSlot[4] = {0, 8, 4, 12};
+        const int t = lane & 3;
+        base = 0.f;
+#pragma unroll
+        for (int s = 0; s < D / 16; ++s) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int c = 16 * s + t + kSlot[i];
+                qv[s][i] = qh[c] * __half2float(st[c]);
+                base += qh[c] * __half2float(lo[c]);
+            }
+        }
+    }
+
+    // Logits of tokens t0 + g, t0 + g + 8 for heads 2t, 2t + 1 (the query's C fragment).
+    template <class Query>
+    __device__ static void mma_key_logits(const Query &q, const float *, const float *, const uint8_t *,
+                                          const uint8_t *rows, const uint8_t *, int n, int t0, int lane,
+                                          float (&v)[4]) {
+        const int g = lane >> 2, t = lane & 3;
+        const uint8_t *codes = rows + (int64_t)(t0 / 32) * kKeyGroup + 4 * D;
+        uint32_t w0[D / 16], w1[D / 16];
+        load_words<kTokRow % 16 == 0>(codes + (min(t0 + g, n - 1) % 32) * kTokRow, w0);
+        load_words<kTokRow % 16 == 0>(codes + (min(t0 + g + 8, n - 1) % 32) * kTokRow, w1);
+        float part[4][4] = {};
+#pragma unroll
+        for (int s = 0; s < D / 16; ++s) {
+            const uint32_t a[4] = {codes2_to_half2(w0[s], 2 * t), codes2_to_half2(w1[s], 2 * t),
+                                   codes2_to_half2(w0[s], 2 * t + 8), codes2_to_half2(w1[s], 2 * t + 8)};
+            mma_16816(part[s & 1], a, q.hi[s][0], q.hi[s][1]);
+            mma_16816(part[2 + (s & 1)], a, q.lo[s][0], q.lo[s][1]);
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+            v[e] = q.inv_scale[e & 1] * ((part[0][e] + part[1][e]) + (part[2][e] + part[3][e])) + q.base[e & 1];
+    }
+
+    // acc += V^T·(P·s) for tokens t0..t0+15 (p: probabilities of tokens g, g+8 x heads 2t,
+    // 2t+1), lo_acc[group] += Σ p·lo per lane.
+    __device__ static void mma_value_tile(const uint8_t *, const uint8_t *rows, const uint8_t *, int n, int t0,
+                                          const float (&p)[4],
+                                          float (&acc)[D / 16][4], float (&lo_acc)[kValueGroups][2],
+                                          float *, int lane) {
+        constexpr int kRow = Values::kRow, kGroupBytes = Values::kGroupBytes;
+        const int g = lane >> 2, t = lane & 3;
+        auto row = [&](int r) { return rows + (int64_t)min(t0 + r, n - 1) * kRow; };
+        uint32_t b[kValueGroups][2];
+        const uint8_t *rg = row(g), *rg8 = row(g + 8);
+#pragma unroll
+        for (int grp = 0; grp < kValueGroups; ++grp) {
+            const float2 h0 = __half22float2(*reinterpret_cast<const __half2 *>(rg + grp * kGroupBytes));
+            const float2 h8 = __half22float2(*reinterpret_cast<const __half2 *>(rg8 + grp * kGroupBytes));
+            b[grp][0] = movmatrix_trans(half2_bits(p[0] * h0.y, p[1] * h0.y));
+            b[grp][1] = movmatrix_trans(half2_bits(p[2] * h8.y, p[3] * h8.y));
+            lo_acc[grp][0] += p[0] * h0.x + p[2] * h8.x;
+            lo_acc[grp][1] += p[1] * h0.x + p[3] * h8.x;
+        }
+        const uint8_t *r0 = row(2 * t), *r1 = row(2 * t + 1), *r8 = row(2 * t + 8), *r9 = row(2 * t + 9);
+#pragma unroll
+        for (int m = 0; m < D / 16; ++m) {
+            const int at = kGroupBytes * (m / 2) + Kivi2Codec::kHead + 4 * (m % 2);
+            auto word = [&](const uint8_t *r) { return *reinterpret_cast<const uint32_t *>(r + at); };
+            const uint32_t x0 = word(r0), x1 = word(r1), x8 = word(r8), x9 = word(r9);
+            const uint32_t lo01 = __byte_perm(x0, x1, 0x5410), hi01 = __byte_perm(x0, x1, 0x7632);
+            const uint32_t lo89 = __byte_perm(x8, x9, 0x5410), hi89 = __byte_perm(x8, x9, 0x7632);
+            const uint32_t a[4] = {codes2_to_half2(lo01, 2 * g), codes2_to_half2(hi01, 2 * g),
+                                   codes2_to_half2(lo89, 2 * g), codes2_to_half2(hi89, 2 * g)};
+            mma_16816(acc[m], a, b[value_group(m)][0], b[value_group(m)][1]);
+        }
+    }
 };
 
 }  // namespace kvb

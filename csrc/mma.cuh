@@ -69,4 +69,12 @@ __device__ __forceinline__ uint32_t bits_to_half2(uint32_t w, int s) {
     return (w & (0x00010001u << s)) * (0x3C00u >> s);
 }
 
+// f16x2 of two 2-bit codes, exact: bits [s, s+2) of `w` low, bits [s+16, s+18) high. A code
+// under the mantissa of 0x6400 (1024.0, ulp 1) reads as 1024 + code; one subtraction leaves it.
+__device__ __forceinline__ uint32_t codes2_to_half2(uint32_t w, int s) {
+    const uint32_t x = ((w >> s) & 0x00030003u) | 0x64006400u;
+    const __half2 h = __hsub2(*reinterpret_cast<const __half2 *>(&x), __half2half2(__ushort_as_half(0x6400)));
+    return *reinterpret_cast<const uint32_t *>(&h);
+}
+
 }  // namespace kvb

@@ -21,6 +21,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace kvb {
 
@@ -382,6 +383,200 @@ struct FmtHad {
                     vt[g * D + 32 * j + lane] = 0.f;
                 }
             }
+        }
+    }
+    // ---- tensor-core decode (decode_tiles.cuh), 2-bit codes ----------------------------
+    // Keys: the query is rotated once per work item (q·R(ŷ) = (Rq)·ŷ). Codes become exact f16
+    // 0..3 operands in kivi2's key slot order (k-step s is word s; thread t takes channels
+    // 16s + t, +8, +4, +12), one accumulator pair per group of 64 channels, scaled per token by
+    // S, plus LO·Σ_group Rq. Values accumulate in the rotated basis (m-tile m is word m, rows
+    // in channel order; P·S per group, Σ p·LO per lane), rotated back once per work item.
+    // Records come from the warp's staged unit (`rows` addresses it as the block is
+    // addressed) in blocks without protected tokens; blocks with some are read from global
+    // memory, where the MMAs see protected tokens with S = LO = 0 and the warp adds their
+    // logits q·row (unrotated query) and values R(row).
+
+    static constexpr bool kRotated = true;
+    static constexpr bool kQueryPerUnit = false;  // one rotated query serves every block
+    // CTAs per multiprocessor the tiled kernel is built for: four (128 registers) run the
+    // 4 x 132 work items of a batch-1 step in one wave; faster at every size on the H200.
+    static constexpr int kTileCtasPerSm = 4;
+    static constexpr int kValueGroups = kGroups;
+    __device__ static constexpr int value_group(int m) { return m / 4; }
+
+    // The protected tokens of the tile at t0 (bit r: token t0 + r, tokens < n only) and how
+    // many come before it; warp-uniform.
+    struct TileRanks {
+        unsigned prot;
+        int before;
+        // The record of token t0 + r when it is quantized (else of the next quantized token,
+        // which may lie past the records: still inside the block, read with S = 0).
+        __device__ int record(int t0, int r) const { return t0 + r - before - __popc(prot & ((1u << r) - 1)); }
+        // The protected row of token t0 + r when it is protected.
+        __device__ int row(int r) const { return before + __popc(prot & ((1u << r) - 1)); }
+    };
+    __device__ static TileRanks tile_ranks(const uint8_t *blk, const Layout &L, int n, int t0) {
+        if (L.n_p == 0) return {0u, 0};
+        const uint8_t *mask = blk + L.mask_at + (t0 >> 3);
+        const unsigned bits = mask[0] | (t0 + 8 < n ? (unsigned)mask[1] << 8 : 0u);
+        const unsigned valid = n - t0 >= 16 ? 0xffffu : (1u << (n - t0)) - 1;
+        return {bits & valid, protected_before(blk, L, t0)};
+    }
+
+    // (LO, S) of group grp of token t0 + r, zero when protected.
+    __device__ static float2 lo_step(const uint8_t *rows, const TileRanks &tr, int t0, int r, int grp) {
+        if ((tr.prot >> r) & 1) return make_float2(0.f, 0.f);
+        const uint8_t *rec = rows + kHeader + (int64_t)tr.record(t0, r) * kRec;
+        return __half22float2(reinterpret_cast<const __half2 *>(rec)[grp]);
+    }
+
+    // Bytes a warp stages for the 32-token unit at u0 as {offset in the block, length}: its
+    // records from the 16-byte boundary below them, as they lie in a block without protected
+    // tokens (the tile code reads a block with some from global memory).
+    static constexpr int kKeyUnitBytes = 32 * kRec + 16, kValueUnitBytes = kKeyUnitBytes;
+    __device__ static int2 unit_span(int n, int u0, int) {
+        const int from = kHeader + u0 * kRec, to = kHeader + min(n, u0 + 32) * kRec;
+        return make_int2(from & ~15, to - (from & ~15));
+    }
+
+    __device__ static void mma_query(const float *, const float *qr, const uint8_t *, int, int lane,
+                                     float (&qv)[D / 16][4], float &base) {
+        constexpr int kSlot[4] = {0, 8, 4, 12};
+        const int t = lane & 3;
+#pragma unroll
+        for (int s = 0; s < D / 16; ++s)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) qv[s][i] = qr[16 * s + t + kSlot[i]];
+        base = 0.f;
+    }
+
+    // Logits of tokens t0 + g, t0 + g + 8 for heads 2t, 2t + 1. qs: the unrotated query and
+    // qsum[head][group] the group sums of the rotated one, both [8] heads.
+    // hdr: the block's first bytes, staged with the unit (n_p says whether `rows` holds it).
+    template <class Query>
+    __device__ static void mma_key_logits(const Query &q, const float *qs, const float *qsum, const uint8_t *blk,
+                                          const uint8_t *rows, const uint8_t *hdr, int n, int t0, int lane,
+                                          float (&v)[4]) {
+        if (*reinterpret_cast<const uint32_t *>(hdr) == 0) key_logits<true>(q, qs, qsum, blk, rows, n, t0, lane, v);
+        else key_logits<false>(q, qs, qsum, blk, blk, n, t0, lane, v);
+    }
+
+    // kPlain: no protected tokens, records in `rows`; else everything from the block.
+    template <bool kPlain, class Query>
+    __device__ static void key_logits(const Query &q, const float *qs, const float *qsum, const uint8_t *blk,
+                                      const uint8_t *rows, int n, int t0, int lane, float (&v)[4]) {
+        static_assert(BITS == 2, "2-bit codes");
+        const int g = lane >> 2, t = lane & 3;
+        const Layout L = kPlain ? Layout{0, 0, 0} : layout(blk, n);
+        const TileRanks tr = kPlain ? TileRanks{0u, 0} : tile_ranks(blk, L, n, t0);
+        const int ra = min(g, n - 1 - t0), rb = min(g + 8, n - 1 - t0);
+        uint32_t wa[kWords], wb[kWords];
+        load_words<false>(rows + kHeader + (int64_t)tr.record(t0, ra) * kRec + kCodesAt, wa);
+        load_words<false>(rows + kHeader + (int64_t)tr.record(t0, rb) * kRec + kCodesAt, wb);
+        float part[kGroups][2][4] = {};
+#pragma unroll
+        for (int s = 0; s < D / 16; ++s) {
+            const uint32_t a[4] = {codes2_to_half2(wa[s], 2 * t), codes2_to_half2(wb[s], 2 * t),
+                                   codes2_to_half2(wa[s], 2 * t + 8), codes2_to_half2(wb[s], 2 * t + 8)};
+            mma_16816(part[s / 4][0], a, q.hi[s][0], q.hi[s][1]);
+            mma_16816(part[s / 4][1], a, q.lo[s][0], q.lo[s][1]);
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) v[e] = 0.f;
+#pragma unroll
+        for (int grp = 0; grp < kGroups; ++grp) {
+            const float2 pa = lo_step(rows, tr, t0, ra, grp), pb = lo_step(rows, tr, t0, rb, grp);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float2 pr = e < 2 ? pa : pb;
+                v[e] += pr.y * q.inv_scale[e & 1] * (part[grp][0][e] + part[grp][1][e]) +
+                        pr.x * qsum[(2 * t + (e & 1)) * kGroups + grp];
+            }
+        }
+        // Protected tokens: q·row by the warp, every head, lanes across channels.
+        for (unsigned left = tr.prot; !kPlain && left; left &= left - 1) {
+            const int r = __ffs(left) - 1;
+            const __half *row = reinterpret_cast<const __half *>(blk + L.rows_at + (int64_t)tr.row(r) * 2 * D);
+            float y[kSlots];
+#pragma unroll
+            for (int j = 0; j < kSlots; ++j) y[j] = valid(j) ? __half2float(row[32 * j + lane]) : 0.f;
+#pragma unroll
+            for (int h = 0; h < 8; ++h) {
+                float d = 0.f;
+#pragma unroll
+                for (int j = 0; j < kSlots; ++j)
+                    if (valid(j)) d += qs[h * D + 32 * j + lane] * y[j];
+                d = warp_sum(d);
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    if (g == (r & 7) && e >> 1 == r >> 3 && h == 2 * t + (e & 1)) v[e] = d;
+            }
+        }
+    }
+
+    // acc += V̂^T·(P·S) for tokens t0..t0+15 in the rotated basis, lo_acc[group] += Σ p·LO per
+    // lane; protected tokens add p·R(row) through the warp's `scratch` (D floats).
+    __device__ static void mma_value_tile(const uint8_t *blk, const uint8_t *rows, const uint8_t *hdr, int n, int t0,
+                                          const float (&p)[4], float (&acc)[D / 16][4],
+                                          float (&lo_acc)[kValueGroups][2], float *scratch, int lane) {
+        if (*reinterpret_cast<const uint32_t *>(hdr) == 0) value_tile<true>(blk, rows, n, t0, p, acc, lo_acc, scratch, lane);
+        else value_tile<false>(blk, blk, n, t0, p, acc, lo_acc, scratch, lane);
+    }
+
+    template <bool kPlain>
+    __device__ static void value_tile(const uint8_t *blk, const uint8_t *rows, int n, int t0, const float (&p)[4],
+                                      float (&acc)[D / 16][4], float (&lo_acc)[kValueGroups][2], float *scratch,
+                                      int lane) {
+        static_assert(BITS == 2, "2-bit codes");
+        const int g = lane >> 2, t = lane & 3;
+        const Layout L = kPlain ? Layout{0, 0, 0} : layout(blk, n);
+        const TileRanks tr = kPlain ? TileRanks{0u, 0} : tile_ranks(blk, L, n, t0);
+        auto clamp = [&](int r) { return min(r, n - 1 - t0); };
+        uint32_t b[kGroups][2];
+#pragma unroll
+        for (int grp = 0; grp < kGroups; ++grp) {
+            const float2 h0 = lo_step(rows, tr, t0, clamp(g), grp), h8 = lo_step(rows, tr, t0, clamp(g + 8), grp);
+            b[grp][0] = movmatrix_trans(half2_bits(p[0] * h0.y, p[1] * h0.y));
+            b[grp][1] = movmatrix_trans(half2_bits(p[2] * h8.y, p[3] * h8.y));
+            lo_acc[grp][0] += p[0] * h0.x + p[2] * h8.x;
+            lo_acc[grp][1] += p[1] * h0.x + p[3] * h8.x;
+        }
+        auto codes = [&](int r) { return rows + kHeader + (int64_t)tr.record(t0, clamp(r)) * kRec + kCodesAt; };
+        const uint8_t *r0 = codes(2 * t), *r1 = codes(2 * t + 1), *r8 = codes(2 * t + 8), *r9 = codes(2 * t + 9);
+#pragma unroll
+        for (int m = 0; m < D / 16; ++m) {
+            auto word = [&](const uint8_t *r) { return reinterpret_cast<const uint32_t *>(r)[m]; };
+            const uint32_t x0 = word(r0), x1 = word(r1), x8 = word(r8), x9 = word(r9);
+            const uint32_t lo01 = __byte_perm(x0, x1, 0x5410), hi01 = __byte_perm(x0, x1, 0x7632);
+            const uint32_t lo89 = __byte_perm(x8, x9, 0x5410), hi89 = __byte_perm(x8, x9, 0x7632);
+            const uint32_t a[4] = {codes2_to_half2(lo01, 2 * g), codes2_to_half2(hi01, 2 * g),
+                                   codes2_to_half2(lo89, 2 * g), codes2_to_half2(hi89, 2 * g)};
+            mma_16816(acc[m], a, b[value_group(m)][0], b[value_group(m)][1]);
+        }
+        for (unsigned left = tr.prot; !kPlain && left; left &= left - 1) {
+            const int r = __ffs(left) - 1;
+            const __half *row = reinterpret_cast<const __half *>(blk + L.rows_at + (int64_t)tr.row(r) * 2 * D);
+            float y[kSlots];
+#pragma unroll
+            for (int j = 0; j < kSlots; ++j) y[j] = valid(j) ? __half2float(row[32 * j + lane]) : 0.f;
+            rotate(y);
+#pragma unroll
+            for (int j = 0; j < kSlots; ++j)
+                if (valid(j)) scratch[32 * j + lane] = y[j];
+            __syncwarp();
+            const int src = 4 * (r & 7) + t;
+            const float p0 = __shfl_sync(kAll, r < 8 ? p[0] : p[2], src);
+            const float p1 = __shfl_sync(kAll, r < 8 ? p[1] : p[3], src);
+#pragma unroll
+            for (int m = 0; m < D / 16; ++m) {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const float x = scratch[16 * m + g + 8 * h];
+                    acc[m][2 * h] += p0 * x;
+                    acc[m][2 * h + 1] += p1 * x;
+                }
+            }
+            __syncwarp();
         }
     }
 };

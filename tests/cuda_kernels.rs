@@ -363,7 +363,8 @@ struct CpuBlock {
 }
 
 impl CpuBlock {
-    /// Random keys and values of `n` tokens quantized on the CPU, values with `protect`.
+    /// Random keys and values of `n` tokens quantized on the CPU with `protect` (keys too
+    /// where their format protects tokens).
     #[allow(clippy::too_many_arguments)]
     fn random(
         rng: &mut Rng,
@@ -383,7 +384,11 @@ impl CpuBlock {
                 .unwrap();
             b
         };
-        let kb = quantize(kf, Role::Key, &[]);
+        let kb = quantize(
+            kf,
+            Role::Key,
+            if kf.imp().protects() { protect } else { &[] },
+        );
         let vb = quantize(vf, Role::Value, protect);
         CpuBlock {
             kf,
@@ -516,6 +521,14 @@ fn cpu_outputs(
     want
 }
 
+/// Whether the tiled tensor-core kernels take a cache of f16 blocks and `kf`/`vf` blocks: one
+/// format of theirs for every quantized block.
+fn tiled_pair(kf: FormatId, vf: FormatId) -> bool {
+    [FormatId::Kivi2, FormatId::Q2Had]
+        .iter()
+        .any(|&t| [kf, vf].iter().all(|&f| f == t || f == FormatId::F16))
+}
+
 /// GPU decode attention equals the CPU reference on the same quantized blocks (rel. < 1e-3):
 /// every K/V pair of formats on the device, GQA 7:1 and 4:1, spans longer than one block,
 /// partial blocks, calibration on q1_calib spans, two sequences, several work items per head.
@@ -556,7 +569,7 @@ fn decode_attention_matches_the_cpu() {
                             (kf, vf, 61, 0),
                             (kf, vf, 5, -1),
                         ];
-                        n_spans = 1;
+                        n_spans = usize::from(kf == FormatId::Q1Calib);
                         for kv in 0..n_head_kv {
                             let mut hb = HeadBlocks { blocks: vec![] };
                             let first_block = descs.len();
@@ -613,11 +626,13 @@ fn decode_attention_matches_the_cpu() {
                     )
                     .unwrap();
                     let want = cpu_outputs(&heads, &q, n_head, n_head_kv, d, scale_of(d), delta);
-                    // Both kernel paths where the tensor-core one applies: f16/q1_calib, D <= 128.
-                    let both = [kf, vf]
-                        .iter()
-                        .all(|f| matches!(f, FormatId::F16 | FormatId::Q1Calib))
-                        && d <= 128;
+                    // Both kernel paths where a tensor-core one applies (D <= 128): f16 and
+                    // q1_calib blocks, or f16 blocks and one of the tiled pairs.
+                    let both = d <= 128
+                        && ([kf, vf]
+                            .iter()
+                            .all(|f| matches!(f, FormatId::F16 | FormatId::Q1Calib))
+                            || tiled_pair(kf, vf));
                     for generic in if both { vec![true, false] } else { vec![true] } {
                         plan.generic_only = generic;
                         let path = if generic { "generic" } else { "tensor-core" };
@@ -650,6 +665,67 @@ fn decode_attention_matches_the_cpu() {
         }
     }
     assert!(failures.is_empty(), "{} K/V pairs differ", failures.len());
+}
+
+/// Work items of many small blocks (more than the tiled kernels keep on chip, each a partial
+/// 32-token unit) equal the CPU's on every path, for the tiled pairs.
+#[test]
+fn decode_attention_over_long_items_matches_the_cpu() {
+    let Some(stream) = gpu() else { return };
+    let mut rng = seeded();
+    let params = QuantParams::default();
+    let (n_head, n_head_kv, d) = (8usize, 2usize, 128usize);
+    let fs = device_formats();
+    for f in [FormatId::Kivi2, FormatId::Q2Had]
+        .into_iter()
+        .filter(|f| fs.contains(f))
+    {
+        let (mut arena, mut descs, mut work, mut heads) = (vec![], vec![], vec![], vec![]);
+        for kv in 0..n_head_kv {
+            let mut hb = HeadBlocks { blocks: vec![] };
+            let first = descs.len();
+            for b in 0..150 {
+                let n = if b % 3 == 0 { 40 } else { 7 };
+                let blk = CpuBlock::random(&mut rng, f, f, n, d, -1, &[], &params);
+                hb.push(blk, &mut arena, &mut descs);
+            }
+            // Head 0: one item of all 150 blocks; head 1: items of 100 and 50.
+            let split: &[(usize, usize)] = if kv == 0 {
+                &[(0, 150)]
+            } else {
+                &[(0, 100), (100, 50)]
+            };
+            for &(b, len) in split {
+                work.push(WorkItem {
+                    seq: 0,
+                    kv_head: kv as i32,
+                    first_block: (first + b) as i32,
+                    n_blocks: len as i32,
+                });
+            }
+            heads.push(hb);
+        }
+        let q: Vec<f32> = rng.normals(n_head * d);
+        let scale = 1.0 / (d as f32).sqrt();
+        let want = cpu_outputs(&heads, &q, n_head, n_head_kv, d, scale, 3.0);
+        let mut plan = DecodePlan::new(&descs, &work, 1, n_head, n_head_kv, d, 0, &stream).unwrap();
+        let arena = DeviceBuffer::from_slice(&arena, &stream).unwrap();
+        let qd = DeviceBuffer::from_slice(&q, &stream).unwrap();
+        for generic in [true, false] {
+            plan.generic_only = generic;
+            let out = DeviceBuffer::new(q.len() * 4).unwrap();
+            out.fill(0xFF, &stream).unwrap();
+            plan.launch(&arena, &qd, &out, scale, 3.0, &stream).unwrap();
+            let mut got = vec![0f32; q.len()];
+            out.download(&mut got, 0, &stream).unwrap();
+            let e = rel_err(&got, &want);
+            eprintln!("{f} long items generic {generic}: rel err {e:.2e}");
+            assert!(
+                got.iter().all(|v| v.is_finite()) && e < 1e-3,
+                "{f} long items generic {generic}: rel err {e}"
+            );
+        }
+    }
 }
 
 /// Formats that keep caller-chosen tokens apart (v1_58_tern's salient tokens, q2_had's and
@@ -749,7 +825,8 @@ fn protected_tokens_match_the_cpu() {
 }
 
 /// Decode attention over value blocks with protected tokens (several chunks, so ranks carry
-/// across chunks) equals the CPU's, f16 keys, GQA 4:1.
+/// across chunks) equals the CPU's, GQA 4:1: f16 keys, and keys of the same format with the
+/// same protected tokens where it applies to keys; every kernel path.
 #[test]
 fn decode_attention_with_protected_values_matches_the_cpu() {
     let Some(stream) = gpu() else { return };
@@ -760,7 +837,11 @@ fn decode_attention_with_protected_values_matches_the_cpu() {
         .into_iter()
         .filter(|f| f.imp().protects() && f.info().applies != Applies::Keys)
         .collect();
-    for vf in values {
+    let pairs = values.into_iter().flat_map(|vf| {
+        let same = (vf.info().applies != Applies::Values).then_some((vf, vf));
+        [(FormatId::F16, vf)].into_iter().chain(same)
+    });
+    for (kf, vf) in pairs {
         for d in HEAD_DIMS {
             let mut arena = Vec::new();
             let (mut descs, mut work, mut heads) = (Vec::new(), Vec::new(), Vec::new());
@@ -769,7 +850,7 @@ fn decode_attention_with_protected_values_matches_the_cpu() {
                 for (b, n) in [300usize, 128, 45].into_iter().enumerate() {
                     let frac = [0.1f32, 0.5, 1.0][b];
                     let mask: Vec<bool> = (0..n).map(|_| rng.uniform() < frac).collect();
-                    let b = CpuBlock::random(&mut rng, FormatId::F16, vf, n, d, -1, &mask, &params);
+                    let b = CpuBlock::random(&mut rng, kf, vf, n, d, -1, &mask, &params);
                     hb.push(b, &mut arena, &mut descs);
                 }
                 work.push(WorkItem {
@@ -781,25 +862,33 @@ fn decode_attention_with_protected_values_matches_the_cpu() {
                 heads.push(hb);
             }
             let q: Vec<f32> = rng.normals(n_head * d);
-            let plan = DecodePlan::new(&descs, &work, 1, n_head, n_head_kv, d, 0, &stream).unwrap();
+            let mut plan =
+                DecodePlan::new(&descs, &work, 1, n_head, n_head_kv, d, 0, &stream).unwrap();
             let arena = DeviceBuffer::from_slice(&arena, &stream).unwrap();
             let qd = DeviceBuffer::from_slice(&q, &stream).unwrap();
-            let out = DeviceBuffer::new(q.len() * 4).unwrap();
-            out.fill(0xFF, &stream).unwrap();
             let scale = 1.0 / (d as f32).sqrt();
-            plan.launch(&arena, &qd, &out, scale, 3.0, &stream).unwrap();
-            let mut got = vec![0f32; q.len()];
-            out.download(&mut got, 0, &stream).unwrap();
             let g = n_head / n_head_kv;
             let want: Vec<f32> = (0..n_head)
                 .flat_map(|h| cpu_attention(&heads[h / g], &q[h * d..(h + 1) * d], d, scale, 3.0))
                 .collect();
-            assert!(
-                got.iter().all(|v| v.is_finite()),
-                "{vf} d={d}: non-finite output"
-            );
-            let e = rel_err(&got, &want);
-            assert!(e < 1e-3, "{vf} d={d} protected values: rel err {e}");
+            for generic in [true, false] {
+                plan.generic_only = generic;
+                let out = DeviceBuffer::new(q.len() * 4).unwrap();
+                out.fill(0xFF, &stream).unwrap();
+                plan.launch(&arena, &qd, &out, scale, 3.0, &stream).unwrap();
+                let mut got = vec![0f32; q.len()];
+                out.download(&mut got, 0, &stream).unwrap();
+                assert!(
+                    got.iter().all(|v| v.is_finite()),
+                    "{kf}/{vf} d={d} generic {generic}: non-finite output"
+                );
+                let e = rel_err(&got, &want);
+                assert!(
+                    e < 1e-3,
+                    "{kf}/{vf} d={d} generic {generic} protected tokens: rel err {e}"
+                );
+                eprintln!("{kf}/{vf} d={d} generic {generic} protected tokens: rel err {e:.2e}");
+            }
         }
     }
 }

@@ -22,6 +22,10 @@ pub struct Args {
     /// Sequences per decode call (cuda) [default: 1,8].
     #[arg(long, value_delimiter = ',')]
     batch: Vec<usize>,
+    /// Presets to time besides f16, e.g. `kivi2,akvq` (cuda) [default: all].
+    #[arg(long, value_delimiter = ',')]
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    preset: Vec<String>,
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
@@ -50,7 +54,7 @@ fn cuda(args: &Args) -> Result<(), Error> {
     } else {
         args.batch.clone()
     };
-    let report = bench::run(&tokens, &batch)?;
+    let report = bench::run(&tokens, &batch, &args.preset)?;
     if args.json {
         println!(
             "{}",

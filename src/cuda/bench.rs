@@ -348,20 +348,26 @@ fn build_cache(
     Ok((arenas, plan, offset))
 }
 
-/// Time one decode step for every preset the device supports, f16 first.
+/// Whether `preset` runs: f16 always (the baseline), the others when `only` is empty or names
+/// them, where the device supports their formats.
+fn selected(preset: &BenchPreset, only: &[String]) -> bool {
+    (preset.name == "f16" || only.is_empty() || only.iter().any(|o| o == preset.name))
+        && kernels::supports(preset.k)
+        && kernels::supports(preset.v)
+}
+
+/// Time one decode step for every selected preset, f16 first.
 pub fn decode_rows(
     shape: LayerShape,
     tokens: usize,
     batch: usize,
     copy_gbps: f64,
     sms: usize,
+    only: &[String],
     stream: &Stream,
 ) -> Result<Vec<DecodeRow>, Error> {
     let mut rows: Vec<DecodeRow> = Vec::new();
-    for preset in PRESETS
-        .iter()
-        .filter(|p| kernels::supports(p.k) && kernels::supports(p.v))
-    {
+    for preset in PRESETS.iter().filter(|p| selected(p, only)) {
         let bench = DecodeBench::new(shape, tokens, batch, *preset, sms, stream)?;
         let us = time_us(stream, 5, 50, |r| bench.launch(r, stream))?;
         let gbps = bench.bytes as f64 / (us * 1e-6) / 1e9;
@@ -386,6 +392,7 @@ pub fn quantize_rows(
     shape: LayerShape,
     tokens: usize,
     copy_gbps: f64,
+    only: &[String],
     stream: &Stream,
 ) -> Result<Vec<QuantRow>, Error> {
     let (d, h) = (shape.head_dim, shape.n_head_kv);
@@ -396,7 +403,7 @@ pub fn quantize_rows(
     let mut out = Vec::new();
     for preset in PRESETS
         .iter()
-        .filter(|p| p.name != "f16" && kernels::supports(p.k) && kernels::supports(p.v))
+        .filter(|p| p.name != "f16" && selected(p, only))
     {
         let mut jobs = Vec::new();
         let mut written = 0usize;
@@ -459,8 +466,9 @@ pub fn quantize_rows(
     Ok(out)
 }
 
-/// The whole benchmark: copy bandwidth, decode at every size and batch, quantize-append.
-pub fn run(tokens: &[usize], batches: &[usize]) -> Result<Report, Error> {
+/// The whole benchmark: copy bandwidth, decode at every size and batch, quantize-append; for
+/// the presets named in `only` (and f16), or all when it is empty.
+pub fn run(tokens: &[usize], batches: &[usize], only: &[String]) -> Result<Report, Error> {
     let stream = Stream::new()?;
     let (device, sms, _) = device_info(0)?;
     let copy = copy_bandwidth(&stream)?;
@@ -468,13 +476,13 @@ pub fn run(tokens: &[usize], batches: &[usize]) -> Result<Report, Error> {
     for shape in SHAPES {
         for &batch in batches {
             for &t in tokens {
-                decode.extend(decode_rows(shape, t, batch, copy, sms, &stream)?);
+                decode.extend(decode_rows(shape, t, batch, copy, sms, only, &stream)?);
             }
         }
     }
     let mut quantize = Vec::new();
     for shape in SHAPES {
-        quantize.extend(quantize_rows(shape, 4096, copy, &stream)?);
+        quantize.extend(quantize_rows(shape, 4096, copy, only, &stream)?);
     }
     let mut cache = Vec::new();
     for &t in tokens {
