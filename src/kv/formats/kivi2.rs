@@ -21,7 +21,7 @@ const LEVELS: u32 = 3;
 const BITS: usize = 2;
 
 /// Bytes of a key group of `m` tokens.
-fn key_group_bytes(d: usize, m: usize) -> usize {
+pub(crate) fn key_group_bytes(d: usize, m: usize) -> usize {
     4 * d + m * d / 4
 }
 

@@ -25,7 +25,7 @@ use crate::kv::format::{BlockSize, Format, QuantParams, Shape, check_input};
 const GROUP: usize = 64;
 /// The protected-token count that opens every block; 4 bytes keep the f16 pairs after it
 /// 4-byte aligned for wide loads.
-const HEADER: usize = 4;
+pub(crate) const HEADER: usize = 4;
 /// Bytes of one group's (`lo`, `step`) pair.
 const PAIR: usize = 4;
 
@@ -77,7 +77,7 @@ pub(crate) fn codes_at(d: usize) -> usize {
 }
 
 /// Bytes of one quantized token: its group pairs, then its codes.
-fn record_len(d: usize, bits: usize) -> usize {
+pub(crate) fn record_len(d: usize, bits: usize) -> usize {
     codes_at(d) + packed_len(d, bits)
 }
 
