@@ -230,15 +230,15 @@ impl Format for K1_5Mix {
         let (n, d) = (shape.n, shape.d);
         let dh = high_channels(d, params.mix_fraction)?;
 
+        // Each channel's range, a row at a time (in token order, as a fold per channel).
+        let (mut lo, mut hi) = (vec![f32::INFINITY; d], vec![f32::NEG_INFINITY; d]);
+        for row in x.chunks_exact(d) {
+            for ((l, h), &v) in lo.iter_mut().zip(hi.iter_mut()).zip(row) {
+                (*l, *h) = (l.min(v), h.max(v));
+            }
+        }
+        let range: Vec<f32> = hi.iter().zip(&lo).map(|(h, l)| h - l).collect();
         // Widest range first, ties to the lower channel.
-        let range: Vec<f32> = (0..d)
-            .map(|c| {
-                let col = (0..n).map(|t| x[t * d + c]);
-                let hi = col.clone().fold(f32::NEG_INFINITY, f32::max);
-                let lo = col.fold(f32::INFINITY, f32::min);
-                hi - lo
-            })
-            .collect();
         let mut order: Vec<usize> = (0..d).collect();
         order.sort_by(|&a, &b| range[b].total_cmp(&range[a]).then(a.cmp(&b)));
         let mut mask = vec![false; d];
@@ -248,7 +248,7 @@ impl Format for K1_5Mix {
 
         let ranges: Vec<MinMax> =
             l.hi.iter()
-                .map(|&c| MinMax::over((0..n).map(|t| x[t * d + c]), LEVELS))
+                .map(|&c| MinMax::new(lo[c], hi[c], LEVELS))
                 .collect();
 
         let mut coef = vec![0f64; n * dl];
@@ -257,11 +257,16 @@ impl Format for K1_5Mix {
             let z = l.lo.iter().map(|&c| x[t * d + c] as f64);
             spectrum.analyze(z, &mut coef[t * dl..(t + 1) * dl]);
         }
-        let scales = (0..dl)
-            .map(|k| {
-                let mean = (0..n).map(|t| coef[t * dl + k].abs()).sum::<f64>() / n as f64;
-                stored_f16(f16::from_f64(mean).to_f32())
-            })
+        let mut abs_sums = vec![0f64; dl];
+        for row in coef.chunks_exact(dl) {
+            abs_sums
+                .iter_mut()
+                .zip(row)
+                .for_each(|(s, v)| *s += v.abs());
+        }
+        let scales = abs_sums
+            .iter()
+            .map(|&sum| stored_f16(f16::from_f64(sum / n as f64).to_f32()))
             .collect::<Result<Vec<f32>, Error>>()?;
 
         let start = out.len();
