@@ -241,9 +241,10 @@ pub fn check_input(x: &[f32], shape: Shape, protect: &[bool]) -> Result<(), Erro
         )));
     }
     // One pass without early exit (it vectorises); the scans below find the culprit.
-    let out_of_range = x
-        .chunks(64)
-        .any(|c| c.iter().fold(false, |bad, v| bad | !(v.abs() <= F16_MAX)));
+    let out_of_range = x.chunks(64).any(|c| {
+        c.iter()
+            .fold(false, |bad, v| bad | v.is_nan() | (v.abs() > F16_MAX))
+    });
     if !out_of_range {
         return Ok(());
     }

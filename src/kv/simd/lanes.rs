@@ -49,8 +49,8 @@ pub(crate) trait Lanes {
 }
 
 /// A kernel call: [`Lanes::run`] compiles `Job::run` (`#[inline(always)]` in every impl,
-/// as everything it calls) inside its `#[target_feature]` function. Closures would not do:
-/// the compiler may keep a closure out of line, without the features.
+/// as everything it calls) inside its `#[target_feature]` function. A closure would not do
+/// as the entry: the compiler kept a kernel-sized closure out of line, without the features.
 pub(crate) trait Job {
     unsafe fn run<V: Lanes>(self);
 }
