@@ -57,19 +57,52 @@ pub fn high_channels(d: usize, mix_fraction: f32) -> Result<usize, Error> {
     Ok((mix_fraction as f64 * d as f64 / 8.0).round() as usize * 8)
 }
 
-/// `Dl` spectrum coefficients of the real signal `z`, in the order the module doc gives.
-fn analyze(z: &[f64], coef: &mut [f64]) {
-    let len = z.len();
-    let plan = forward_plan(len);
-    let mut input = z.to_vec();
-    let mut bins = plan.make_output_vec();
-    plan.process(&mut input, &mut bins)
-        .expect("buffers sized by the plan");
-    coef[0] = bins[0].re;
-    coef[1] = bins[len / 2].re;
-    for k in 1..len / 2 {
-        coef[2 * k] = bins[k].re;
-        coef[2 * k + 1] = bins[k].im;
+/// A forward real FFT of one length with its buffers: a block plans once and allocates
+/// once, whatever its number of tokens (the arithmetic is the plan's either way).
+pub(crate) struct Spectrum {
+    plan: Arc<dyn RealToComplex<f64>>,
+    input: Vec<f64>,
+    bins: Vec<Complex<f64>>,
+    scratch: Vec<Complex<f64>>,
+}
+
+impl Spectrum {
+    pub(crate) fn new(len: usize) -> Spectrum {
+        let plan = forward_plan(len);
+        Spectrum {
+            input: plan.make_input_vec(),
+            bins: plan.make_output_vec(),
+            scratch: plan.make_scratch_vec(),
+            plan,
+        }
+    }
+
+    /// The `Dl` coefficients of the real signal `z` (`Dl` values), in the order the module
+    /// doc gives.
+    pub(crate) fn analyze(&mut self, z: impl IntoIterator<Item = f64>, coef: &mut [f64]) {
+        let len = self.input.len();
+        self.input.iter_mut().zip(z).for_each(|(i, v)| *i = v);
+        self.plan
+            .process_with_scratch(&mut self.input, &mut self.bins, &mut self.scratch)
+            .expect("buffers sized by the plan");
+        let bins = &self.bins;
+        coef[0] = bins[0].re;
+        coef[1] = bins[len / 2].re;
+        for k in 1..len / 2 {
+            coef[2 * k] = bins[k].re;
+            coef[2 * k + 1] = bins[k].im;
+        }
+    }
+
+    /// The adjoint of [`synthesize`] applied to `q_lo`: `w` with `Σ_k w_k·coef_k = q_lo · z`
+    /// for every `coef`, so a score needs no inverse FFT per token. With `Q = rfft(q_lo)`:
+    /// `w = (Re Q_0, Re Q_{Dl/2}, 2 Re Q_1, 2 Im Q_1, …) / Dl`.
+    pub(crate) fn adjoint(&mut self, q_lo: impl IntoIterator<Item = f32>, w: &mut [f64]) {
+        let len = w.len() as f64;
+        self.analyze(q_lo.into_iter().map(|v| v as f64), w);
+        w[0] /= len;
+        w[1] /= len;
+        w[2..].iter_mut().for_each(|v| *v *= 2.0 / len);
     }
 }
 
@@ -91,19 +124,13 @@ pub fn synthesize(coef: &[f64], z: &mut [f64]) {
     z.iter_mut().for_each(|v| *v /= len as f64);
 }
 
-/// The adjoint of [`synthesize`] applied to `q_lo`: `w` with `Σ_k w_k·coef_k = q_lo · z`
-/// for every `coef`, so a score needs no inverse FFT per token. With `Q = rfft(q_lo)`:
-/// `w = (Re Q_0, Re Q_{Dl/2}, 2 Re Q_1, 2 Im Q_1, …) / Dl`.
+/// [`Spectrum::adjoint`] of `q_lo` (`w` as long).
 ///
 /// # Panics
 /// If `q_lo.len()` is odd or below 2, or `w` is not as long.
 pub fn adjoint(q_lo: &[f32], w: &mut [f64]) {
-    let len = q_lo.len();
-    let q: Vec<f64> = q_lo.iter().map(|&v| v as f64).collect();
-    analyze(&q, w);
-    w[0] /= len as f64;
-    w[1] /= len as f64;
-    w[2..].iter_mut().for_each(|v| *v *= 2.0 / len as f64);
+    assert_eq!(q_lo.len(), w.len());
+    Spectrum::new(q_lo.len()).adjoint(q_lo.iter().copied(), w);
 }
 
 /// Where each part of a block starts, and which channels are which.
@@ -112,8 +139,8 @@ pub(crate) struct Layout {
     pub(crate) hi: Vec<usize>,
     /// FFT channels, ascending.
     pub(crate) lo: Vec<usize>,
-    params: usize,
-    scales: usize,
+    pub(crate) params: usize,
+    pub(crate) scales: usize,
     pub(crate) codes: usize,
     /// Bytes of one token's codes.
     pub(crate) stride: usize,
@@ -203,15 +230,15 @@ impl Format for K1_5Mix {
         let (n, d) = (shape.n, shape.d);
         let dh = high_channels(d, params.mix_fraction)?;
 
+        // Each channel's range, a row at a time (in token order, as a fold per channel).
+        let (mut lo, mut hi) = (vec![f32::INFINITY; d], vec![f32::NEG_INFINITY; d]);
+        for row in x.chunks_exact(d) {
+            for ((l, h), &v) in lo.iter_mut().zip(hi.iter_mut()).zip(row) {
+                (*l, *h) = (l.min(v), h.max(v));
+            }
+        }
+        let range: Vec<f32> = hi.iter().zip(&lo).map(|(h, l)| h - l).collect();
         // Widest range first, ties to the lower channel.
-        let range: Vec<f32> = (0..d)
-            .map(|c| {
-                let col = (0..n).map(|t| x[t * d + c]);
-                let hi = col.clone().fold(f32::NEG_INFINITY, f32::max);
-                let lo = col.fold(f32::INFINITY, f32::min);
-                hi - lo
-            })
-            .collect();
         let mut order: Vec<usize> = (0..d).collect();
         order.sort_by(|&a, &b| range[b].total_cmp(&range[a]).then(a.cmp(&b)));
         let mut mask = vec![false; d];
@@ -221,22 +248,25 @@ impl Format for K1_5Mix {
 
         let ranges: Vec<MinMax> =
             l.hi.iter()
-                .map(|&c| MinMax::over((0..n).map(|t| x[t * d + c]), LEVELS))
+                .map(|&c| MinMax::new(lo[c], hi[c], LEVELS))
                 .collect();
 
         let mut coef = vec![0f64; n * dl];
-        let mut z = vec![0f64; dl];
+        let mut spectrum = Spectrum::new(dl);
         for t in 0..n {
-            for (zi, &c) in z.iter_mut().zip(&l.lo) {
-                *zi = x[t * d + c] as f64;
-            }
-            analyze(&z, &mut coef[t * dl..(t + 1) * dl]);
+            let z = l.lo.iter().map(|&c| x[t * d + c] as f64);
+            spectrum.analyze(z, &mut coef[t * dl..(t + 1) * dl]);
         }
-        let scales = (0..dl)
-            .map(|k| {
-                let mean = (0..n).map(|t| coef[t * dl + k].abs()).sum::<f64>() / n as f64;
-                stored_f16(f16::from_f64(mean).to_f32())
-            })
+        let mut abs_sums = vec![0f64; dl];
+        for row in coef.chunks_exact(dl) {
+            abs_sums
+                .iter_mut()
+                .zip(row)
+                .for_each(|(s, v)| *s += v.abs());
+        }
+        let scales = abs_sums
+            .iter()
+            .map(|&sum| stored_f16(f16::from_f64(sum / n as f64).to_f32()))
             .collect::<Result<Vec<f32>, Error>>()?;
 
         let start = out.len();
@@ -290,9 +320,8 @@ impl Format for K1_5Mix {
         let dl = l.lo.len();
         // Per block: the query through the adjoint, times the scales; the steps times the
         // query and the offsets' constant term.
-        let q_lo: Vec<f32> = l.lo.iter().map(|&c| q[c]).collect();
         let mut w = vec![0f64; dl];
-        adjoint(&q_lo, &mut w);
+        Spectrum::new(dl).adjoint(l.lo.iter().map(|&c| q[c]), &mut w);
         let w_scaled: Vec<f64> = (0..dl).map(|k| w[k] * l.scale(block, k)).collect();
         let mut base = 0f64;
         let q_step: Vec<f64> =

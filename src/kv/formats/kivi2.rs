@@ -21,7 +21,7 @@ const LEVELS: u32 = 3;
 const BITS: usize = 2;
 
 /// Bytes of a key group of `m` tokens.
-fn key_group_bytes(d: usize, m: usize) -> usize {
+pub(crate) fn key_group_bytes(d: usize, m: usize) -> usize {
     4 * d + m * d / 4
 }
 
@@ -83,17 +83,26 @@ fn key_groups(n: usize) -> impl Iterator<Item = (usize, usize)> {
 #[inline(always)]
 fn quantize_keys(x: &[f32], shape: Shape, out: &mut Vec<u8>) {
     let d = shape.d;
+    let mut mm = [MinMax { lo: 0.0, step: 0.0 }; 256];
+    let mm = &mut mm[..d];
     let mut codes = Vec::with_capacity(d);
     for (t0, m) in key_groups(shape.n) {
         let rows = &x[t0 * d..(t0 + m) * d];
-        let mm: Vec<MinMax> = (0..d)
-            .map(|c| MinMax::over(rows.iter().skip(c).step_by(d).copied(), LEVELS))
-            .collect();
+        // Each channel's range, a row at a time (in token order, as a fold per channel).
+        let (mut lo, mut hi) = ([f32::INFINITY; 256], [f32::NEG_INFINITY; 256]);
+        for row in rows.chunks_exact(d) {
+            for ((l, h), &v) in lo.iter_mut().zip(hi.iter_mut()).zip(row) {
+                (*l, *h) = (l.min(v), h.max(v));
+            }
+        }
+        for (c, p) in mm.iter_mut().enumerate() {
+            *p = MinMax::new(lo[c], hi[c], LEVELS);
+        }
         mm.iter().for_each(|p| put_f16(out, p.lo));
         mm.iter().for_each(|p| put_f16(out, p.step));
         for row in rows.chunks_exact(d) {
             codes.clear();
-            codes.extend(row.iter().zip(&mm).map(|(&v, p)| p.code(v, LEVELS)));
+            codes.extend(row.iter().zip(&*mm).map(|(&v, p)| p.code(v, LEVELS)));
             pack_bits(&codes, BITS, out);
         }
     }

@@ -16,7 +16,7 @@
 
 use std::ops::Range;
 
-use super::minmax::MinMax;
+use super::minmax::{MinMax, range};
 use super::pack::{get_f16, pack_bits, packed_len, put_f16, stored_f16, unpack_bits};
 use crate::Error;
 use crate::kv::format::{BlockSize, Format, QuantParams, Shape, check_input};
@@ -25,7 +25,7 @@ use crate::kv::format::{BlockSize, Format, QuantParams, Shape, check_input};
 const GROUP: usize = 64;
 /// The protected-token count that opens every block; 4 bytes keep the f16 pairs after it
 /// 4-byte aligned for wide loads.
-const HEADER: usize = 4;
+pub(crate) const HEADER: usize = 4;
 /// Bytes of one group's (`lo`, `step`) pair.
 const PAIR: usize = 4;
 
@@ -41,16 +41,35 @@ pub fn wht(x: &mut [f32]) {
     );
     let mut h = 1;
     while h < len {
-        for pair in x.chunks_exact_mut(2 * h) {
-            let (a, b) = pair.split_at_mut(h);
-            for (u, v) in a.iter_mut().zip(b) {
-                (*u, *v) = (*u + *v, *u - *v);
+        // The short strides at a length known here, so that they unroll; the same butterflies.
+        match h {
+            1 => butterflies::<1>(x),
+            2 => butterflies::<2>(x),
+            4 => butterflies::<4>(x),
+            _ => {
+                for pair in x.chunks_exact_mut(2 * h) {
+                    let (a, b) = pair.split_at_mut(h);
+                    for (u, v) in a.iter_mut().zip(b) {
+                        (*u, *v) = (*u + *v, *u - *v);
+                    }
+                }
             }
         }
         h *= 2;
     }
     let norm = 1.0 / (len as f32).sqrt();
     x.iter_mut().for_each(|v| *v *= norm);
+}
+
+/// One stage of [`wht`] at stride `H`: `(x[i], x[i+H]) ← (x[i] + x[i+H], x[i] − x[i+H])`.
+#[inline(always)]
+fn butterflies<const H: usize>(x: &mut [f32]) {
+    for pair in x.chunks_exact_mut(2 * H) {
+        for i in 0..H {
+            let (u, v) = (pair[i], pair[i + H]);
+            (pair[i], pair[i + H]) = (u + v, u - v);
+        }
+    }
 }
 
 /// The rotation of one token: [`wht`] over power-of-two sub-blocks, largest first
@@ -77,7 +96,7 @@ pub(crate) fn codes_at(d: usize) -> usize {
 }
 
 /// Bytes of one quantized token: its group pairs, then its codes.
-fn record_len(d: usize, bits: usize) -> usize {
+pub(crate) fn record_len(d: usize, bits: usize) -> usize {
     codes_at(d) + packed_len(d, bits)
 }
 
@@ -177,11 +196,7 @@ fn write_block<const BITS: usize>(
         y.copy_from_slice(&x[t * d..(t + 1) * d]);
         rotate(&mut y);
         for r in groups(d) {
-            let (min, max) = y[r.clone()]
-                .iter()
-                .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
-                    (lo.min(v), hi.max(v))
-                });
+            let (min, max) = range(&y[r.clone()]);
             let mm = MinMax::new(clip * min, clip * max, levels);
             stored_f16(mm.lo)?;
             stored_f16(mm.step)?;

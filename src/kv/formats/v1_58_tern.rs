@@ -56,8 +56,8 @@ pub(crate) struct Layout {
     d: usize,
     pub(crate) n_p: usize,
     mask: usize,
-    gamma: usize,
-    minmax: usize,
+    pub(crate) gamma: usize,
+    pub(crate) minmax: usize,
     pub(crate) trits: usize,
     pub(crate) protected: usize,
     end: usize,
@@ -179,10 +179,16 @@ impl Format for V1_58Tern {
         let unprotected: Vec<usize> = (0..n).filter(|&t| !is_protected(t)).collect();
         let protected: Vec<usize> = (0..n).filter(|&t| is_protected(t)).collect();
 
+        // Σ_u |x_uc| a row at a time (in token order, as a sum per channel), in f64.
+        let mut abs_sums = vec![0f64; d];
+        for &t in &unprotected {
+            for (s, &v) in abs_sums.iter_mut().zip(&x[t * d..(t + 1) * d]) {
+                *s += v.abs() as f64;
+            }
+        }
         let mut gamma = vec![0f32; d];
-        for (c, g) in gamma.iter_mut().enumerate() {
+        for (g, &sum) in gamma.iter_mut().zip(&abs_sums) {
             if !unprotected.is_empty() {
-                let sum: f64 = unprotected.iter().map(|&t| x[t * d + c].abs() as f64).sum();
                 *g = f16::from_f64(sum / unprotected.len() as f64).to_f32();
             }
             put_f16(out, *g);
@@ -198,16 +204,22 @@ impl Format for V1_58Tern {
             }
         }
 
+        // Each group's bytes built a token (digit) at a time across channels, as `pack_trits`
+        // builds one: digit 0 most significant, missing digits 1.
+        let mut packed = vec![0u16; d];
         for group in unprotected.chunks(PER_BYTE) {
-            for (c, &g) in gamma.iter().enumerate() {
-                let mut digits = [1u8; PER_BYTE];
-                for (digit, &t) in digits.iter_mut().zip(group) {
-                    if g > 0.0 {
-                        *digit = ((x[t * d + c] / g).round().clamp(-1.0, 1.0) + 1.0) as u8;
-                    }
+            packed.fill(0);
+            for i in 0..PER_BYTE {
+                let row = group.get(i).map(|&t| &x[t * d..(t + 1) * d]);
+                for (c, (v, &g)) in packed.iter_mut().zip(&gamma).enumerate() {
+                    let digit = match row {
+                        Some(r) if g > 0.0 => ((r[c] / g).round().clamp(-1.0, 1.0) + 1.0) as u16,
+                        _ => 1,
+                    };
+                    *v = *v * 3 + digit;
                 }
-                out.push(pack_trits(digits));
             }
+            out.extend(packed.iter().map(|&v| (v * 256).div_ceil(243) as u8));
         }
 
         for &t in &protected {

@@ -1,70 +1,164 @@
-//! Fast `kivi2` (see `formats/kivi2.rs`). Keys: per group of 32 tokens, each head's query is
-//! folded with the channels' steps and offsets once; each token's 2-bit codes are decoded
-//! once into a row for every head. Values: a token's groups decode to their values in a row
-//! (`rows::RowKernel`). Sums of keys (never asked) run the reference.
+//! Fast `kivi2` (see `formats/kivi2.rs`), straight from the 2-bit codes.
+//!
+//! Keys: per group of 32 tokens, each head's dot with the offsets is its base; the code words
+//! of `L` tokens are gathered once, each code times its channel's step (and its position's
+//! power of two, [`code_weights`]) serves every head, and the scores come out as one vector
+//! of tokens per head ([`token_dots`]).
+//!
+//! Values: per token and channel group the offset goes into one sum per head and group
+//! ([`group_steps`]); the codes of `L` channels are spread into lanes, times the token's step
+//! once for every head, and summed with the heads' accumulators in registers
+//! ([`channel_sums`]). Sums of keys and scores of values (never asked) run the reference.
 
-use super::q2_had::unpack;
-use super::rows::{DecodeRow, RowKernel, store_dots};
-use super::{Kernel, PerHead};
-use crate::kv::formats::kivi2::{
-    GROUP, VALUE_GROUP_BYTES, stored_key_groups, value_group, value_row_bytes,
+use std::marker::PhantomData;
+
+use super::lanes::{
+    self, Lanes, Packed, Scaled, Scores, Sums, channel_sums, code_weights, group_steps, row_index,
+    row_weights, store_lanes, token_dots,
 };
+use super::{Kernel, PerHead, dot};
+use crate::kv::formats::kivi2::{GROUP, VALUE_GROUP_BYTES, key_group_bytes, value_row_bytes};
 use crate::kv::{FormatId, Role, Shape};
 
-/// AVX2 and FMA.
-pub struct Kivi2Avx2;
+/// The kernels on lanes `V`.
+pub(crate) struct Kivi2Fast<V>(pub(crate) PhantomData<V>);
 
-struct ValueRows;
-
-impl DecodeRow for ValueRows {
-    #[inline(always)]
-    fn row(&self, block: &[u8], d: usize, t: usize, out: &mut [f32]) {
-        let row = &block[t * value_row_bytes(d)..(t + 1) * value_row_bytes(d)];
-        for (group, o) in row.chunks(VALUE_GROUP_BYTES).zip(out.chunks_mut(GROUP)) {
-            let (mm, packed) = value_group(group);
-            unpack::<2>(packed, o);
-            o.iter_mut().for_each(|v| *v = *v * mm.step + mm.lo);
-        }
-    }
-}
-
-const VALUES: RowKernel<ValueRows> = RowKernel(ValueRows);
-
-impl Kernel for Kivi2Avx2 {
+impl<V: Lanes + Sync> Kernel for Kivi2Fast<V> {
     fn scores(&self, block: &[u8], shape: Shape, q: &[f32], out: &mut [f32], stride: usize) {
         match shape.role {
-            // SAFETY: `kernel` hands out this path only where `Isa::Avx2` is supported.
-            Role::Key => unsafe { key_scores(block, shape, q, out, stride) },
-            Role::Value => VALUES.scores(block, shape, q, out, stride),
+            // SAFETY: `kernel` hands out `V`'s kernels only where its features are present.
+            Role::Key => unsafe { lanes::scores::<V, Keys>(block, shape, q, out, stride) },
+            Role::Value => PerHead(FormatId::Kivi2).scores(block, shape, q, out, stride),
         }
     }
 
     fn accumulate(&self, block: &[u8], shape: Shape, p: &[f32], stride: usize, out: &mut [f32]) {
         match shape.role {
             Role::Key => PerHead(FormatId::Kivi2).accumulate(block, shape, p, stride, out),
-            Role::Value => VALUES.accumulate(block, shape, p, stride, out),
+            // SAFETY: as in `scores`.
+            Role::Value => unsafe { lanes::sums::<V, Values>(block, shape, p, stride, out) },
         }
     }
 }
 
-#[target_feature(enable = "avx2,fma")]
-unsafe fn key_scores(block: &[u8], shape: Shape, q: &[f32], out: &mut [f32], stride: usize) {
-    let d = shape.d;
-    let nh = q.len() / d;
-    let (mut w, mut base) = (vec![0f32; nh * d], vec![0f32; nh]);
-    let mut row = [0f32; 256];
-    let row = &mut row[..d];
-    for g in stored_key_groups(block, shape) {
-        for (h, qh) in q.chunks_exact(d).enumerate() {
-            base[h] = qh.iter().zip(&g.mm).map(|(&qc, mm)| qc * mm.lo).sum();
-            for ((wc, &qc), mm) in w[h * d..(h + 1) * d].iter_mut().zip(qh).zip(&g.mm) {
-                *wc = qc * mm.step;
+struct Keys;
+struct Values;
+
+impl Scores for Keys {
+    #[inline(always)]
+    unsafe fn scores<V: Lanes, const H: usize>(
+        block: &[u8],
+        shape: Shape,
+        q: &[f32],
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe { key_scores::<V, H>(block, shape, q, out, stride) }
+    }
+}
+
+impl Sums for Values {
+    #[inline(always)]
+    unsafe fn sums<V: Lanes, const H: usize>(
+        block: &[u8],
+        shape: Shape,
+        p: &[f32],
+        stride: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe { value_sums::<V, H>(block, shape, p, stride, out) }
+    }
+}
+
+#[inline(always)]
+unsafe fn key_scores<V: Lanes, const H: usize>(
+    block: &[u8],
+    shape: Shape,
+    q: &[f32],
+    out: &mut [f32],
+    stride: usize,
+) {
+    let (n, d) = (shape.n, shape.d);
+    let (mut lo, mut step) = ([0f32; 256], [0f32; 256]);
+    let (lo, step) = (&mut lo[..d], &mut step[..d]);
+    // The queries interleaved by head: the weights of every group, whose steps go on the
+    // codes instead.
+    let mut w = [0f32; 7 * 256];
+    for (h, qh) in q.chunks_exact(d).enumerate() {
+        for (c, &x) in qh.iter().enumerate() {
+            w[c * H + h] = x;
+        }
+    }
+    let cw = const { code_weights::<2>() };
+    let mut at = 0;
+    for t_group in (0..n).step_by(GROUP) {
+        let m = GROUP.min(n - t_group);
+        let group = &block[at..at + key_group_bytes(d, m)];
+        at += group.len();
+        super::f16::f16s_to_f32(&group[..2 * d], lo);
+        super::f16::f16s_to_f32(&group[2 * d..4 * d], step);
+        step.iter_mut()
+            .enumerate()
+            .for_each(|(c, s)| *s *= cw[c % 16]);
+        let mut base = [0f32; H];
+        for (h, b) in base.iter_mut().enumerate() {
+            *b = dot(&q[h * d..(h + 1) * d], lo);
+        }
+        let rows = &group[4 * d..];
+        for t0 in (0..m).step_by(V::L) {
+            let mt = V::L.min(m - t0);
+            // SAFETY: lanes read rows `t0..t0 + mt` of the group; `w` holds `H` rows of `d`.
+            unsafe {
+                let idx = row_index::<V>(0, d / 4, t0, mt);
+                let mut acc = base.map(|b| V::splat(b));
+                token_dots::<V, H, 2>(rows.as_ptr(), idx, 0, d, &w, step, &mut acc);
+                for (h, a) in acc.into_iter().enumerate() {
+                    store_lanes::<V>(&mut out[h * stride + t_group + t0..][..mt], a);
+                }
             }
         }
-        for (i, codes) in g.rows.chunks_exact(d / 4).enumerate() {
-            unpack::<2>(codes, row);
-            // SAFETY: AVX2 and FMA are enabled here.
-            unsafe { store_dots(&w, &base, row, out, stride, g.t0 + i) };
+    }
+}
+
+#[inline(always)]
+unsafe fn value_sums<V: Lanes, const H: usize>(
+    block: &[u8],
+    shape: Shape,
+    p: &[f32],
+    stride: usize,
+    out: &mut [f32],
+) {
+    let (n, d) = (shape.n, shape.d);
+    let row = value_row_bytes(d);
+    let block = &block[..n * row];
+    let w = row_weights::<H>(p, stride, &[], n);
+    let mut step = vec![0f32; n];
+    for (g, c0) in (0..d).step_by(GROUP).enumerate() {
+        let channels = c0..(c0 + GROUP).min(d);
+        let at = g * VALUE_GROUP_BYTES;
+        // SAFETY: every row's pair and codes lie in `block`.
+        let lo_sum = unsafe {
+            let ptr = block.as_ptr();
+            let lo_sum = group_steps::<V, H>(ptr, at, row, &[], n, p, stride, &mut step);
+            // Channel `c` of group `g` is code `c − 32g` of the codes at `at + 4`.
+            let codes = Packed::<2> {
+                base: ptr,
+                first: at + 4 - c0 / 4,
+                stride: row,
+            };
+            let codes = Scaled {
+                codes,
+                scale: &step,
+            };
+            channel_sums::<V, H>(channels.clone(), n, &codes, &w, out, d);
+            lo_sum
+        };
+        for (h, ls) in lo_sum.iter().enumerate() {
+            out[h * d..][channels.clone()]
+                .iter_mut()
+                .for_each(|o| *o += ls);
         }
     }
 }

@@ -4,8 +4,9 @@
 //!
 //! The scalar formats in `formats/` stay the ground truth. A format's fast kernels live in the
 //! file of the same name here (`simd/q1_calib.rs` beside `formats/q1_calib.rs`); shared pieces
-//! are `rows.rs` (kernels that decode a token into a row every head reads), `softmax.rs`
-//! (vector exp) and `f16.rs` (F16C). [`kernel`] and [`quantize`] are the dispatch points;
+//! are `lanes.rs` (the packed-code kernels of the 2-bit and ternary formats, written once
+//! for AVX2 and AVX-512), `rows.rs` (kernels that decode a token into a row every head
+//! reads: q8_0, q4_0), `softmax.rs` (vector exp) and `f16.rs` (F16C). [`kernel`] and [`quantize`] are the dispatch points;
 //! [`isa`] picks the instruction set once per process: the best the CPU has, or what
 //! `KVBITS_CPU=scalar|avx2|avx512` forces. `scalar` is the portable path: the reference
 //! kernels one query head at a time ([`PerHead`]), still threaded by the cache.
@@ -16,6 +17,17 @@
 /// Calls `$f::<H>(args)` with `H = $nh` (1..=7; more is 7): kernels keep a register per head,
 /// which needs the count at compile time.
 macro_rules! by_heads {
+    ($nh:expr, $f:ident::<$v:ty>($($a:expr),*)) => {
+        match $nh {
+            1 => $f::<$v, 1>($($a),*),
+            2 => $f::<$v, 2>($($a),*),
+            3 => $f::<$v, 3>($($a),*),
+            4 => $f::<$v, 4>($($a),*),
+            5 => $f::<$v, 5>($($a),*),
+            6 => $f::<$v, 6>($($a),*),
+            _ => $f::<$v, 7>($($a),*),
+        }
+    };
     ($nh:expr, $f:ident($($a:expr),*)) => {
         match $nh {
             1 => $f::<1>($($a),*),
@@ -36,6 +48,8 @@ pub mod k1_5_mix;
 #[cfg(target_arch = "x86_64")]
 pub mod kivi2;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod lanes;
+#[cfg(target_arch = "x86_64")]
 pub mod q1_calib;
 #[cfg(target_arch = "x86_64")]
 pub mod q2_had;
@@ -49,6 +63,7 @@ pub mod softmax;
 #[cfg(target_arch = "x86_64")]
 pub mod v1_58_tern;
 
+use std::marker::PhantomData;
 use std::sync::OnceLock;
 
 use crate::Error;
@@ -196,22 +211,29 @@ static PER_HEAD: [PerHead; 9] = [
 ];
 
 /// The kernels of format `id` on path `isa` (which the caller has checked is supported).
-/// Every format has an AVX2 kernel; q1_calib an AVX-512 one besides, the others run their
-/// AVX2 kernel on AVX-512 machines.
+/// Every format has an AVX2 kernel; q1_calib and the formats of `lanes` an AVX-512 one
+/// besides, the others run their AVX2 kernel on AVX-512 machines.
 pub fn kernel(id: FormatId, isa: Isa) -> &'static dyn Kernel {
     #[cfg(target_arch = "x86_64")]
     if isa != Isa::Scalar {
+        use lanes::{Avx2, Avx512};
+        let wide = isa == Isa::Avx512;
         return match id {
             FormatId::F16 => &f16::F16Avx2,
             FormatId::Q8_0 => &q8_0::Q8_0_AVX2,
             FormatId::Q4_0 => &q4_0::Q4_0_AVX2,
-            FormatId::Kivi2 => &kivi2::Kivi2Avx2,
-            FormatId::Q1Calib if isa == Isa::Avx512 => &q1_calib::Q1CalibAvx512,
+            FormatId::Kivi2 if wide => &kivi2::Kivi2Fast::<Avx512>(PhantomData),
+            FormatId::Kivi2 => &kivi2::Kivi2Fast::<Avx2>(PhantomData),
+            FormatId::Q1Calib if wide => &q1_calib::Q1CalibAvx512,
             FormatId::Q1Calib => &q1_calib::Q1CalibAvx2,
-            FormatId::K1_5Mix => &k1_5_mix::K1_5MixAvx2,
-            FormatId::V1_58Tern => &v1_58_tern::V1_58TernAvx2,
-            FormatId::Q2Had => &q2_had::HadAvx2::<2>,
-            FormatId::Q4Had => &q2_had::HadAvx2::<4>,
+            FormatId::K1_5Mix if wide => &k1_5_mix::K1_5MixFast::<Avx512>(PhantomData),
+            FormatId::K1_5Mix => &k1_5_mix::K1_5MixFast::<Avx2>(PhantomData),
+            FormatId::V1_58Tern if wide => &v1_58_tern::V1_58TernFast::<Avx512>(PhantomData),
+            FormatId::V1_58Tern => &v1_58_tern::V1_58TernFast::<Avx2>(PhantomData),
+            FormatId::Q2Had if wide => &q2_had::HadFast::<Avx512, 2>(PhantomData),
+            FormatId::Q2Had => &q2_had::HadFast::<Avx2, 2>(PhantomData),
+            FormatId::Q4Had if wide => &q2_had::HadFast::<Avx512, 4>(PhantomData),
+            FormatId::Q4Had => &q2_had::HadFast::<Avx2, 4>(PhantomData),
         };
     }
     let _ = isa;

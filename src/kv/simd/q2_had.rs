@@ -1,44 +1,106 @@
-//! Fast `q2_had` and `q4_had` (see `formats/q2_had.rs`): the query of every head is rotated
-//! once per block; each token's codes are decoded once, in the rotated basis, into a row the
-//! size of a few registers that every head's dot product reads (`dots8`); sums stay in the
-//! rotated basis and are rotated back once per block and head. Plain Rust compiled for AVX2
-//! and FMA, which the compiler vectorises, around the one intrinsic reduction.
+//! Fast `q2_had` and `q4_had` (see `formats/q2_had.rs`), straight from the codes.
+//!
+//! Scores: every head's query is rotated once per step and thread (the rotation is symmetric
+//! and orthonormal, so `q·R(ŷ) = (Rq)·ŷ`); per group of 64 rotated channels a token scores
+//! `step·(Rq · codes) + lo·Σ Rq`, the code dots taken for `L` tokens at once
+//! ([`token_dots`]) and the token's `(lo, step)` gathered beside them.
+//!
+//! Sums: per token and group the offset goes into one sum per head and group
+//! ([`group_steps`]) and the step onto the codes, once for every head; codes are summed with
+//! channels as lanes ([`channel_sums`]) in the rotated basis, rotated back once per block and head. Pivot
+//! tokens (f16 rows) are few and take the plain path.
 
-use super::Kernel;
+use std::cell::RefCell;
+use std::marker::PhantomData;
+
 use super::f16::f16s_to_f32;
-use super::rows::{Tile, store_dots};
+use super::lanes::{
+    self, Lanes, Packed, Scaled, Scores, Sums, channel_sums, code_weights, group_steps, pairs,
+    row_index, row_weights, store_lanes, token_dots,
+};
+use super::{Kernel, dot};
 use crate::kv::Shape;
-use crate::kv::formats::q2_had::{Token, codes_at, group_params, groups, rotate, tokens};
+use crate::kv::formats::q2_had::{HEADER, Token, codes_at, groups, record_len, rotate, tokens};
 
-/// AVX2 and FMA, at `BITS` bits per code (2: `q2_had`, 4: `q4_had`).
-pub struct HadAvx2<const BITS: usize>;
-
-/// The codes of a packed string as numbers, `out.len()` of them.
-#[inline(always)]
-pub(crate) fn unpack<const BITS: usize>(packed: &[u8], out: &mut [f32]) {
-    let per = 8 / BITS;
-    let mask = (1u8 << BITS) - 1;
-    for (o, &b) in out.chunks_exact_mut(per).zip(packed) {
-        for (k, v) in o.iter_mut().enumerate() {
-            *v = ((b >> (k * BITS)) & mask) as f32;
-        }
-    }
+thread_local! {
+    /// The queries this thread rotated last, and their rotation: every block of a decode
+    /// step brings the same queries, and one rotation serves them all.
+    static ROTATED: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-impl<const BITS: usize> Kernel for HadAvx2<BITS> {
+/// The kernels on lanes `V` at `BITS` bits per code (2: `q2_had`, 4: `q4_had`).
+pub(crate) struct HadFast<V, const BITS: usize>(pub(crate) PhantomData<V>);
+
+impl<V: Lanes + Sync, const BITS: usize> Kernel for HadFast<V, BITS> {
     fn scores(&self, block: &[u8], shape: Shape, q: &[f32], out: &mut [f32], stride: usize) {
-        // SAFETY: `kernel` hands out this path only where `Isa::Avx2` is supported.
-        unsafe { scores_avx2::<BITS>(block, shape, q, out, stride) }
+        // SAFETY: `kernel` hands out `V`'s kernels only where its features are present.
+        unsafe { lanes::scores::<V, Had<BITS>>(block, shape, q, out, stride) }
     }
 
     fn accumulate(&self, block: &[u8], shape: Shape, p: &[f32], stride: usize, out: &mut [f32]) {
         // SAFETY: as in `scores`.
-        unsafe { accumulate_avx2::<BITS>(block, shape, p, stride, out) }
+        unsafe { lanes::sums::<V, Had<BITS>>(block, shape, p, stride, out) }
     }
 }
 
-#[target_feature(enable = "avx2,fma")]
-unsafe fn scores_avx2<const BITS: usize>(
+struct Had<const BITS: usize>;
+
+impl<const BITS: usize> Scores for Had<BITS> {
+    #[inline(always)]
+    unsafe fn scores<V: Lanes, const H: usize>(
+        block: &[u8],
+        shape: Shape,
+        q: &[f32],
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe { scores_bits::<V, H, BITS>(block, shape, q, out, stride) }
+    }
+}
+
+impl<const BITS: usize> Sums for Had<BITS> {
+    #[inline(always)]
+    unsafe fn sums<V: Lanes, const H: usize>(
+        block: &[u8],
+        shape: Shape,
+        p: &[f32],
+        stride: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe { sums_bits::<V, H, BITS>(block, shape, p, stride, out) }
+    }
+}
+
+/// A block's quantized tokens (records, in order) and its pivot tokens.
+struct Split<'a> {
+    /// Token of each record; empty when there is no pivot (record `k` is token `k`).
+    quantized: Vec<usize>,
+    pivots: Vec<(usize, &'a [u8])>,
+    n_q: usize,
+}
+
+fn split(block: &[u8], shape: Shape, bits: usize) -> Split<'_> {
+    let n_p = u32::from_le_bytes([block[0], block[1], block[2], block[3]]) as usize;
+    let mut s = Split {
+        quantized: Vec::new(),
+        pivots: Vec::new(),
+        n_q: shape.n - n_p,
+    };
+    if n_p > 0 {
+        for (t, tok) in tokens(block, shape, bits).enumerate() {
+            match tok {
+                Token::Quantized(_) => s.quantized.push(t),
+                Token::Protected(row) => s.pivots.push((t, row)),
+            }
+        }
+    }
+    s
+}
+
+#[inline(always)]
+unsafe fn scores_bits<V: Lanes, const H: usize, const BITS: usize>(
     block: &[u8],
     shape: Shape,
     q: &[f32],
@@ -46,33 +108,86 @@ unsafe fn scores_avx2<const BITS: usize>(
     stride: usize,
 ) {
     let d = shape.d;
-    let mut qr = q.to_vec();
-    qr.chunks_exact_mut(d).for_each(rotate);
-    let mut c = [0f32; 256];
-    let c = &mut c[..d];
-    for (t, tok) in tokens(block, shape, BITS).enumerate() {
-        let w = match tok {
-            Token::Quantized(rec) => {
-                // The token's values in the rotated basis, in registers' worth of floats.
-                unpack::<BITS>(&rec[codes_at(d)..], c);
-                for (g, r) in groups(d).enumerate() {
-                    let mm = group_params(rec, g);
-                    c[r].iter_mut().for_each(|v| *v = *v * mm.step + mm.lo);
+    let s = split(block, shape, BITS);
+    let rec = record_len(d, BITS);
+    let records = &block[..HEADER + s.n_q * rec];
+    // Weights: the rotated queries with the code positions folded in, interleaved by head;
+    // and the rotated queries' sums per group.
+    let mut w = [0f32; 7 * 256];
+    let mut q_sums = [[0f32; 4]; H];
+    let cw = const { code_weights::<BITS>() };
+    ROTATED.with_borrow_mut(|(last, rotated)| {
+        let same =
+            last.len() == q.len() && last.iter().zip(q).all(|(a, b)| a.to_bits() == b.to_bits());
+        if !same {
+            last.clear();
+            last.extend_from_slice(q);
+            rotated.clear();
+            rotated.extend_from_slice(q);
+            rotated.chunks_exact_mut(d).for_each(rotate);
+        }
+        for (h, qs) in q_sums.iter_mut().enumerate() {
+            let qr = &rotated[h * d..(h + 1) * d];
+            for (g, r) in groups(d).enumerate() {
+                qs[g] = super::sum(&qr[r]);
+            }
+            for (j, &x) in qr.iter().enumerate() {
+                w[j * H + h] = x * cw[j % (32 / BITS)];
+            }
+        }
+    });
+    for k0 in (0..s.n_q).step_by(V::L) {
+        let mt = V::L.min(s.n_q - k0);
+        // SAFETY: lanes read records `k0..k0 + mt`, inside `records`.
+        let total = unsafe {
+            let idx = row_index::<V>(HEADER, rec, k0, mt);
+            let mut total = [V::zero(); H];
+            for (g, r) in groups(d).enumerate() {
+                let mut acc = [V::zero(); H];
+                let at = codes_at(d) + r.start * BITS / 8;
+                token_dots::<V, H, BITS>(
+                    records.as_ptr(),
+                    idx,
+                    at,
+                    r.len(),
+                    &w[r.start * H..],
+                    &[],
+                    &mut acc,
+                );
+                let (lo, step) = pairs::<V>(records.as_ptr().add(4 * g), idx);
+                for h in 0..H {
+                    let t = V::fma(lo, V::splat(q_sums[h][g]), total[h]);
+                    total[h] = V::fma(step, acc[h], t);
                 }
-                &qr
             }
-            Token::Protected(row) => {
-                f16s_to_f32(row, c);
-                q
-            }
+            total
         };
-        // SAFETY: AVX2 and FMA are enabled here.
-        unsafe { store_dots(w, &[], c, out, stride, t) };
+        for (h, t) in total.into_iter().enumerate() {
+            let o = &mut out[h * stride..];
+            if s.quantized.is_empty() {
+                // SAFETY: AVX2 at least, as every caller.
+                unsafe { store_lanes::<V>(&mut o[k0..k0 + mt], t) };
+            } else {
+                let mut lanes = [0f32; 16];
+                // SAFETY: as above; `lanes` holds 16 floats.
+                unsafe { store_lanes::<V>(&mut lanes[..V::L], t) };
+                for (i, &v) in lanes[..mt].iter().enumerate() {
+                    o[s.quantized[k0 + i]] = v;
+                }
+            }
+        }
+    }
+    let mut row = [0f32; 256];
+    for &(t, bytes) in &s.pivots {
+        f16s_to_f32(bytes, &mut row[..d]);
+        for h in 0..H {
+            out[h * stride + t] = dot(&q[h * d..(h + 1) * d], &row[..d]);
+        }
     }
 }
 
-#[target_feature(enable = "avx2,fma")]
-unsafe fn accumulate_avx2<const BITS: usize>(
+#[inline(always)]
+unsafe fn sums_bits<V: Lanes, const H: usize, const BITS: usize>(
     block: &[u8],
     shape: Shape,
     p: &[f32],
@@ -80,30 +195,49 @@ unsafe fn accumulate_avx2<const BITS: usize>(
     out: &mut [f32],
 ) {
     let d = shape.d;
-    let nh = out.len() / d;
-    // Σ p_t·ŷ_t per head in the rotated basis; protected rows go to `out` directly.
-    let mut acc = vec![0f32; nh * d];
-    let (mut rotated, mut plain) = (Tile::new(d), Tile::new(d));
-    for (t, tok) in tokens(block, shape, BITS).enumerate() {
-        match tok {
-            Token::Quantized(rec) => {
-                let c = rotated.next();
-                unpack::<BITS>(&rec[codes_at(d)..], c);
-                for (g, r) in groups(d).enumerate() {
-                    let mm = group_params(rec, g);
-                    c[r].iter_mut().for_each(|v| *v = *v * mm.step + mm.lo);
-                }
-                rotated.push(t, p, stride, &mut acc);
-            }
-            Token::Protected(row) => {
-                f16s_to_f32(row, plain.next());
-                plain.push(t, p, stride, out);
-            }
+    let s = split(block, shape, BITS);
+    let rec = record_len(d, BITS);
+    let records = &block[..HEADER + s.n_q * rec];
+    let mut rotated = vec![0f32; H * d];
+    let w = row_weights::<H>(p, stride, &s.quantized, s.n_q);
+    let mut step = vec![0f32; s.n_q];
+    for (g, r) in groups(d).enumerate() {
+        // SAFETY: every record's pair and codes lie in `records`.
+        let lo_sum = unsafe {
+            let ptr = records.as_ptr();
+            let at = HEADER + 4 * g;
+            let (tok, n_q) = (&s.quantized, s.n_q);
+            let lo_sum = group_steps::<V, H>(ptr, at, rec, tok, n_q, p, stride, &mut step);
+            let codes = Packed::<BITS> {
+                base: ptr,
+                first: HEADER + codes_at(d),
+                stride: rec,
+            };
+            let codes = Scaled {
+                codes,
+                scale: &step,
+            };
+            channel_sums::<V, H>(r.clone(), s.n_q, &codes, &w, &mut rotated, d);
+            lo_sum
+        };
+        for (h, ls) in lo_sum.iter().enumerate() {
+            rotated[h * d..][r.clone()]
+                .iter_mut()
+                .for_each(|o| *o += ls);
         }
     }
-    rotated.flush(p, stride, &mut acc);
-    plain.flush(p, stride, out);
-    for (ah, oh) in acc.chunks_exact_mut(d).zip(out.chunks_exact_mut(d)) {
+    let mut row = [0f32; 256];
+    for &(t, bytes) in &s.pivots {
+        f16s_to_f32(bytes, &mut row[..d]);
+        for h in 0..H {
+            let pt = p[h * stride + t];
+            out[h * d..(h + 1) * d]
+                .iter_mut()
+                .zip(&row[..d])
+                .for_each(|(o, &x)| *o += pt * x);
+        }
+    }
+    for (ah, oh) in rotated.chunks_exact_mut(d).zip(out.chunks_exact_mut(d)) {
         rotate(ah);
         oh.iter_mut().zip(ah.iter()).for_each(|(o, &a)| *o += a);
     }

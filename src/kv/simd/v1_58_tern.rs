@@ -1,112 +1,119 @@
-//! Fast `v1_58_tern` (see `formats/v1_58_tern.rs`): a token's trits are decoded for all
-//! channels at once (TQ1_0's multiply-and-shift, byte lanes) into a row of −1/0/1 that every
-//! head reads; the per-channel scales are folded into each head's query once per block
-//! (scores) or applied once per block (sums). Salient tokens decode their 2-bit codes the
-//! same way. Plain Rust compiled for AVX2 and FMA around the row helpers.
+//! Fast `v1_58_tern` sums (see `formats/v1_58_tern.rs`), straight from the codes: channels
+//! are lanes; a trit byte of `L` channels is widened once per token and its digit read by
+//! TQ1_0's multiply-and-shift, and every head's softmax weight is added under it with the
+//! accumulators in registers ([`channel_sums`]). The per-channel scales apply once per block.
+//! Salient tokens' 2-bit codes are summed the same way. Scores (never asked of a value
+//! format) run the reference.
 
-use super::Kernel;
-use super::q2_had::unpack;
-use super::rows::{Tile, store_dots};
-use crate::kv::Shape;
+use std::marker::PhantomData;
+
+use super::f16::f16s_to_f32;
+use super::lanes::{self, Codes, Lanes, Packed, Sums, channel_sums};
+use super::{Kernel, PerHead};
 use crate::kv::formats::v1_58_tern::{Layout, Row};
+use crate::kv::{FormatId, Shape};
 
-/// AVX2 and FMA.
-pub struct V1_58TernAvx2;
+/// The kernels on lanes `V`.
+pub(crate) struct V1_58TernFast<V>(pub(crate) PhantomData<V>);
 
-const POW3: [u8; 5] = [1, 3, 9, 27, 81];
-
-/// Signed trits (−1, 0, 1) of digit `i` of a row of trit bytes.
-#[inline(always)]
-fn trits(bytes: &[u8], i: usize, out: &mut [f32]) {
-    for (o, &b) in out.iter_mut().zip(bytes) {
-        let digit = ((b.wrapping_mul(POW3[i]) as u16 * 3) >> 8) as u8;
-        *o = digit as f32 - 1.0;
-    }
-}
-
-impl Kernel for V1_58TernAvx2 {
+impl<V: Lanes + Sync> Kernel for V1_58TernFast<V> {
     fn scores(&self, block: &[u8], shape: Shape, q: &[f32], out: &mut [f32], stride: usize) {
-        // SAFETY: `kernel` hands out this path only where `Isa::Avx2` is supported.
-        unsafe { scores_avx2(block, shape, q, out, stride) }
+        PerHead(FormatId::V1_58Tern).scores(block, shape, q, out, stride)
     }
 
     fn accumulate(&self, block: &[u8], shape: Shape, p: &[f32], stride: usize, out: &mut [f32]) {
-        // SAFETY: as in `scores`.
-        unsafe { accumulate_avx2(block, shape, p, stride, out) }
+        // SAFETY: `kernel` hands out `V`'s kernels only where its features are present.
+        unsafe { lanes::sums::<V, Values>(block, shape, p, stride, out) }
     }
 }
 
-#[target_feature(enable = "avx2,fma")]
-unsafe fn scores_avx2(block: &[u8], shape: Shape, q: &[f32], out: &mut [f32], stride: usize) {
-    let (n, d) = (shape.n, shape.d);
-    let l = Layout::read(block, shape);
-    let nh = q.len() / d;
-    let gamma: Vec<f32> = (0..d).map(|c| l.gamma(block, c)).collect();
-    let q_gamma: Vec<f32> = q
-        .iter()
-        .enumerate()
-        .map(|(i, &x)| x * gamma[i % d])
-        .collect();
-    let (mut q_step, mut base) = (vec![0f32; nh * d], vec![0f32; nh]);
-    if l.n_p > 0 {
-        for c in 0..d {
-            let m = l.minmax(block, c);
-            for h in 0..nh {
-                q_step[h * d + c] = q[h * d + c] * m.step;
-                base[h] += q[h * d + c] * m.lo;
-            }
+struct Values;
+
+impl Sums for Values {
+    #[inline(always)]
+    unsafe fn sums<V: Lanes, const H: usize>(
+        block: &[u8],
+        shape: Shape,
+        p: &[f32],
+        stride: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe { sums_h::<V, H>(block, shape, p, stride, out) }
+    }
+}
+
+/// The trit rows of a block: row `u`'s trits of `L` channels from `c`, as −1, 0 or 1.
+struct Trits {
+    base: *const u8,
+    d: usize,
+}
+
+impl Codes for Trits {
+    #[inline(always)]
+    unsafe fn at<V: Lanes>(&self, u: usize, c: usize) -> V::F {
+        // SAFETY: the caller's trit rows hold `L` bytes from channel `c`.
+        unsafe {
+            let b = V::bytes(self.base.add(u / 5 * self.d + c));
+            let m = V::and(V::mullo(b, V::splat_i(POW3[u % 5])), V::splat_i(0xFF));
+            let digit = V::cvt(V::srl(V::mullo(m, V::splat_i(3)), 8));
+            V::add(digit, V::splat(-1.0))
         }
     }
-    let mut row = [0f32; 256];
-    let row = &mut row[..d];
-    l.for_tokens(block, n, |t, rank| {
-        let (w, b) = match rank {
-            Row::Ternary(u) => {
-                trits(&block[l.trits + (u / 5) * d..], u % 5, row);
-                (&q_gamma, &[][..])
-            }
-            Row::Protected(r) => {
-                unpack::<2>(&block[l.protected + r * d / 4..], row);
-                (&q_step, &base[..])
-            }
+}
+
+const POW3: [i32; 5] = [1, 3, 9, 27, 81];
+
+#[inline(always)]
+unsafe fn sums_h<V: Lanes, const H: usize>(
+    block: &[u8],
+    shape: Shape,
+    p: &[f32],
+    stride: usize,
+    out: &mut [f32],
+) {
+    let (n, d) = (shape.n, shape.d);
+    let l = Layout::read(block, shape);
+    let n_u = n - l.n_p;
+    // Softmax weights of the ternary tokens, then of the salient ones, interleaved by head.
+    let (mut wu, mut wp) = (vec![0f32; H * n_u], vec![0f32; H * l.n_p]);
+    l.for_tokens(block, n, |t, row| {
+        let (w, i) = match row {
+            Row::Ternary(u) => (&mut wu, u),
+            Row::Protected(r) => (&mut wp, r),
         };
-        // SAFETY: AVX2 and FMA are enabled here.
-        unsafe { store_dots(w, b, row, out, stride, t) };
-    });
-}
-
-#[target_feature(enable = "avx2,fma")]
-unsafe fn accumulate_avx2(block: &[u8], shape: Shape, p: &[f32], stride: usize, out: &mut [f32]) {
-    let (n, d) = (shape.n, shape.d);
-    let l = Layout::read(block, shape);
-    let nh = out.len() / d;
-    // Σ_t p_t·trit and Σ_t p_t·code per head and channel, scaled once at the end.
-    let (mut tern, mut codes, mut p_prot) =
-        (vec![0f32; nh * d], vec![0f32; nh * d], vec![0f32; nh]);
-    let (mut tt, mut tc) = (Tile::new(d), Tile::new(d));
-    l.for_tokens(block, n, |t, rank| match rank {
-        Row::Ternary(u) => {
-            trits(&block[l.trits + (u / 5) * d..], u % 5, tt.next());
-            tt.push(t, p, stride, &mut tern);
-        }
-        Row::Protected(r) => {
-            unpack::<2>(&block[l.protected + r * d / 4..], tc.next());
-            tc.push(t, p, stride, &mut codes);
-            for (h, pp) in p_prot.iter_mut().enumerate() {
-                *pp += p[h * stride + t];
-            }
+        for h in 0..H {
+            w[i * H + h] = p[h * stride + t];
         }
     });
-    tt.flush(p, stride, &mut tern);
-    tc.flush(p, stride, &mut codes);
-    for c in 0..d {
-        let g = l.gamma(block, c);
-        let m = (l.n_p > 0).then(|| l.minmax(block, c));
-        for h in 0..nh {
-            let mut v = tern[h * d + c] * g;
-            if let Some(m) = m {
-                v += codes[h * d + c] * m.step + p_prot[h] * m.lo;
-            }
+    let (mut terns, mut codes) = (vec![0f32; H * d], vec![0f32; H * d]);
+    let trits = Trits {
+        base: block[l.trits..l.trits + n_u.div_ceil(5) * d].as_ptr(),
+        d,
+    };
+    let salient = Packed::<2> {
+        base: block[l.protected..l.protected + l.n_p * d / 4].as_ptr(),
+        first: 0,
+        stride: d / 4,
+    };
+    // SAFETY: each row read lies in its part of the block (sliced above).
+    unsafe {
+        channel_sums::<V, H>(0..d, n_u, &trits, &wu, &mut terns, d);
+        channel_sums::<V, H>(0..d, l.n_p, &salient, &wp, &mut codes, d);
+    }
+    let mut sum_p = [0f32; H];
+    for (h, s) in sum_p.iter_mut().enumerate() {
+        *s = wp.iter().skip(h).step_by(H).sum();
+    }
+    let (mut gamma, mut pairs) = ([0f32; 256], [0f32; 512]);
+    f16s_to_f32(&block[l.gamma..l.gamma + 2 * d], &mut gamma[..d]);
+    if l.n_p > 0 {
+        f16s_to_f32(&block[l.minmax..l.minmax + 4 * d], &mut pairs[..2 * d]);
+    }
+    for h in 0..H {
+        for c in 0..d {
+            let (lo, step) = (pairs[2 * c], pairs[2 * c + 1]);
+            let v = terns[h * d + c] * gamma[c] + codes[h * d + c] * step + sum_p[h] * lo;
             out[h * d + c] += v;
         }
     }
