@@ -668,9 +668,9 @@ impl DeviceCache {
                 .map(|(g, r)| items(&descs[r.clone()], r.start, g))
                 .collect::<Vec<_>>()
         };
-        let one_pass = Some(per_head(&local_items)).filter(|items| {
-            descs.iter().any(|b| b.span >= 0) && kernels::one_pass_spans(&descs, &items.concat())
-        });
+        let calibrated = descs.iter().any(|b| b.span >= 0);
+        let one_pass = Some(per_head(&local_items))
+            .filter(|items| calibrated && kernels::one_pass_spans(&descs, &items.concat()));
         let items = (4 * self.sms).div_ceil(h).max(1);
         let tokens = (lay.n_tokens - lay.n_res).div_ceil(items).max(1);
         let split = per_head(&|d: &[BlockDesc], first, g| split_by_tokens(d, first, g, tokens));
@@ -682,6 +682,7 @@ impl DeviceCache {
             one_pass,
             split,
             formats_used,
+            calibrated,
         }
     }
 
@@ -741,7 +742,10 @@ impl DeviceCache {
         } else {
             0
         };
-        let (n_spans, local) = (lay.n_spans, one_pass.is_some());
+        // Span ids matter only to calibration: without calibrated blocks the plan has none,
+        // which the tensor-core kernels of the other formats need.
+        let n_spans = if bp.calibrated { lay.n_spans } else { 0 };
+        let local = one_pass.is_some();
         let sent = if kept == 0 {
             [&bp.descs[..], &tail[..]].concat()
         } else {
@@ -769,6 +773,8 @@ struct BlockPlan {
     /// About four items per SM over all heads, by tokens.
     split: Vec<Vec<WorkItem>>,
     formats_used: u32,
+    /// Some block is in a calibrated span.
+    calibrated: bool,
 }
 
 type Items = Vec<WorkItem>;
