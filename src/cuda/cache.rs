@@ -669,14 +669,13 @@ impl DeviceCache {
                 .collect::<Vec<_>>()
         };
         let calibrated = descs.iter().any(|b| b.span >= 0);
-        let one_pass = Some(per_head(&local_items))
-            .filter(|items| calibrated && kernels::one_pass_spans(&descs, &items.concat()));
+        let one_pass = calibrated
+            .then(|| per_head(&local_items))
+            .filter(|items| kernels::one_pass_spans(&descs, &items.concat()));
         let items = (4 * self.sms).div_ceil(h).max(1);
         let tokens = (lay.n_tokens - lay.n_res).div_ceil(items).max(1);
         let split = per_head(&|d: &[BlockDesc], first, g| split_by_tokens(d, first, g, tokens));
-        let formats_used = descs
-            .iter()
-            .fold(0u32, |m, b| m | 1 << b.k_format | 1 << b.v_format);
+        let formats_used = kernels::formats_used(&descs);
         BlockPlan {
             descs,
             one_pass,

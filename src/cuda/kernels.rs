@@ -238,6 +238,13 @@ pub struct DecodePlan {
     pub local_spans: bool,
 }
 
+/// Bit `f` set when some block holds format id `f` (see [`DecodePlan::formats_used`]).
+pub fn formats_used(blocks: &[BlockDesc]) -> u32 {
+    blocks
+        .iter()
+        .fold(0u32, |m, b| m | 1 << b.k_format | 1 << b.v_format)
+}
+
 /// The bytes of plain-data values (the bindgen structs of kvbits_cuda.h have no padding).
 fn bytes_of<T: Copy>(x: &[T]) -> &[u8] {
     // SAFETY: any initialized `Copy` value of these padding-free C structs is readable as bytes.
@@ -314,12 +321,10 @@ impl DecodePlan {
         n_spans: usize,
         stream: &Stream,
     ) -> Result<(), Error> {
-        let formats_used = blocks
-            .iter()
-            .fold(0u32, |m, b| m | 1 << b.k_format | 1 << b.v_format);
         let local_spans = one_pass_spans(blocks, work);
         self.uploaded.clear();
-        self.update_tail(0, blocks, work, n_spans, formats_used, local_spans, stream)
+        let formats = formats_used(blocks);
+        self.update_tail(0, blocks, work, n_spans, formats, local_spans, stream)
     }
 
     /// [`DecodePlan::update`] for a block table whose first `kept` blocks are those of the last
