@@ -53,8 +53,46 @@ impl Scores for Keys {
         out: &mut [f32],
         stride: usize,
     ) {
-        // SAFETY: the caller's contract.
-        unsafe { key_scores::<V, H>(block, shape, q, out, stride) }
+        let (n, d) = (shape.n, shape.d);
+        let (mut lo, mut step) = ([0f32; 256], [0f32; 256]);
+        let (lo, step) = (&mut lo[..d], &mut step[..d]);
+        // The queries interleaved by head: the weights of every group, whose steps go on the
+        // codes instead.
+        let mut w = [0f32; 7 * 256];
+        for (h, qh) in q.chunks_exact(d).enumerate() {
+            for (c, &x) in qh.iter().enumerate() {
+                w[c * H + h] = x;
+            }
+        }
+        let cw = const { code_weights::<2>() };
+        let mut at = 0;
+        for t_group in (0..n).step_by(GROUP) {
+            let m = GROUP.min(n - t_group);
+            let group = &block[at..at + key_group_bytes(d, m)];
+            at += group.len();
+            super::f16::f16s_to_f32(&group[..2 * d], lo);
+            super::f16::f16s_to_f32(&group[2 * d..4 * d], step);
+            step.iter_mut()
+                .enumerate()
+                .for_each(|(c, s)| *s *= cw[c % 16]);
+            let mut base = [0f32; H];
+            for (h, b) in base.iter_mut().enumerate() {
+                *b = dot(&q[h * d..(h + 1) * d], lo);
+            }
+            let rows = &group[4 * d..];
+            for t0 in (0..m).step_by(V::L) {
+                let mt = V::L.min(m - t0);
+                // SAFETY: lanes read rows `t0..t0 + mt` of the group; `w` holds `H` rows of `d`.
+                unsafe {
+                    let idx = row_index::<V>(0, d / 4, t0, mt);
+                    let mut acc = base.map(|b| V::splat(b));
+                    token_dots::<V, H, 2>(rows.as_ptr(), idx, 0, d, &w, step, &mut acc);
+                    for (h, a) in acc.into_iter().enumerate() {
+                        store_lanes::<V>(&mut out[h * stride + t_group + t0..][..mt], a);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -67,98 +105,36 @@ impl Sums for Values {
         stride: usize,
         out: &mut [f32],
     ) {
-        // SAFETY: the caller's contract.
-        unsafe { value_sums::<V, H>(block, shape, p, stride, out) }
-    }
-}
-
-#[inline(always)]
-unsafe fn key_scores<V: Lanes, const H: usize>(
-    block: &[u8],
-    shape: Shape,
-    q: &[f32],
-    out: &mut [f32],
-    stride: usize,
-) {
-    let (n, d) = (shape.n, shape.d);
-    let (mut lo, mut step) = ([0f32; 256], [0f32; 256]);
-    let (lo, step) = (&mut lo[..d], &mut step[..d]);
-    // The queries interleaved by head: the weights of every group, whose steps go on the
-    // codes instead.
-    let mut w = [0f32; 7 * 256];
-    for (h, qh) in q.chunks_exact(d).enumerate() {
-        for (c, &x) in qh.iter().enumerate() {
-            w[c * H + h] = x;
-        }
-    }
-    let cw = const { code_weights::<2>() };
-    let mut at = 0;
-    for t_group in (0..n).step_by(GROUP) {
-        let m = GROUP.min(n - t_group);
-        let group = &block[at..at + key_group_bytes(d, m)];
-        at += group.len();
-        super::f16::f16s_to_f32(&group[..2 * d], lo);
-        super::f16::f16s_to_f32(&group[2 * d..4 * d], step);
-        step.iter_mut()
-            .enumerate()
-            .for_each(|(c, s)| *s *= cw[c % 16]);
-        let mut base = [0f32; H];
-        for (h, b) in base.iter_mut().enumerate() {
-            *b = dot(&q[h * d..(h + 1) * d], lo);
-        }
-        let rows = &group[4 * d..];
-        for t0 in (0..m).step_by(V::L) {
-            let mt = V::L.min(m - t0);
-            // SAFETY: lanes read rows `t0..t0 + mt` of the group; `w` holds `H` rows of `d`.
-            unsafe {
-                let idx = row_index::<V>(0, d / 4, t0, mt);
-                let mut acc = base.map(|b| V::splat(b));
-                token_dots::<V, H, 2>(rows.as_ptr(), idx, 0, d, &w, step, &mut acc);
-                for (h, a) in acc.into_iter().enumerate() {
-                    store_lanes::<V>(&mut out[h * stride + t_group + t0..][..mt], a);
-                }
+        let (n, d) = (shape.n, shape.d);
+        let row = value_row_bytes(d);
+        let block = &block[..n * row];
+        let w = row_weights::<H>(p, stride, &[], n);
+        let mut step = vec![0f32; n];
+        for (g, c0) in (0..d).step_by(GROUP).enumerate() {
+            let channels = c0..(c0 + GROUP).min(d);
+            let at = g * VALUE_GROUP_BYTES;
+            // SAFETY: every row's pair and codes lie in `block`.
+            let lo_sum = unsafe {
+                let ptr = block.as_ptr();
+                let lo_sum = group_steps::<V, H>(ptr, at, row, &[], n, p, stride, &mut step);
+                // Channel `c` of group `g` is code `c − 32g` of the codes at `at + 4`.
+                let codes = Packed::<2> {
+                    base: ptr,
+                    first: at + 4 - c0 / 4,
+                    stride: row,
+                };
+                let codes = Scaled {
+                    codes,
+                    scale: &step,
+                };
+                channel_sums::<V, H>(channels.clone(), n, &codes, &w, out, d);
+                lo_sum
+            };
+            for (h, ls) in lo_sum.iter().enumerate() {
+                out[h * d..][channels.clone()]
+                    .iter_mut()
+                    .for_each(|o| *o += ls);
             }
-        }
-    }
-}
-
-#[inline(always)]
-unsafe fn value_sums<V: Lanes, const H: usize>(
-    block: &[u8],
-    shape: Shape,
-    p: &[f32],
-    stride: usize,
-    out: &mut [f32],
-) {
-    let (n, d) = (shape.n, shape.d);
-    let row = value_row_bytes(d);
-    let block = &block[..n * row];
-    let w = row_weights::<H>(p, stride, &[], n);
-    let mut step = vec![0f32; n];
-    for (g, c0) in (0..d).step_by(GROUP).enumerate() {
-        let channels = c0..(c0 + GROUP).min(d);
-        let at = g * VALUE_GROUP_BYTES;
-        // SAFETY: every row's pair and codes lie in `block`.
-        let lo_sum = unsafe {
-            let ptr = block.as_ptr();
-            let lo_sum = group_steps::<V, H>(ptr, at, row, &[], n, p, stride, &mut step);
-            // Channel `c` of group `g` is code `c − 32g` of the codes at `at + 4`.
-            let codes = Packed::<2> {
-                base: ptr,
-                first: at + 4 - c0 / 4,
-                stride: row,
-            };
-            let codes = Scaled {
-                codes,
-                scale: &step,
-            };
-            channel_sums::<V, H>(channels.clone(), n, &codes, &w, out, d);
-            lo_sum
-        };
-        for (h, ls) in lo_sum.iter().enumerate() {
-            out[h * d..][channels.clone()]
-                .iter_mut()
-                .for_each(|o| *o += ls);
         }
     }
 }

@@ -54,8 +54,83 @@ impl<const BITS: usize> Scores for Had<BITS> {
         out: &mut [f32],
         stride: usize,
     ) {
-        // SAFETY: the caller's contract.
-        unsafe { scores_bits::<V, H, BITS>(block, shape, q, out, stride) }
+        let d = shape.d;
+        let s = split(block, shape, BITS);
+        let rec = record_len(d, BITS);
+        let records = &block[..HEADER + s.n_q * rec];
+        // Weights: the rotated queries with the code positions folded in, interleaved by head;
+        // and the rotated queries' sums per group.
+        let mut w = [0f32; 7 * 256];
+        let mut q_sums = [[0f32; 4]; H];
+        let cw = const { code_weights::<BITS>() };
+        ROTATED.with_borrow_mut(|(last, rotated)| {
+            let same = last.len() == q.len()
+                && last.iter().zip(q).all(|(a, b)| a.to_bits() == b.to_bits());
+            if !same {
+                last.clear();
+                last.extend_from_slice(q);
+                rotated.clear();
+                rotated.extend_from_slice(q);
+                rotated.chunks_exact_mut(d).for_each(rotate);
+            }
+            for (h, qs) in q_sums.iter_mut().enumerate() {
+                let qr = &rotated[h * d..(h + 1) * d];
+                for (g, r) in groups(d).enumerate() {
+                    qs[g] = super::sum(&qr[r]);
+                }
+                for (j, &x) in qr.iter().enumerate() {
+                    w[j * H + h] = x * cw[j % (32 / BITS)];
+                }
+            }
+        });
+        for k0 in (0..s.n_q).step_by(V::L) {
+            let mt = V::L.min(s.n_q - k0);
+            // SAFETY: lanes read records `k0..k0 + mt`, inside `records`.
+            let total = unsafe {
+                let idx = row_index::<V>(HEADER, rec, k0, mt);
+                let mut total = [V::zero(); H];
+                for (g, r) in groups(d).enumerate() {
+                    let mut acc = [V::zero(); H];
+                    let at = codes_at(d) + r.start * BITS / 8;
+                    token_dots::<V, H, BITS>(
+                        records.as_ptr(),
+                        idx,
+                        at,
+                        r.len(),
+                        &w[r.start * H..],
+                        &[],
+                        &mut acc,
+                    );
+                    let (lo, step) = pairs::<V>(records.as_ptr().add(4 * g), idx);
+                    for h in 0..H {
+                        let t = V::fma(lo, V::splat(q_sums[h][g]), total[h]);
+                        total[h] = V::fma(step, acc[h], t);
+                    }
+                }
+                total
+            };
+            for (h, t) in total.into_iter().enumerate() {
+                let o = &mut out[h * stride..];
+                if s.quantized.is_empty() {
+                    // SAFETY: AVX2 at least, as every caller.
+                    unsafe { store_lanes::<V>(&mut o[k0..k0 + mt], t) };
+                } else {
+                    let mut lanes = [0f32; 16];
+                    // SAFETY: as above; `lanes` holds 16 floats.
+                    unsafe { store_lanes::<V>(&mut lanes[..V::L], t) };
+                    for (i, &v) in lanes[..mt].iter().enumerate() {
+                        o[s.quantized[k0 + i]] = v;
+                    }
+                }
+            }
+        }
+        let mut row = [0f32; 256];
+        for &(t, bytes) in &s.pivots {
+            f16s_to_f32(bytes, &mut row[..d]);
+            for h in 0..H {
+                out[h * stride + t] = dot(&q[h * d..(h + 1) * d], &row[..d]);
+            }
+        }
     }
 }
 
@@ -68,8 +143,53 @@ impl<const BITS: usize> Sums for Had<BITS> {
         stride: usize,
         out: &mut [f32],
     ) {
-        // SAFETY: the caller's contract.
-        unsafe { sums_bits::<V, H, BITS>(block, shape, p, stride, out) }
+        let d = shape.d;
+        let s = split(block, shape, BITS);
+        let rec = record_len(d, BITS);
+        let records = &block[..HEADER + s.n_q * rec];
+        let mut rotated = vec![0f32; H * d];
+        let w = row_weights::<H>(p, stride, &s.quantized, s.n_q);
+        let mut step = vec![0f32; s.n_q];
+        for (g, r) in groups(d).enumerate() {
+            // SAFETY: every record's pair and codes lie in `records`.
+            let lo_sum = unsafe {
+                let ptr = records.as_ptr();
+                let at = HEADER + 4 * g;
+                let (tok, n_q) = (&s.quantized, s.n_q);
+                let lo_sum = group_steps::<V, H>(ptr, at, rec, tok, n_q, p, stride, &mut step);
+                let codes = Packed::<BITS> {
+                    base: ptr,
+                    first: HEADER + codes_at(d),
+                    stride: rec,
+                };
+                let codes = Scaled {
+                    codes,
+                    scale: &step,
+                };
+                channel_sums::<V, H>(r.clone(), s.n_q, &codes, &w, &mut rotated, d);
+                lo_sum
+            };
+            for (h, ls) in lo_sum.iter().enumerate() {
+                rotated[h * d..][r.clone()]
+                    .iter_mut()
+                    .for_each(|o| *o += ls);
+            }
+        }
+        let mut row = [0f32; 256];
+        for &(t, bytes) in &s.pivots {
+            f16s_to_f32(bytes, &mut row[..d]);
+            for h in 0..H {
+                let pt = p[h * stride + t];
+                out[h * d..(h + 1) * d]
+                    .iter_mut()
+                    .zip(&row[..d])
+                    .for_each(|(o, &x)| *o += pt * x);
+            }
+        }
+        for (ah, oh) in rotated.chunks_exact_mut(d).zip(out.chunks_exact_mut(d)) {
+            rotate(ah);
+            oh.iter_mut().zip(ah.iter()).for_each(|(o, &a)| *o += a);
+        }
     }
 }
 
@@ -97,148 +217,4 @@ fn split(block: &[u8], shape: Shape, bits: usize) -> Split<'_> {
         }
     }
     s
-}
-
-#[inline(always)]
-unsafe fn scores_bits<V: Lanes, const H: usize, const BITS: usize>(
-    block: &[u8],
-    shape: Shape,
-    q: &[f32],
-    out: &mut [f32],
-    stride: usize,
-) {
-    let d = shape.d;
-    let s = split(block, shape, BITS);
-    let rec = record_len(d, BITS);
-    let records = &block[..HEADER + s.n_q * rec];
-    // Weights: the rotated queries with the code positions folded in, interleaved by head;
-    // and the rotated queries' sums per group.
-    let mut w = [0f32; 7 * 256];
-    let mut q_sums = [[0f32; 4]; H];
-    let cw = const { code_weights::<BITS>() };
-    ROTATED.with_borrow_mut(|(last, rotated)| {
-        let same =
-            last.len() == q.len() && last.iter().zip(q).all(|(a, b)| a.to_bits() == b.to_bits());
-        if !same {
-            last.clear();
-            last.extend_from_slice(q);
-            rotated.clear();
-            rotated.extend_from_slice(q);
-            rotated.chunks_exact_mut(d).for_each(rotate);
-        }
-        for (h, qs) in q_sums.iter_mut().enumerate() {
-            let qr = &rotated[h * d..(h + 1) * d];
-            for (g, r) in groups(d).enumerate() {
-                qs[g] = super::sum(&qr[r]);
-            }
-            for (j, &x) in qr.iter().enumerate() {
-                w[j * H + h] = x * cw[j % (32 / BITS)];
-            }
-        }
-    });
-    for k0 in (0..s.n_q).step_by(V::L) {
-        let mt = V::L.min(s.n_q - k0);
-        // SAFETY: lanes read records `k0..k0 + mt`, inside `records`.
-        let total = unsafe {
-            let idx = row_index::<V>(HEADER, rec, k0, mt);
-            let mut total = [V::zero(); H];
-            for (g, r) in groups(d).enumerate() {
-                let mut acc = [V::zero(); H];
-                let at = codes_at(d) + r.start * BITS / 8;
-                token_dots::<V, H, BITS>(
-                    records.as_ptr(),
-                    idx,
-                    at,
-                    r.len(),
-                    &w[r.start * H..],
-                    &[],
-                    &mut acc,
-                );
-                let (lo, step) = pairs::<V>(records.as_ptr().add(4 * g), idx);
-                for h in 0..H {
-                    let t = V::fma(lo, V::splat(q_sums[h][g]), total[h]);
-                    total[h] = V::fma(step, acc[h], t);
-                }
-            }
-            total
-        };
-        for (h, t) in total.into_iter().enumerate() {
-            let o = &mut out[h * stride..];
-            if s.quantized.is_empty() {
-                // SAFETY: AVX2 at least, as every caller.
-                unsafe { store_lanes::<V>(&mut o[k0..k0 + mt], t) };
-            } else {
-                let mut lanes = [0f32; 16];
-                // SAFETY: as above; `lanes` holds 16 floats.
-                unsafe { store_lanes::<V>(&mut lanes[..V::L], t) };
-                for (i, &v) in lanes[..mt].iter().enumerate() {
-                    o[s.quantized[k0 + i]] = v;
-                }
-            }
-        }
-    }
-    let mut row = [0f32; 256];
-    for &(t, bytes) in &s.pivots {
-        f16s_to_f32(bytes, &mut row[..d]);
-        for h in 0..H {
-            out[h * stride + t] = dot(&q[h * d..(h + 1) * d], &row[..d]);
-        }
-    }
-}
-
-#[inline(always)]
-unsafe fn sums_bits<V: Lanes, const H: usize, const BITS: usize>(
-    block: &[u8],
-    shape: Shape,
-    p: &[f32],
-    stride: usize,
-    out: &mut [f32],
-) {
-    let d = shape.d;
-    let s = split(block, shape, BITS);
-    let rec = record_len(d, BITS);
-    let records = &block[..HEADER + s.n_q * rec];
-    let mut rotated = vec![0f32; H * d];
-    let w = row_weights::<H>(p, stride, &s.quantized, s.n_q);
-    let mut step = vec![0f32; s.n_q];
-    for (g, r) in groups(d).enumerate() {
-        // SAFETY: every record's pair and codes lie in `records`.
-        let lo_sum = unsafe {
-            let ptr = records.as_ptr();
-            let at = HEADER + 4 * g;
-            let (tok, n_q) = (&s.quantized, s.n_q);
-            let lo_sum = group_steps::<V, H>(ptr, at, rec, tok, n_q, p, stride, &mut step);
-            let codes = Packed::<BITS> {
-                base: ptr,
-                first: HEADER + codes_at(d),
-                stride: rec,
-            };
-            let codes = Scaled {
-                codes,
-                scale: &step,
-            };
-            channel_sums::<V, H>(r.clone(), s.n_q, &codes, &w, &mut rotated, d);
-            lo_sum
-        };
-        for (h, ls) in lo_sum.iter().enumerate() {
-            rotated[h * d..][r.clone()]
-                .iter_mut()
-                .for_each(|o| *o += ls);
-        }
-    }
-    let mut row = [0f32; 256];
-    for &(t, bytes) in &s.pivots {
-        f16s_to_f32(bytes, &mut row[..d]);
-        for h in 0..H {
-            let pt = p[h * stride + t];
-            out[h * d..(h + 1) * d]
-                .iter_mut()
-                .zip(&row[..d])
-                .for_each(|(o, &x)| *o += pt * x);
-        }
-    }
-    for (ah, oh) in rotated.chunks_exact_mut(d).zip(out.chunks_exact_mut(d)) {
-        rotate(ah);
-        oh.iter_mut().zip(ah.iter()).for_each(|(o, &a)| *o += a);
-    }
 }

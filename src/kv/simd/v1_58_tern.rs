@@ -38,8 +38,51 @@ impl Sums for Values {
         stride: usize,
         out: &mut [f32],
     ) {
-        // SAFETY: the caller's contract.
-        unsafe { sums_h::<V, H>(block, shape, p, stride, out) }
+        let (n, d) = (shape.n, shape.d);
+        let l = Layout::read(block, shape);
+        let n_u = n - l.n_p;
+        // Softmax weights of the ternary tokens, then of the salient ones, interleaved by head.
+        let (mut wu, mut wp) = (vec![0f32; H * n_u], vec![0f32; H * l.n_p]);
+        l.for_tokens(block, n, |t, row| {
+            let (w, i) = match row {
+                Row::Ternary(u) => (&mut wu, u),
+                Row::Protected(r) => (&mut wp, r),
+            };
+            for h in 0..H {
+                w[i * H + h] = p[h * stride + t];
+            }
+        });
+        let (mut terns, mut codes) = (vec![0f32; H * d], vec![0f32; H * d]);
+        let trits = Trits {
+            base: block[l.trits..l.trits + n_u.div_ceil(5) * d].as_ptr(),
+            d,
+        };
+        let salient = Packed::<2> {
+            base: block[l.protected..l.protected + l.n_p * d / 4].as_ptr(),
+            first: 0,
+            stride: d / 4,
+        };
+        // SAFETY: each row read lies in its part of the block (sliced above).
+        unsafe {
+            channel_sums::<V, H>(0..d, n_u, &trits, &wu, &mut terns, d);
+            channel_sums::<V, H>(0..d, l.n_p, &salient, &wp, &mut codes, d);
+        }
+        let mut sum_p = [0f32; H];
+        for (h, s) in sum_p.iter_mut().enumerate() {
+            *s = wp.iter().skip(h).step_by(H).sum();
+        }
+        let (mut gamma, mut pairs) = ([0f32; 256], [0f32; 512]);
+        f16s_to_f32(&block[l.gamma..l.gamma + 2 * d], &mut gamma[..d]);
+        if l.n_p > 0 {
+            f16s_to_f32(&block[l.minmax..l.minmax + 4 * d], &mut pairs[..2 * d]);
+        }
+        for h in 0..H {
+            for c in 0..d {
+                let (lo, step) = (pairs[2 * c], pairs[2 * c + 1]);
+                let v = terns[h * d + c] * gamma[c] + codes[h * d + c] * step + sum_p[h] * lo;
+                out[h * d + c] += v;
+            }
+        }
     }
 }
 
@@ -63,58 +106,3 @@ impl Codes for Trits {
 }
 
 const POW3: [i32; 5] = [1, 3, 9, 27, 81];
-
-#[inline(always)]
-unsafe fn sums_h<V: Lanes, const H: usize>(
-    block: &[u8],
-    shape: Shape,
-    p: &[f32],
-    stride: usize,
-    out: &mut [f32],
-) {
-    let (n, d) = (shape.n, shape.d);
-    let l = Layout::read(block, shape);
-    let n_u = n - l.n_p;
-    // Softmax weights of the ternary tokens, then of the salient ones, interleaved by head.
-    let (mut wu, mut wp) = (vec![0f32; H * n_u], vec![0f32; H * l.n_p]);
-    l.for_tokens(block, n, |t, row| {
-        let (w, i) = match row {
-            Row::Ternary(u) => (&mut wu, u),
-            Row::Protected(r) => (&mut wp, r),
-        };
-        for h in 0..H {
-            w[i * H + h] = p[h * stride + t];
-        }
-    });
-    let (mut terns, mut codes) = (vec![0f32; H * d], vec![0f32; H * d]);
-    let trits = Trits {
-        base: block[l.trits..l.trits + n_u.div_ceil(5) * d].as_ptr(),
-        d,
-    };
-    let salient = Packed::<2> {
-        base: block[l.protected..l.protected + l.n_p * d / 4].as_ptr(),
-        first: 0,
-        stride: d / 4,
-    };
-    // SAFETY: each row read lies in its part of the block (sliced above).
-    unsafe {
-        channel_sums::<V, H>(0..d, n_u, &trits, &wu, &mut terns, d);
-        channel_sums::<V, H>(0..d, l.n_p, &salient, &wp, &mut codes, d);
-    }
-    let mut sum_p = [0f32; H];
-    for (h, s) in sum_p.iter_mut().enumerate() {
-        *s = wp.iter().skip(h).step_by(H).sum();
-    }
-    let (mut gamma, mut pairs) = ([0f32; 256], [0f32; 512]);
-    f16s_to_f32(&block[l.gamma..l.gamma + 2 * d], &mut gamma[..d]);
-    if l.n_p > 0 {
-        f16s_to_f32(&block[l.minmax..l.minmax + 4 * d], &mut pairs[..2 * d]);
-    }
-    for h in 0..H {
-        for c in 0..d {
-            let (lo, step) = (pairs[2 * c], pairs[2 * c + 1]);
-            let v = terns[h * d + c] * gamma[c] + codes[h * d + c] * step + sum_p[h] * lo;
-            out[h * d + c] += v;
-        }
-    }
-}
