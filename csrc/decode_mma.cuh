@@ -26,28 +26,31 @@
 
 namespace kvb {
 
-template <int D>
+template <int D, int W = 4>
 struct MmaDecode {
     static constexpr int kSteps = D / 16;
-    static constexpr int kWarps = 4;
+    static constexpr int kWarps = W;
     static constexpr int kHeads = 8;                // query heads per KV head, one n-tile
     static constexpr int kScales = 8 * D;           // K then V lo[D], hi[D] at a stage's head
     static constexpr int kQBytes = 4 * kHeads * D;  // the scaled query, f32
     static constexpr unsigned kAll = 0xffffffffu;
+    // Tokens of bits a stage holds: a whole 128-token block at four warps; at eight, half of
+    // one, so that two CTAs' stages and span logits fit one multiprocessor.
+    static constexpr int kBitTokens = W == 4 ? 128 : 64;
 
-    // Bytes of one stage: the scales, then 16 tokens where f16 rows may come (8.7 KB at
-    // D = 128), else a whole 128-token block of bits; RANGE stages no values. Small stages
-    // leave room for more CTAs per multiprocessor.
-    __host__ __device__ static int stage_size(bool has_f16, bool keys_only) {
-        const int row = (keys_only ? 1 : 2) * (has_f16 ? 2 * D + 16 : D / 8);
-        return kScales + (has_f16 ? 16 : 128) * row;
+    // Bytes of one stage: the scales, then the rows of `parts` (1: keys or values, 2: both)
+    // for 16 tokens where f16 rows may come (8.7 KB at D = 128, both parts), else
+    // kBitTokens tokens of bits. Small stages leave room for more CTAs per multiprocessor.
+    __host__ __device__ static int stage_size(bool has_f16, int parts) {
+        const int row = parts * (has_f16 ? 2 * D + 16 : D / 8);
+        return kScales + (has_f16 ? 16 : kBitTokens) * row;
     }
     // Single-pass calibration keeps every logit of the item's span: [tokens][8 heads] f32.
     static constexpr int kLocalTokens = KVB_CUDA_LOCAL_SPAN_TOKENS;
     static constexpr size_t kLogitBytes = sizeof(float) * kLocalTokens * kHeads;
     static constexpr size_t kRangeBytes = sizeof(float) * kWarps * kHeads * 2;
-    static size_t smem_bytes(bool has_f16, bool keys_only, bool local) {
-        return kQBytes + (size_t)kWarps * 2 * stage_size(has_f16, keys_only) +
+    static size_t smem_bytes(bool has_f16, int parts, bool local) {
+        return kQBytes + (size_t)kWarps * 2 * stage_size(has_f16, parts) +
                (local ? kLogitBytes + kRangeBytes : 0);
     }
 
@@ -297,13 +300,13 @@ __device__ __forceinline__ bool softmax_advance(const float (&v)[4], float (&mx)
     return __any_sync(M::kAll, corr[0] != 1.f || corr[1] != 1.f);
 }
 
-// Merge the kWarps warps of a CTA (each its own max, per-lane sums and C fragments of heads
-// 2t, 2t+1) through `merge` ([kWarps][8][D + 2] floats of shared memory), then write the work
+// Merge the W warps of a CTA (each its own max, per-lane sums and C fragments of heads
+// 2t, 2t+1) through `merge` ([W][8][D + 2] floats of shared memory), then write the work
 // item's partial (max, sum, acc per head) to `part`.
-template <int D>
+template <int D, int W>
 __device__ void write_partial(float *merge, const float (&mx)[2], const float (&lsum)[2],
                               const float (&acc)[D / 16][4], float *part, int G) {
-    using M = MmaDecode<D>;
+    using M = MmaDecode<D, W>;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     __syncthreads();
 #pragma unroll
@@ -335,25 +338,12 @@ __device__ void write_partial(float *merge, const float (&mx)[2], const float (&
     }
 }
 
-// Online softmax over one tile's logits v (softmax_advance), then P·V into acc (f16 values) or
-// vbits and psum (q1_calib, folded at the block's end).
+// P = e^(v − ref) of one tile's logits v, then P·V into acc (f16 values) or vbits and psum
+// (q1_calib, folded at the block's end).
 template <int D>
-__device__ __forceinline__ void tile_softmax_values(const float (&v)[4], int v_format,
-                                                   const uint8_t *rows, int lane, float (&mx)[2],
-                                                   float (&lsum)[2], float (&psum)[2],
-                                                   float (&acc)[D / 16][4], float (&vbits)[D / 16][4]) {
-    using M = MmaDecode<D>;
-    constexpr int kSteps = M::kSteps;
-    float corr[2], ref[2];
-    if (softmax_advance<D>(v, mx, ref, corr)) {
-#pragma unroll
-        for (int m = 0; m < kSteps; ++m) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[m][e] *= corr[e & 1], vbits[m][e] *= corr[e & 1];
-        }
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) lsum[hh] *= corr[hh], psum[hh] *= corr[hh];
-    }
+__device__ __forceinline__ void tile_values(const float (&v)[4], const float (&ref)[2], int v_format,
+                                            const uint8_t *rows, int lane, float (&lsum)[2], float (&psum)[2],
+                                            float (&acc)[D / 16][4], float (&vbits)[D / 16][4]) {
     const __half2 p01 = __floats2half2_rn(__expf(v[0] - ref[0]), __expf(v[1] - ref[1]));
     const __half2 p23 = __floats2half2_rn(__expf(v[2] - ref[0]), __expf(v[3] - ref[1]));
     const float ps0 = __low2float(p01) + __low2float(p23), ps1 = __high2float(p01) + __high2float(p23);
@@ -368,23 +358,49 @@ __device__ __forceinline__ void tile_softmax_values(const float (&v)[4], int v_f
     }
 }
 
+// Online softmax over one tile's logits v (softmax_advance), then its values (tile_values).
+template <int D>
+__device__ __forceinline__ void tile_softmax_values(const float (&v)[4], int v_format,
+                                                   const uint8_t *rows, int lane, float (&mx)[2],
+                                                   float (&lsum)[2], float (&psum)[2],
+                                                   float (&acc)[D / 16][4], float (&vbits)[D / 16][4]) {
+    float corr[2], ref[2];
+    if (softmax_advance<D>(v, mx, ref, corr)) {
+#pragma unroll
+        for (int m = 0; m < D / 16; ++m) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[m][e] *= corr[e & 1], vbits[m][e] *= corr[e & 1];
+        }
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) lsum[hh] *= corr[hh], psum[hh] *= corr[hh];
+    }
+    tile_values<D>(v, ref, v_format, rows, lane, lsum, psum, acc, vbits);
+}
+
 // RANGE: the logit range of every calibrated span (atomics into scratch). ATTEND: softmax and
 // P·V over the item, spans calibrated from that range. LOCAL: the item is one whole calibrated
 // span; its logits stay in shared memory between a key sweep and a value sweep, so keys are
-// read and scored once.
+// read and scored once, and the item's largest logit is known before any value is read (no
+// running max). LOCAL has eight warps: its CTAs are fewer, one per span.
 enum class Pass { kRange, kAttend, kLocal };
 
+template <Pass kPass>
+constexpr int kPassWarps = kPass == Pass::kLocal ? 8 : 4;
+// Rows a stage holds per token: the keys (RANGE, and each sweep of LOCAL) or keys and values.
+template <Pass kPass>
+constexpr int kPassParts = kPass == Pass::kAttend ? 2 : 1;
+
+// LOCAL's CTAs run two per multiprocessor (128 registers): one alone leaves its latencies bare.
 template <int D, Pass kPass>
-__global__ void __launch_bounds__(MmaDecode<D>::kWarps * 32)
+__global__ void __launch_bounds__(kPassWarps<kPass> * 32, kPass == Pass::kLocal ? 2 : 1)
     decode_mma_kernel(kvb_cuda_decode_args a) {
-    using M = MmaDecode<D>;
+    using M = MmaDecode<D, kPassWarps<kPass>>;
     constexpr int kSteps = M::kSteps;
-    constexpr bool kKeysOnly = kPass == Pass::kRange;
     extern __shared__ __align__(16) uint8_t mma_smem[];
     uint8_t *smem = mma_smem;
     float *qs = reinterpret_cast<float *>(smem);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int stage_sz = M::stage_size((a.formats_used >> F16) & 1, kKeysOnly);
+    const int stage_sz = M::stage_size((a.formats_used >> F16) & 1, kPassParts<kPass>);
     uint8_t *stages = smem + M::kQBytes + warp * 2 * stage_sz;
     float *logits = reinterpret_cast<float *>(smem + M::kQBytes + M::kWarps * 2 * stage_sz);
     const kvb_cuda_work w = a.work[blockIdx.x];
@@ -446,11 +462,6 @@ __global__ void __launch_bounds__(MmaDecode<D>::kWarps * 32)
             hi_seen[e & 1] = fmaxf(hi_seen[e & 1], v[e]);
         }
     };
-    auto values = [&](const uint8_t *st, const typename M::Chunk &c, int t0, const float (&v)[4], int parts) {
-        const int at = parts == M::kBoth ? M::template values_at<M::kBoth>(c) : M::template values_at<M::kValues>(c);
-        tile_softmax_values<D>(v, c.blk.v_format, st + at + t0 * M::row_bytes(c.blk.v_format), lane, mx, lsum,
-                               psum, acc, vbits);
-    };
     auto end_values = [&](const uint8_t *st, const typename M::Chunk &c) {
         if (c.blk.v_format != Q1_CALIB) return;
         const float ps[2] = {M::sum_over_tokens(psum[0]), M::sum_over_tokens(psum[1])};
@@ -489,7 +500,9 @@ __global__ void __launch_bounds__(MmaDecode<D>::kWarps * 32)
             [&](const uint8_t *st, const typename M::Chunk &c, int t0) {
                 float v[4];
                 tile_logits(st, c, t0, v);
-                values(st, c, t0, v, M::kBoth);
+                tile_softmax_values<D>(v, c.blk.v_format,
+                                       st + M::template values_at<M::kBoth>(c) + t0 * M::row_bytes(c.blk.v_format),
+                                       lane, mx, lsum, psum, acc, vbits);
             },
             end_values);
     } else {
@@ -519,7 +532,7 @@ __global__ void __launch_bounds__(MmaDecode<D>::kWarps * 32)
             if (g == 0) range[(warp * M::kHeads + 2 * t + hh) * 2] = lo, range[(warp * M::kHeads + 2 * t + hh) * 2 + 1] = hi;
         }
         __syncthreads();
-        float lo_c[2], ratio[2];
+        float lo_c[2], ratio[2], ref[2];
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
             float lo = INFINITY, hi = -INFINITY;
@@ -529,6 +542,9 @@ __global__ void __launch_bounds__(MmaDecode<D>::kWarps * 32)
             const float r = hi - lo;
             lo_c[hh] = 0.f, ratio[hh] = 1.f;
             if (calibrated && r > a.calib_delta) lo_c[hh] = lo, ratio[hh] = (r - a.calib_delta) / r;
+            // The largest calibrated logit, by the same expression as each token's below.
+            mx[hh] = lo_c[hh] + (hi - lo_c[hh]) * ratio[hh];
+            ref[hh] = mx[hh] == -INFINITY ? 0.f : mx[hh];
         }
         // Value sweep: calibrated logits back from shared memory.
         M::template sweep<M::kValues, false>(
@@ -542,12 +558,14 @@ __global__ void __launch_bounds__(MmaDecode<D>::kWarps * 32)
                     v[e] = tok < c.blk.n ? lo_c[e & 1] + (logits[at(c, t0, e)] - lo_c[e & 1]) * ratio[e & 1]
                                          : -INFINITY;
                 }
-                values(st, c, t0, v, M::kValues);
+                tile_values<D>(v, ref, c.blk.v_format,
+                               st + M::template values_at<M::kValues>(c) + t0 * M::row_bytes(c.blk.v_format), lane,
+                               lsum, psum, acc, vbits);
             },
             end_values);
     }
 
-    write_partial<D>(reinterpret_cast<float *>(smem + M::kQBytes), mx, lsum, acc,
+    write_partial<D, M::kWarps>(reinterpret_cast<float *>(smem + M::kQBytes), mx, lsum, acc,
                      scr.partial + (size_t)blockIdx.x * G * (D + 2), G);
 }
 

@@ -277,7 +277,7 @@ __global__ void __launch_bounds__(TileDecode<D, KF, VF>::kWarps * 32, KF::kTileC
     if constexpr (VF::kRotated) {
         if (rotated) T::rotate_acc(acc, scratch, lane);
     }
-    write_partial<D>(warp_rows, mx, lsum, acc, scr.partial + (size_t)blockIdx.x * G * (D + 2), G);
+    write_partial<D, kWarps>(warp_rows, mx, lsum, acc, scr.partial + (size_t)blockIdx.x * G * (D + 2), G);
 }
 
 }  // namespace kvb

@@ -43,6 +43,15 @@ cudaError_t allow_smem(const void *kernel, size_t bytes) {
     return err;
 }
 
+// Whether `bytes` of dynamic shared memory fit one CTA on the current device (227 KB on
+// sm_80 and sm_90, 99 KB on sm_86 and sm_89).
+bool fits_smem(size_t bytes) {
+    int device = 0, optin = 0;
+    return cudaGetDevice(&device) == cudaSuccess &&
+           cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess &&
+           bytes <= (size_t)optin;
+}
+
 bool known_format(int f) {
 #define KVB_KNOWN(ID, FMT) if (f == ID) return true;
     KVB_FORMATS(KVB_KNOWN)
@@ -410,16 +419,20 @@ extern "C" int kvb_cuda_attention_decode(const kvb_cuda_decode_args *args, kvb_c
             if (tiles && quantized == 1u << KIVI2) return launch_tiles.template operator()<D, FmtKivi2<D>, FmtKivi2<D>>();
             if (tiles && quantized == 1u << Q2_HAD) return launch_tiles.template operator()<D, FmtQ2Had<D>, FmtQ2Had<D>>();
             if (mma) {
-                const bool has_f16 = (a.formats_used >> F16) & 1, local = a.local_spans && a.n_spans > 0;
-                constexpr int kThreadsMma = MmaDecode<D>::kWarps * 32;
-                if (local) {
-                    const size_t smem = MmaDecode<D>::smem_bytes(has_f16, false, true);
-                    set_smem((const void *)decode_mma_kernel<D, Pass::kLocal>, smem);
+                const bool has_f16 = (a.formats_used >> F16) & 1;
+                constexpr int kThreadsMma = kPassWarps<Pass::kAttend> * 32;
+                using L = MmaDecode<D, kPassWarps<Pass::kLocal>>;
+                const size_t smem_local = L::smem_bytes(has_f16, kPassParts<Pass::kLocal>, true);
+                // A span's logits on chip need more shared memory than some GPUs have; there the
+                // range pass runs first.
+                if (a.local_spans && a.n_spans > 0 && fits_smem(smem_local)) {
+                    set_smem((const void *)decode_mma_kernel<D, Pass::kLocal>, smem_local);
                     if (err != cudaSuccess) return;
-                    decode_mma_kernel<D, Pass::kLocal><<<a.n_work, kThreadsMma, smem, s>>>(a);
+                    decode_mma_kernel<D, Pass::kLocal><<<a.n_work, L::kWarps * 32, smem_local, s>>>(a);
                 } else {
-                    const size_t smem = MmaDecode<D>::smem_bytes(has_f16, false, false);
-                    const size_t smem_range = MmaDecode<D>::smem_bytes(has_f16, true, false);
+                    using A = MmaDecode<D, kPassWarps<Pass::kAttend>>;
+                    const size_t smem = A::smem_bytes(has_f16, kPassParts<Pass::kAttend>, false);
+                    const size_t smem_range = A::smem_bytes(has_f16, kPassParts<Pass::kRange>, false);
                     set_smem((const void *)decode_mma_kernel<D, Pass::kAttend>, smem);
                     set_smem((const void *)decode_mma_kernel<D, Pass::kRange>, smem_range);
                     if (err != cudaSuccess) return;
