@@ -73,9 +73,10 @@ struct TileDecode {
             for (int p = lane; 16 * p < span.y; p += 32)
                 cp_async16(dst + 16 * p, src + span.x + 16 * p, min(16, span.y - 16 * p));
         };
-        if (blk.k_format != F16) copy(st, st + kKeyStage, arena + blk.k_offset, KF::unit_span(blk.n, u0, KEY));
+        if (blk.k_format != F16)
+            copy(st, st + kKeyStage, arena + blk.k_offset, KF::unit_span(blk.k_format, blk.n, u0, KEY));
         if (blk.v_format != F16)
-            copy(st + 16, st + kValueStage, arena + blk.v_offset, VF::unit_span(blk.n, u0, VALUE));
+            copy(st + 16, st + kValueStage, arena + blk.v_offset, VF::unit_span(blk.v_format, blk.n, u0, VALUE));
     }
 
     // acc (heads 2t, 2t+1 of channels 16m + g, +8) through the rotation, via the warp's
@@ -186,8 +187,8 @@ __global__ void __launch_bounds__(TileDecode<D, KF, VF>::kWarps * 32, KF::kTileC
         // The staged bytes, addressed as their blocks are (kept apart from global pointers, so
         // reads through them compile to shared-memory loads).
         const uint8_t *st = stages + slot * T::kStage, *k_hdr = st, *v_hdr = st + 16;
-        const uint8_t *k_rows = st + T::kKeyStage - KF::unit_span(n, u0, KEY).x;
-        const uint8_t *v_rows = st + T::kValueStage - VF::unit_span(n, u0, VALUE).x;
+        const uint8_t *k_rows = st + T::kKeyStage - KF::unit_span(blk.k_format, n, u0, KEY).x;
+        const uint8_t *v_rows = st + T::kValueStage - VF::unit_span(blk.v_format, n, u0, VALUE).x;
         float qv[kSteps][4], base;
         if (blk.k_format == F16) {
             if (prepared != kF16Query) {
@@ -229,7 +230,7 @@ __global__ void __launch_bounds__(TileDecode<D, KF, VF>::kWarps * 32, KF::kTileC
 #pragma unroll
                 for (int e = 0; e < 4; ++e) v[i][e] = q.inv_scale[e & 1] * s[e] + q.base[e & 1];
             } else {
-                KF::mma_key_logits(q, qs, qsum, kb, k_rows, k_hdr, n, t0, lane, v[i]);
+                KF::mma_key_logits(blk.k_format, q, qs, qsum, kb, k_rows, k_hdr, n, t0, lane, v[i]);
             }
 #pragma unroll
             for (int e = 0; e < 4; ++e)
@@ -266,7 +267,7 @@ __global__ void __launch_bounds__(TileDecode<D, KF, VF>::kWarps * 32, KF::kTileC
                 value_steps<D>(typename FmtF16<D>::ValueTile(v_tile, lane), movmatrix_trans(half2_bits(p[0], p[1])),
                                movmatrix_trans(half2_bits(p[2], p[3])), acc);
             } else {
-                VF::mma_value_tile(vb, v_rows, v_hdr, n, t0, p, acc, lo_acc, scratch, lane);
+                VF::mma_value_tile(blk.v_format, vb, v_rows, v_hdr, n, t0, p, acc, lo_acc, scratch, lane);
             }
             __syncwarp();
         }

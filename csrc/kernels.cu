@@ -401,8 +401,8 @@ extern "C" int kvb_cuda_attention_decode(const kvb_cuda_decode_args *args, kvb_c
     constexpr uint32_t kMmaFormats = (1u << F16) | (1u << Q1_CALIB);
     const bool mma = !a.generic_only && G <= MmaDecode<64>::kHeads && a.formats_used != 0 &&
                      (a.formats_used & ~kMmaFormats) == 0;
-    // The tiled kernels read one quantized pair (K and V in one format), f16 blocks beside it,
-    // and no calibration.
+    // The tiled kernels read kivi2 or the AKVQ formats (q2_had, q4_had, either mixed), f16
+    // blocks beside them, and no calibration.
     const uint32_t quantized = a.formats_used & ~(1u << F16);
     const bool tiles = !a.generic_only && G <= MmaDecode<64>::kHeads && a.n_spans == 0;
     auto launch_tiles = [&]<int D, class KF, class VF>() {
@@ -418,6 +418,9 @@ extern "C" int kvb_cuda_attention_decode(const kvb_cuda_decode_args *args, kvb_c
         if constexpr (D <= 128) {
             if (tiles && quantized == 1u << KIVI2) return launch_tiles.template operator()<D, FmtKivi2<D>, FmtKivi2<D>>();
             if (tiles && quantized == 1u << Q2_HAD) return launch_tiles.template operator()<D, FmtQ2Had<D>, FmtQ2Had<D>>();
+            constexpr uint32_t kHad = (1u << Q2_HAD) | (1u << Q4_HAD);
+            if (tiles && quantized != 0 && (quantized & ~kHad) == 0)
+                return launch_tiles.template operator()<D, FmtHadMix<D>, FmtHadMix<D>>();
             if (mma) {
                 const bool has_f16 = (a.formats_used >> F16) & 1;
                 constexpr int kThreadsMma = kPassWarps<Pass::kAttend> * 32;

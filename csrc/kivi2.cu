@@ -154,7 +154,7 @@ struct FmtKivi2 {
     // Bytes a warp stages for the 32-token unit at u0 (a key group, or the value rows) as
     // {offset in the block, length}; offsets are 16-byte aligned.
     static constexpr int kKeyUnitBytes = kKeyGroup, kValueUnitBytes = 32 * Values::kRow;
-    __device__ static int2 unit_span(int n, int u0, int role) {
+    __device__ static int2 unit_span(int, int n, int u0, int role) {
         const int m = min(32, n - u0);
         return role == KEY ? make_int2((u0 / 32) * kKeyGroup, 4 * D + m * kTokRow)
                            : make_int2(u0 * Values::kRow, m * Values::kRow);
@@ -181,7 +181,7 @@ struct FmtKivi2 {
 
     // Logits of tokens t0 + g, t0 + g + 8 for heads 2t, 2t + 1 (the query's C fragment).
     template <class Query>
-    __device__ static void mma_key_logits(const Query &q, const float *, const float *, const uint8_t *,
+    __device__ static void mma_key_logits(int, const Query &q, const float *, const float *, const uint8_t *,
                                           const uint8_t *rows, const uint8_t *, int n, int t0, int lane,
                                           float (&v)[4]) {
         const int g = lane >> 2, t = lane & 3;
@@ -204,7 +204,7 @@ struct FmtKivi2 {
 
     // acc += V^T·(P·s) for tokens t0..t0+15 (p: probabilities of tokens g, g+8 x heads 2t,
     // 2t+1), lo_acc[group] += Σ p·lo per lane.
-    __device__ static void mma_value_tile(const uint8_t *, const uint8_t *rows, const uint8_t *, int n, int t0,
+    __device__ static void mma_value_tile(int, const uint8_t *, const uint8_t *rows, const uint8_t *, int n, int t0,
                                           const float (&p)[4],
                                           float (&acc)[D / 16][4], float (&lo_acc)[kValueGroups][2],
                                           float *, int lane) {

@@ -77,4 +77,12 @@ __device__ __forceinline__ uint32_t codes2_to_half2(uint32_t w, int s) {
     return *reinterpret_cast<const uint32_t *>(&h);
 }
 
+// f16x2 of two 4-bit codes, exact: bits [s, s+4) of `w` low, bits [s+16, s+20) high, as
+// codes2_to_half2.
+__device__ __forceinline__ uint32_t codes4_to_half2(uint32_t w, int s) {
+    const uint32_t x = ((w >> s) & 0x000F000Fu) | 0x64006400u;
+    const __half2 h = __hsub2(*reinterpret_cast<const __half2 *>(&x), __half2half2(__ushort_as_half(0x6400)));
+    return *reinterpret_cast<const uint32_t *>(&h);
+}
+
 }  // namespace kvb

@@ -434,7 +434,7 @@ struct FmtHad {
     // records from the 16-byte boundary below them, as they lie in a block without protected
     // tokens (the tile code reads a block with some from global memory).
     static constexpr int kKeyUnitBytes = 32 * kRec + 16, kValueUnitBytes = kKeyUnitBytes;
-    __device__ static int2 unit_span(int n, int u0, int) {
+    __device__ static int2 unit_span(int, int n, int u0, int) {
         const int from = kHeader + u0 * kRec, to = kHeader + min(n, u0 + 32) * kRec;
         return make_int2(from & ~15, to - (from & ~15));
     }
@@ -454,7 +454,7 @@ struct FmtHad {
     // qsum[head][group] the group sums of the rotated one, both [8] heads.
     // hdr: the block's first bytes, staged with the unit (n_p says whether `rows` holds it).
     template <class Query>
-    __device__ static void mma_key_logits(const Query &q, const float *qs, const float *qsum, const uint8_t *blk,
+    __device__ static void mma_key_logits(int, const Query &q, const float *qs, const float *qsum, const uint8_t *blk,
                                           const uint8_t *rows, const uint8_t *hdr, int n, int t0, int lane,
                                           float (&v)[4]) {
         if (*reinterpret_cast<const uint32_t *>(hdr) == 0) key_logits<true>(q, qs, qsum, blk, rows, n, t0, lane, v);
@@ -465,7 +465,6 @@ struct FmtHad {
     template <bool kPlain, class Query>
     __device__ static void key_logits(const Query &q, const float *qs, const float *qsum, const uint8_t *blk,
                                       const uint8_t *rows, int n, int t0, int lane, float (&v)[4]) {
-        static_assert(BITS == 2, "2-bit codes");
         const int g = lane >> 2, t = lane & 3;
         const Layout L = kPlain ? Layout{0, 0, 0} : layout(blk, n);
         const TileRanks tr = kPlain ? TileRanks{0u, 0} : tile_ranks(blk, L, n, t0);
@@ -476,8 +475,8 @@ struct FmtHad {
         float part[kGroups][2][4] = {};
 #pragma unroll
         for (int s = 0; s < D / 16; ++s) {
-            const uint32_t a[4] = {codes2_to_half2(wa[s], 2 * t), codes2_to_half2(wb[s], 2 * t),
-                                   codes2_to_half2(wa[s], 2 * t + 8), codes2_to_half2(wb[s], 2 * t + 8)};
+            uint32_t a[4];
+            key_frag(wa, wb, s, t, a);
             mma_16816(part[s / 4][0], a, q.hi[s][0], q.hi[s][1]);
             mma_16816(part[s / 4][1], a, q.lo[s][0], q.lo[s][1]);
         }
@@ -514,9 +513,50 @@ struct FmtHad {
         }
     }
 
+    // The A fragment of k-step s (channels 16s..16s+15) of the tokens whose code words are wa
+    // (rows g) and wb (rows g + 8). At either width, slots 2t, 2t+1 hold channels 16s + t, +8
+    // and slots 2t+8, 2t+9 channels 16s + t + 4, +12, so one query serves both widths.
+    __device__ static void key_frag(const uint32_t (&wa)[kWords], const uint32_t (&wb)[kWords], int s, int t,
+                                    uint32_t (&a)[4]) {
+        if constexpr (BITS == 2) {
+            a[0] = codes2_to_half2(wa[s], 2 * t), a[1] = codes2_to_half2(wb[s], 2 * t);
+            a[2] = codes2_to_half2(wa[s], 2 * t + 8), a[3] = codes2_to_half2(wb[s], 2 * t + 8);
+        } else {
+            // Word 2s holds channels 16s..16s+7, word 2s+1 the next eight: their low halves
+            // side by side hold channels t, t + 8 at bit 4t; their high halves t + 4, t + 12.
+            a[0] = codes4_to_half2(__byte_perm(wa[2 * s], wa[2 * s + 1], 0x5410), 4 * t);
+            a[1] = codes4_to_half2(__byte_perm(wb[2 * s], wb[2 * s + 1], 0x5410), 4 * t);
+            a[2] = codes4_to_half2(__byte_perm(wa[2 * s], wa[2 * s + 1], 0x7632), 4 * t);
+            a[3] = codes4_to_half2(__byte_perm(wb[2 * s], wb[2 * s + 1], 0x7632), 4 * t);
+        }
+    }
+
+    // The A fragment of value m-tile m (rows: channels 16m + g, +8; columns: tokens 2t, 2t+1,
+    // then 2t+8, 2t+9) from the codes of those four tokens.
+    __device__ static void value_frag(const uint8_t *r0, const uint8_t *r1, const uint8_t *r8, const uint8_t *r9,
+                                      int m, int g, uint32_t (&a)[4]) {
+        auto word = [](const uint8_t *r, int i) { return reinterpret_cast<const uint32_t *>(r)[i]; };
+        if constexpr (BITS == 2) {
+            const uint32_t x0 = word(r0, m), x1 = word(r1, m), x8 = word(r8, m), x9 = word(r9, m);
+            a[0] = codes2_to_half2(__byte_perm(x0, x1, 0x5410), 2 * g);
+            a[1] = codes2_to_half2(__byte_perm(x0, x1, 0x7632), 2 * g);
+            a[2] = codes2_to_half2(__byte_perm(x8, x9, 0x5410), 2 * g);
+            a[3] = codes2_to_half2(__byte_perm(x8, x9, 0x7632), 2 * g);
+        } else {
+            // Channel 16m + g is code g of word 2m (16m + 8 + g: of word 2m + 1), in the low
+            // half for g < 4.
+            const uint32_t sel = g < 4 ? 0x5410u : 0x7632u;
+            const int at = 4 * (g & 3);
+            a[0] = codes4_to_half2(__byte_perm(word(r0, 2 * m), word(r1, 2 * m), sel), at);
+            a[1] = codes4_to_half2(__byte_perm(word(r0, 2 * m + 1), word(r1, 2 * m + 1), sel), at);
+            a[2] = codes4_to_half2(__byte_perm(word(r8, 2 * m), word(r9, 2 * m), sel), at);
+            a[3] = codes4_to_half2(__byte_perm(word(r8, 2 * m + 1), word(r9, 2 * m + 1), sel), at);
+        }
+    }
+
     // acc += V̂^T·(P·S) for tokens t0..t0+15 in the rotated basis, lo_acc[group] += Σ p·LO per
     // lane; protected tokens add p·R(row) through the warp's `scratch` (D floats).
-    __device__ static void mma_value_tile(const uint8_t *blk, const uint8_t *rows, const uint8_t *hdr, int n, int t0,
+    __device__ static void mma_value_tile(int, const uint8_t *blk, const uint8_t *rows, const uint8_t *hdr, int n, int t0,
                                           const float (&p)[4], float (&acc)[D / 16][4],
                                           float (&lo_acc)[kValueGroups][2], float *scratch, int lane) {
         if (*reinterpret_cast<const uint32_t *>(hdr) == 0) value_tile<true>(blk, rows, n, t0, p, acc, lo_acc, scratch, lane);
@@ -527,7 +567,6 @@ struct FmtHad {
     __device__ static void value_tile(const uint8_t *blk, const uint8_t *rows, int n, int t0, const float (&p)[4],
                                       float (&acc)[D / 16][4], float (&lo_acc)[kValueGroups][2], float *scratch,
                                       int lane) {
-        static_assert(BITS == 2, "2-bit codes");
         const int g = lane >> 2, t = lane & 3;
         const Layout L = kPlain ? Layout{0, 0, 0} : layout(blk, n);
         const TileRanks tr = kPlain ? TileRanks{0u, 0} : tile_ranks(blk, L, n, t0);
@@ -545,12 +584,8 @@ struct FmtHad {
         const uint8_t *r0 = codes(2 * t), *r1 = codes(2 * t + 1), *r8 = codes(2 * t + 8), *r9 = codes(2 * t + 9);
 #pragma unroll
         for (int m = 0; m < D / 16; ++m) {
-            auto word = [&](const uint8_t *r) { return reinterpret_cast<const uint32_t *>(r)[m]; };
-            const uint32_t x0 = word(r0), x1 = word(r1), x8 = word(r8), x9 = word(r9);
-            const uint32_t lo01 = __byte_perm(x0, x1, 0x5410), hi01 = __byte_perm(x0, x1, 0x7632);
-            const uint32_t lo89 = __byte_perm(x8, x9, 0x5410), hi89 = __byte_perm(x8, x9, 0x7632);
-            const uint32_t a[4] = {codes2_to_half2(lo01, 2 * g), codes2_to_half2(hi01, 2 * g),
-                                   codes2_to_half2(lo89, 2 * g), codes2_to_half2(hi89, 2 * g)};
+            uint32_t a[4];
+            value_frag(r0, r1, r8, r9, m, g, a);
             mma_16816(acc[m], a, b[value_group(m)][0], b[value_group(m)][1]);
         }
         for (unsigned left = tr.prot; !kPlain && left; left &= left - 1) {
@@ -585,5 +620,31 @@ template <int D>
 using FmtQ2Had = FmtHad<D, 2>;
 template <int D>
 using FmtQ4Had = FmtHad<D, 4>;
+
+// The tiled kernel's view of an AKVQ cache: q2_had blocks (visual tokens) beside q4_had ones
+// (text). One rotation and one query serve both widths; each block's format picks its tile
+// code, and stages are sized for the wider.
+template <int D>
+struct FmtHadMix : FmtQ2Had<D> {
+    using Q2 = FmtQ2Had<D>;
+    using Q4 = FmtQ4Had<D>;
+    // Both widths' tile code in one kernel: 168 registers at three CTAs per multiprocessor.
+    static constexpr int kTileCtasPerSm = 3;
+    static constexpr int kKeyUnitBytes = Q4::kKeyUnitBytes, kValueUnitBytes = Q4::kValueUnitBytes;
+
+    __device__ static int2 unit_span(int fmt, int n, int u0, int role) {
+        return fmt == Q4_HAD ? Q4::unit_span(fmt, n, u0, role) : Q2::unit_span(fmt, n, u0, role);
+    }
+    template <class Query, class... Args>
+    __device__ static void mma_key_logits(int fmt, const Query &q, Args &&...args) {
+        if (fmt == Q4_HAD) Q4::mma_key_logits(fmt, q, args...);
+        else Q2::mma_key_logits(fmt, q, args...);
+    }
+    template <class... Args>
+    __device__ static void mma_value_tile(int fmt, Args &&...args) {
+        if (fmt == Q4_HAD) Q4::mma_value_tile(fmt, args...);
+        else Q2::mma_value_tile(fmt, args...);
+    }
+};
 
 }  // namespace kvb

@@ -521,12 +521,13 @@ fn cpu_outputs(
     want
 }
 
-/// Whether the tiled tensor-core kernels take a cache of f16 blocks and `kf`/`vf` blocks: one
-/// format of theirs for every quantized block.
+/// Whether the tiled tensor-core kernels take a cache of f16 blocks and `kf`/`vf` blocks:
+/// kivi2, or the AKVQ formats (q2_had and q4_had, mixed or not).
 fn tiled_pair(kf: FormatId, vf: FormatId) -> bool {
-    [FormatId::Kivi2, FormatId::Q2Had]
+    use FormatId::*;
+    [&[Kivi2][..], &[Q2Had, Q4Had]]
         .iter()
-        .any(|&t| [kf, vf].iter().all(|&f| f == t || f == FormatId::F16))
+        .any(|family| [kf, vf].iter().all(|f| *f == F16 || family.contains(f)))
 }
 
 /// GPU decode attention equals the CPU reference on the same quantized blocks (rel. < 1e-3):
@@ -724,6 +725,81 @@ fn decode_attention_over_long_items_matches_the_cpu() {
                 got.iter().all(|v| v.is_finite()) && e < 1e-3,
                 "{f} long items generic {generic}: rel err {e}"
             );
+        }
+    }
+}
+
+/// An AKVQ cache's head as the device cache builds it: q4_had text blocks, q2_had visual
+/// blocks with and without pivots, an f16 residual, one work item of all of them (and items
+/// of one or two blocks on other heads). The tiled kernel switches width per block and equals
+/// the CPU's, as does the generic path.
+#[test]
+fn akvq_blocks_of_both_widths_in_one_item_match_the_cpu() {
+    let Some(stream) = gpu() else { return };
+    let fs = device_formats();
+    if !fs.contains(&FormatId::Q2Had) || !fs.contains(&FormatId::Q4Had) {
+        return;
+    }
+    let mut rng = seeded();
+    let params = QuantParams::default();
+    use FormatId::{F16, Q2Had, Q4Had};
+    // (format, tokens, fraction of pivots)
+    let layout = [
+        (Q4Had, 37, 0.05f32),
+        (Q2Had, 128, 0.1),
+        (Q2Had, 128, 0.0),
+        (Q4Had, 61, 0.0),
+        (Q2Had, 90, 0.05),
+        (F16, 9, 0.0),
+    ];
+    for d in HEAD_DIMS.into_iter().filter(|&d| d <= 128) {
+        for &(n_head, n_head_kv) in &[(28usize, 4usize), (8, 2)] {
+            let (mut arena, mut descs, mut work, mut heads) = (vec![], vec![], vec![], vec![]);
+            for kv in 0..n_head_kv {
+                let mut hb = HeadBlocks { blocks: vec![] };
+                let first = descs.len();
+                for &(f, n, frac) in &layout {
+                    let mask: Vec<bool> = (0..n).map(|_| rng.uniform() < frac).collect();
+                    let b = CpuBlock::random(&mut rng, f, f, n, d, -1, &mask, &params);
+                    hb.push(b, &mut arena, &mut descs);
+                }
+                let items: &[(usize, usize)] = if kv == 0 {
+                    &[(0, 6)]
+                } else {
+                    &[(0, 2), (2, 1), (3, 3)]
+                };
+                for &(b, len) in items {
+                    work.push(WorkItem {
+                        seq: 0,
+                        kv_head: kv as i32,
+                        first_block: (first + b) as i32,
+                        n_blocks: len as i32,
+                    });
+                }
+                heads.push(hb);
+            }
+            let q: Vec<f32> = rng.normals(n_head * d);
+            let scale = 1.0 / (d as f32).sqrt();
+            let want = cpu_outputs(&heads, &q, n_head, n_head_kv, d, scale, 3.0);
+            let mut plan =
+                DecodePlan::new(&descs, &work, 1, n_head, n_head_kv, d, 0, &stream).unwrap();
+            let arena = DeviceBuffer::from_slice(&arena, &stream).unwrap();
+            let qd = DeviceBuffer::from_slice(&q, &stream).unwrap();
+            for generic in [true, false] {
+                plan.generic_only = generic;
+                let out = DeviceBuffer::new(q.len() * 4).unwrap();
+                out.fill(0xFF, &stream).unwrap();
+                plan.launch(&arena, &qd, &out, scale, 3.0, &stream).unwrap();
+                let mut got = vec![0f32; q.len()];
+                out.download(&mut got, 0, &stream).unwrap();
+                let e = rel_err(&got, &want);
+                let what = format!("akvq mixed d={d} heads {n_head}/{n_head_kv} generic {generic}");
+                eprintln!("{what}: rel err {e:.2e}");
+                assert!(
+                    got.iter().all(|v| v.is_finite()) && e < 1e-3,
+                    "{what}: rel err {e}"
+                );
+            }
         }
     }
 }
