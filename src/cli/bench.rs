@@ -101,7 +101,11 @@ fn cuda(args: &Args) -> Result<(), Error> {
         );
     }
     println!(
-        "\n{:<15} {:>7} {:<11} {:>9} {:>10} {:>11} {:>10} {:>8}",
+        "\ncache step: a {}-token text prompt, then `tokens` visual tokens, one DeviceCache",
+        bench::PROMPT
+    );
+    println!(
+        "{:<15} {:>7} {:<11} {:>9} {:>10} {:>11} {:>10} {:>8}",
         "cache step",
         "tokens",
         "preset",

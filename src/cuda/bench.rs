@@ -497,9 +497,14 @@ pub fn run(tokens: &[usize], batches: &[usize], only: &[String]) -> Result<Repor
     })
 }
 
-/// Decode-loop steps through a one-layer [`DeviceCache`] of `tokens` visual tokens (appended
-/// in 2048-token spans, calibrated where the preset calibrates), for our f16 cache and every
-/// preset: what a runtime pays per token, host round trips and plan uploads included.
+/// Text tokens before the visual ones in the decode-loop caches: the prompt of a real
+/// multimodal cache, held in each preset's text formats (q4_had for akvq, f16 for calibquant).
+pub const PROMPT: usize = 256;
+
+/// Decode-loop steps through a one-layer [`DeviceCache`] of a [`PROMPT`]-token text prompt and
+/// `tokens` visual tokens (appended in 2048-token spans, calibrated where the preset
+/// calibrates), for our f16 cache and every preset: what a runtime pays per token, host round
+/// trips and plan uploads included.
 pub fn cache_rows(
     shape: LayerShape,
     tokens: usize,
@@ -530,6 +535,8 @@ pub fn cache_rows(
             continue;
         }
         let mut cache = DeviceCache::new(cfg, 0)?;
+        let prompt = PROMPT.min(span);
+        cache.append(0, &rows, &rows, true, prompt, Modality::Text, None, stream)?;
         for start in (0..tokens).step_by(span) {
             let n = span.min(tokens - start);
             cache.append(0, &rows, &rows, true, n, Modality::Visual, None, stream)?;
