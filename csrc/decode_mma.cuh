@@ -20,11 +20,50 @@
 // logits affinely per span.
 #pragma once
 
+#include <cooperative_groups.h>
+
 #include "f16.cu"
 #include "mma.cuh"
 #include "q1_calib.cu"
 
 namespace kvb {
+
+// The CTAs sharing a LOCAL work item: a thread block cluster on sm_90, whose distributed
+// shared memory carries the span's logit range and the partial results between them; one CTA
+// elsewhere.
+struct ItemCtas {
+    __device__ static int count() {
+#if __CUDA_ARCH__ >= 900
+        return (int)cooperative_groups::this_cluster().num_blocks();
+#else
+        return 1;
+#endif
+    }
+    __device__ static int rank() {
+#if __CUDA_ARCH__ >= 900
+        return (int)cooperative_groups::this_cluster().block_rank();
+#else
+        return 0;
+#endif
+    }
+    // Every thread of every CTA of the item, with their shared-memory writes.
+    __device__ static void sync() {
+#if __CUDA_ARCH__ >= 900
+        cooperative_groups::this_cluster().sync();
+#else
+        __syncthreads();
+#endif
+    }
+    // `p` in the shared memory of CTA r of the item.
+    template <class T>
+    __device__ static T *of(T *p, int r) {
+#if __CUDA_ARCH__ >= 900
+        return cooperative_groups::this_cluster().map_shared_rank(p, r);
+#else
+        return p;
+#endif
+    }
+};
 
 template <int D, int W = 4>
 struct MmaDecode {
@@ -34,9 +73,11 @@ struct MmaDecode {
     static constexpr int kScales = 8 * D;           // K then V lo[D], hi[D] at a stage's head
     static constexpr int kQBytes = 4 * kHeads * D;  // the scaled query, f32
     static constexpr unsigned kAll = 0xffffffffu;
-    // Tokens of bits a stage holds: a whole 128-token block at four warps; at eight, half of
-    // one, so that two CTAs' stages and span logits fit one multiprocessor.
+    // Tokens of bits a stage holds: a whole 128-token block at four warps; at eight (LOCAL),
+    // half of one, so that two CTAs' stages and span logits fit one multiprocessor. Warps
+    // sharing a block take it kSharedTokens at a time.
     static constexpr int kBitTokens = W == 4 ? 128 : 64;
+    static constexpr int kSharedTokens = 32;
 
     // Bytes of one stage: the scales, then the rows of `parts` (1: keys or values, 2: both)
     // for 16 tokens where f16 rows may come (8.7 KB at D = 128, both parts), else
@@ -49,9 +90,14 @@ struct MmaDecode {
     static constexpr int kLocalTokens = KVB_CUDA_LOCAL_SPAN_TOKENS;
     static constexpr size_t kLogitBytes = sizeof(float) * kLocalTokens * kHeads;
     static constexpr size_t kRangeBytes = sizeof(float) * kWarps * kHeads * 2;
+    // Shared memory: the query, the warps' stages (which write_partial reuses to merge the
+    // warps), then with LOCAL the span's logits and ranges.
+    __host__ __device__ static int stages_bytes(int stage_sz) {
+        const int stages = kWarps * 2 * stage_sz, merge = (int)sizeof(float) * kWarps * kHeads * (D + 2);
+        return stages > merge ? stages : merge;
+    }
     static size_t smem_bytes(bool has_f16, int parts, bool local) {
-        return kQBytes + (size_t)kWarps * 2 * stage_size(has_f16, parts) +
-               (local ? kLogitBytes + kRangeBytes : 0);
+        return kQBytes + stages_bytes(stage_size(has_f16, parts)) + (local ? kLogitBytes + kRangeBytes : 0);
     }
 
     __device__ static int row_bytes(int fmt) {
@@ -70,16 +116,25 @@ struct MmaDecode {
         kvb_cuda_block blk;
     };
 
-    // First chunk of the first block at or after item-relative block `rel` that this sweep
-    // reads (every kWarps-th block; with kCalibOnly, calibrated blocks only).
+    // The warps working on one item (a CTA's, or with LOCAL a cluster's): this one, how many.
+    struct Team {
+        int warp, warps;
+    };
+    __device__ static bool shares_blocks(const kvb_cuda_work &w, int warps) { return 4 * w.n_blocks <= warps; }
+
+    // First chunk of the first block this sweep reads (with kCalibOnly, calibrated blocks
+    // only) among item-relative blocks rel, rel + skip, ...
     template <int kParts, bool kCalibOnly>
-    __device__ static Chunk block_chunk(const kvb_cuda_decode_args &a, const kvb_cuda_work &w, int rel, int stage) {
-        for (; rel < w.n_blocks; rel += kWarps) {
+    __device__ static Chunk block_chunk(const kvb_cuda_decode_args &a, const kvb_cuda_work &w, int rel, int skip,
+                                       int stage, const Team &team) {
+        for (; rel < w.n_blocks; rel += skip) {
             const kvb_cuda_block blk = a.blocks[w.first_block + rel];
             if (kCalibOnly && blk.span < 0) continue;
-            const int row = (kParts & kKeys ? row_bytes(blk.k_format) : 0) +
-                            (kParts & kValues ? row_bytes(blk.v_format) : 0);
-            const int cap = ((stage - kScales) / row) & ~15;
+            // Key and value sweeps of one block cut it alike (LOCAL's value sweep reads the
+            // logits its key sweep left): a token's rows take twice the wider of K and V.
+            const int wider = max(row_bytes(blk.k_format), row_bytes(blk.v_format));
+            int cap = ((stage - kScales) / (kParts == kBoth ? 2 * wider : wider)) & ~15;
+            if (shares_blocks(w, team.warps)) cap = min(cap, kSharedTokens);
             int tok0 = 0;
             for (int i = 0; i < rel; ++i) tok0 += a.blocks[w.first_block + i].n;
             return {w.first_block + rel, 0, min(blk.n, cap), cap, tok0, blk};
@@ -87,15 +142,41 @@ struct MmaDecode {
         return {-1, 0, 0, 0, 0, {}};
     }
 
+    // The chunk k chunks after c among every chunk the sweep reads, in the item's order.
     template <int kParts, bool kCalibOnly>
-    __device__ static Chunk next_chunk(const kvb_cuda_decode_args &a, const kvb_cuda_work &w, const Chunk &c, int stage) {
-        if (c.c0 + c.len < c.blk.n) {
-            Chunk n = c;
-            n.c0 += c.len;
-            n.len = min(c.blk.n - n.c0, c.cap);
-            return n;
+    __device__ static Chunk chunk_after(const kvb_cuda_decode_args &a, const kvb_cuda_work &w, Chunk c, int k,
+                                        int stage, const Team &team) {
+        while (c.b >= 0 && k > 0) {
+            const int left = (c.blk.n - c.c0 - 1) / c.cap;  // chunks after c in its block
+            if (k <= left) {
+                c.c0 += k * c.cap;
+                c.len = min(c.blk.n - c.c0, c.cap);
+                return c;
+            }
+            k -= left + 1;
+            c = block_chunk<kParts, kCalibOnly>(a, w, c.b - w.first_block + 1, 1, stage, team);
         }
-        return block_chunk<kParts, kCalibOnly>(a, w, c.b - w.first_block + kWarps, stage);
+        return c;
+    }
+
+    // A warp's chunks: of an item of few blocks (a quarter block per warp or less), every
+    // team.warps-th chunk, so that all warps have work; else every chunk of blocks warp,
+    // warp + warps, ... (a warp prepares the query of each block it enters: sharing larger
+    // items costs more than it gains).
+    template <int kParts, bool kCalibOnly>
+    __device__ static Chunk first_chunk(const kvb_cuda_decode_args &a, const kvb_cuda_work &w, const Team &team,
+                                        int stage) {
+        if (!shares_blocks(w, team.warps))
+            return block_chunk<kParts, kCalibOnly>(a, w, team.warp, team.warps, stage, team);
+        const Chunk first = block_chunk<kParts, kCalibOnly>(a, w, 0, 1, stage, team);
+        return chunk_after<kParts, kCalibOnly>(a, w, first, team.warp, stage, team);
+    }
+    template <int kParts, bool kCalibOnly>
+    __device__ static Chunk next_chunk(const kvb_cuda_decode_args &a, const kvb_cuda_work &w, const Chunk &c,
+                                       const Team &team, int stage) {
+        if (shares_blocks(w, team.warps)) return chunk_after<kParts, kCalibOnly>(a, w, c, team.warps, stage, team);
+        if (c.c0 + c.len < c.blk.n) return chunk_after<kParts, kCalibOnly>(a, w, c, 1, stage, team);
+        return block_chunk<kParts, kCalibOnly>(a, w, c.b - w.first_block + team.warps, team.warps, stage, team);
     }
 
     __device__ static void copy_bytes(uint8_t *dst, const uint8_t *src, int bytes, int lane) {
@@ -133,26 +214,26 @@ struct MmaDecode {
         }
     }
 
-    // One warp's blocks of a work item, chunk by chunk through two stages (the next chunk's
-    // copies are in flight while this one is used): start(stage, chunk) where a block begins,
-    // tile(stage, chunk, t0) per 16 tokens, end(stage, chunk) where it ends.
+    // One warp's chunks of a work item through two stages (the next chunk's copies are in
+    // flight while this one is used): start(stage, chunk) where the warp enters a block,
+    // tile(stage, chunk, t0) per 16 tokens, end(stage, chunk) where it leaves it.
     template <int kParts, bool kCalibOnly, typename Start, typename Tile, typename End>
     __device__ static void sweep(const kvb_cuda_decode_args &a, const kvb_cuda_work &w, uint8_t *stages,
-                                 int stage_sz, int warp, int lane, Start &&start, Tile &&tile, End &&end) {
-        Chunk cur = block_chunk<kParts, kCalibOnly>(a, w, warp, stage_sz);
+                                 int stage_sz, const Team &team, int lane, Start &&start, Tile &&tile, End &&end) {
+        Chunk cur = first_chunk<kParts, kCalibOnly>(a, w, team, stage_sz);
         if (cur.b >= 0) stage<kParts>(stages, a.arena, cur, lane);
         cp_async_commit();
-        int slot = 0;
+        int slot = 0, entered = -1;
         while (cur.b >= 0) {
-            const Chunk nxt = next_chunk<kParts, kCalibOnly>(a, w, cur, stage_sz);
+            const Chunk nxt = next_chunk<kParts, kCalibOnly>(a, w, cur, team, stage_sz);
             if (nxt.b >= 0) stage<kParts>(stages + (slot ^ 1) * stage_sz, a.arena, nxt, lane);
             cp_async_commit();
             cp_async_wait<1>();
             __syncwarp();
             const uint8_t *st = stages + slot * stage_sz;
-            if (cur.c0 == 0) start(st, cur);
+            if (cur.b != entered) start(st, cur), entered = cur.b;
             for (int t0 = 0; t0 < cur.len; t0 += 16) tile(st, cur, t0);
-            if (cur.c0 + cur.len == cur.blk.n) end(st, cur);
+            if (nxt.b != cur.b) end(st, cur);
             __syncwarp();
             cur = nxt;
             slot ^= 1;
@@ -300,6 +381,21 @@ __device__ __forceinline__ bool softmax_advance(const float (&v)[4], float (&mx)
     return __any_sync(M::kAll, corr[0] != 1.f || corr[1] != 1.f);
 }
 
+// Entry j (0: max, 1: sum, then acc) of n partials (max, sum, acc) of one head, row(k) the
+// k-th, rescaled to their common max.
+template <class Row>
+__device__ float merged_entry(int n, int j, Row row) {
+    float mmax = -INFINITY;
+    for (int k = 0; k < n; ++k) mmax = fmaxf(mmax, row(k)[0]);
+    if (j == 0 || mmax == -INFINITY) return j == 0 ? mmax : 0.f;
+    float val = 0.f;
+    for (int k = 0; k < n; ++k) {
+        const float *r = row(k);
+        val += r[0] == -INFINITY ? 0.f : __expf(r[0] - mmax) * r[j];
+    }
+    return val;
+}
+
 // Merge the W warps of a CTA (each its own max, per-lane sums and C fragments of heads
 // 2t, 2t+1) through `merge` ([W][8][D + 2] floats of shared memory), then write the work
 // item's partial (max, sum, acc per head) to `part`.
@@ -322,19 +418,8 @@ __device__ void write_partial(float *merge, const float (&mx)[2], const float (&
     }
     __syncthreads();
     for (int i = threadIdx.x; i < G * (D + 2); i += M::kWarps * 32) {
-        const int h = i / (D + 2), j = i % (D + 2);
-        float mmax = -INFINITY;
-        for (int k = 0; k < M::kWarps; ++k) mmax = fmaxf(mmax, merge[(k * M::kHeads + h) * (D + 2)]);
-        float val = 0.f;
-        if (j == 0) {
-            val = mmax;
-        } else if (mmax != -INFINITY) {
-            for (int k = 0; k < M::kWarps; ++k) {
-                const float *row = merge + (k * M::kHeads + h) * (D + 2);
-                val += row[0] == -INFINITY ? 0.f : __expf(row[0] - mmax) * row[j];
-            }
-        }
-        part[i] = val;
+        const int h = i / (D + 2);
+        part[i] = merged_entry(W, i % (D + 2), [&](int k) { return merge + (k * M::kHeads + h) * (D + 2); });
     }
 }
 
@@ -402,8 +487,13 @@ __global__ void __launch_bounds__(kPassWarps<kPass> * 32, kPass == Pass::kLocal 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int stage_sz = M::stage_size((a.formats_used >> F16) & 1, kPassParts<kPass>);
     uint8_t *stages = smem + M::kQBytes + warp * 2 * stage_sz;
-    float *logits = reinterpret_cast<float *>(smem + M::kQBytes + M::kWarps * 2 * stage_sz);
-    const kvb_cuda_work w = a.work[blockIdx.x];
+    float *logits = reinterpret_cast<float *>(smem + M::kQBytes + M::stages_bytes(stage_sz));
+    // LOCAL items may span a cluster of CTAs, its warps one team.
+    const int n_ctas = kPass == Pass::kLocal ? ItemCtas::count() : 1;
+    const int rank = kPass == Pass::kLocal ? ItemCtas::rank() : 0;
+    const typename M::Team team{rank * M::kWarps + warp, n_ctas * M::kWarps};
+    const int item = blockIdx.x / n_ctas;
+    const kvb_cuda_work w = a.work[item];
     const int G = a.n_head / a.n_head_kv;
     const Scratch scr = scratch_layout(a.scratch, a.n_seq, a.n_spans, a.n_head);
     const float *qsrc = a.q + ((size_t)w.seq * a.n_head + (size_t)w.kv_head * G) * D;
@@ -470,7 +560,7 @@ __global__ void __launch_bounds__(kPassWarps<kPass> * 32, kPass == Pass::kLocal 
 
     if constexpr (kPass == Pass::kRange) {
         M::template sweep<M::kKeys, true>(
-            a, w, stages, stage_sz, warp, lane, start_keys,
+            a, w, stages, stage_sz, team, lane, start_keys,
             [&](const uint8_t *st, const typename M::Chunk &c, int t0) {
                 float v[4];
                 tile_logits(st, c, t0, v);
@@ -492,7 +582,7 @@ __global__ void __launch_bounds__(kPassWarps<kPass> * 32, kPass == Pass::kLocal 
         return;
     } else if constexpr (kPass == Pass::kAttend) {
         M::template sweep<M::kBoth, false>(
-            a, w, stages, stage_sz, warp, lane,
+            a, w, stages, stage_sz, team, lane,
             [&](const uint8_t *st, const typename M::Chunk &c) {
                 start_keys(st, c);
                 start_values(c);
@@ -513,7 +603,7 @@ __global__ void __launch_bounds__(kPassWarps<kPass> * 32, kPass == Pass::kLocal 
             return (c.tok0 + c.c0 + t0 + g + 8 * (e >> 1)) * M::kHeads + 2 * t + (e & 1);
         };
         M::template sweep<M::kKeys, false>(
-            a, w, stages, stage_sz, warp, lane, start_keys,
+            a, w, stages, stage_sz, team, lane, start_keys,
             [&](const uint8_t *st, const typename M::Chunk &c, int t0) {
                 float v[4];
                 tile_logits(st, c, t0, v);
@@ -524,21 +614,24 @@ __global__ void __launch_bounds__(kPassWarps<kPass> * 32, kPass == Pass::kLocal 
                     if (v[e] != -INFINITY) logits[at(c, t0, e)] = v[e];
             },
             [](const uint8_t *, const typename M::Chunk &) {});
-        // The span's range per head, over the warps.
+        // The span's range per head, over the warps of every CTA of the item.
         float *range = logits + M::kLocalTokens * M::kHeads;  // [kWarps][8][2]
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
             const float lo = M::min_over_tokens(lo_seen[hh]), hi = M::max_over_tokens(hi_seen[hh]);
             if (g == 0) range[(warp * M::kHeads + 2 * t + hh) * 2] = lo, range[(warp * M::kHeads + 2 * t + hh) * 2 + 1] = hi;
         }
-        __syncthreads();
+        ItemCtas::sync();
         float lo_c[2], ratio[2], ref[2];
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
             float lo = INFINITY, hi = -INFINITY;
+            for (int r = 0; r < n_ctas; ++r) {
+                const float *rr = ItemCtas::of(range, r);
 #pragma unroll
-            for (int k = 0; k < M::kWarps; ++k)
-                lo = fminf(lo, range[(k * M::kHeads + 2 * t + hh) * 2]), hi = fmaxf(hi, range[(k * M::kHeads + 2 * t + hh) * 2 + 1]);
+                for (int k = 0; k < M::kWarps; ++k)
+                    lo = fminf(lo, rr[(k * M::kHeads + 2 * t + hh) * 2]), hi = fmaxf(hi, rr[(k * M::kHeads + 2 * t + hh) * 2 + 1]);
+            }
             const float r = hi - lo;
             lo_c[hh] = 0.f, ratio[hh] = 1.f;
             if (calibrated && r > a.calib_delta) lo_c[hh] = lo, ratio[hh] = (r - a.calib_delta) / r;
@@ -548,7 +641,7 @@ __global__ void __launch_bounds__(kPassWarps<kPass> * 32, kPass == Pass::kLocal 
         }
         // Value sweep: calibrated logits back from shared memory.
         M::template sweep<M::kValues, false>(
-            a, w, stages, stage_sz, warp, lane,
+            a, w, stages, stage_sz, team, lane,
             [&](const uint8_t *, const typename M::Chunk &c) { start_values(c); },
             [&](const uint8_t *st, const typename M::Chunk &c, int t0) {
                 float v[4];
@@ -565,8 +658,21 @@ __global__ void __launch_bounds__(kPassWarps<kPass> * 32, kPass == Pass::kLocal 
             end_values);
     }
 
-    write_partial<D, M::kWarps>(reinterpret_cast<float *>(smem + M::kQBytes), mx, lsum, acc,
-                     scr.partial + (size_t)blockIdx.x * G * (D + 2), G);
+    float *part = scr.partial + (size_t)item * G * (D + 2);
+    // A cluster's CTAs leave their partials in shared memory (past the logits they are done
+    // with); CTA 0 merges them.
+    float *cta_part = n_ctas > 1 ? logits : part;
+    write_partial<D, M::kWarps>(reinterpret_cast<float *>(smem + M::kQBytes), mx, lsum, acc, cta_part, G);
+    if (n_ctas > 1) {
+        ItemCtas::sync();
+        if (rank == 0) {
+            for (int i = threadIdx.x; i < G * (D + 2); i += M::kWarps * 32) {
+                const int h = i / (D + 2);
+                part[i] = merged_entry(n_ctas, i % (D + 2), [&](int r) { return ItemCtas::of(cta_part, r) + h * (D + 2); });
+            }
+        }
+        ItemCtas::sync();  // the others' shared memory stays until CTA 0 has read it
+    }
 }
 
 }  // namespace kvb

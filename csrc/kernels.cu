@@ -52,6 +52,19 @@ bool fits_smem(size_t bytes) {
            bytes <= (size_t)optin;
 }
 
+// CTAs per LOCAL work item: on sm_90, a cluster of two where the items alone would leave
+// multiprocessors idle (two CTAs of eight warps give each of a 16-block span's warps one
+// block; more would make warps share blocks, each preparing the query of every block it
+// enters, which measured slower).
+int local_ctas(int n_work) {
+    int device = 0, major = 0, sms = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || major < 9)
+        return 1;
+    return n_work < sms ? 2 : 1;
+}
+
 bool known_format(int f) {
 #define KVB_KNOWN(ID, FMT) if (f == ID) return true;
     KVB_FORMATS(KVB_KNOWN)
@@ -380,6 +393,8 @@ extern "C" int kvb_cuda_dequantize(int32_t format, int32_t head_dim,
     return ok ? (int)err : (int)KVB_CUDA_INVALID_ARGUMENT;
 }
 
+extern "C" int kvb_cuda_local_ctas(int32_t n_work) { return local_ctas(n_work); }
+
 extern "C" size_t kvb_cuda_decode_scratch_bytes(int32_t n_work, int32_t n_seq, int32_t n_head,
                                                 int32_t head_dim, int32_t n_spans) {
     return sizeof(float) * ((size_t)n_seq * n_spans * n_head * 2 + (size_t)n_work * n_head * (head_dim + 2));
@@ -431,7 +446,20 @@ extern "C" int kvb_cuda_attention_decode(const kvb_cuda_decode_args *args, kvb_c
                 if (a.local_spans && a.n_spans > 0 && fits_smem(smem_local)) {
                     set_smem((const void *)decode_mma_kernel<D, Pass::kLocal>, smem_local);
                     if (err != cudaSuccess) return;
-                    decode_mma_kernel<D, Pass::kLocal><<<a.n_work, L::kWarps * 32, smem_local, s>>>(a);
+                    const int ctas = local_ctas(a.n_work);
+                    if (ctas == 1) {
+                        decode_mma_kernel<D, Pass::kLocal><<<a.n_work, L::kWarps * 32, smem_local, s>>>(a);
+                    } else {
+                        cudaLaunchAttribute cluster{};
+                        cluster.id = cudaLaunchAttributeClusterDimension;
+                        cluster.val.clusterDim.x = ctas, cluster.val.clusterDim.y = 1, cluster.val.clusterDim.z = 1;
+                        cudaLaunchConfig_t cfg{};
+                        cfg.gridDim = dim3(a.n_work * ctas), cfg.blockDim = dim3(L::kWarps * 32);
+                        cfg.dynamicSmemBytes = smem_local, cfg.stream = s;
+                        cfg.attrs = &cluster, cfg.numAttrs = 1;
+                        err = cudaLaunchKernelEx(&cfg, decode_mma_kernel<D, Pass::kLocal>, a);
+                        if (err != cudaSuccess) return;
+                    }
                 } else {
                     using A = MmaDecode<D, kPassWarps<Pass::kAttend>>;
                     const size_t smem = A::smem_bytes(has_f16, kPassParts<Pass::kAttend>, false);

@@ -132,6 +132,11 @@ typedef struct {
 /* Tokens a work item may hold for one-pass calibration (its logits stay in shared memory). */
 enum { KVB_CUDA_LOCAL_SPAN_TOKENS = 2048 };
 
+/* CTAs that work on each of n_work one-pass items on the current device: 2 (a thread block
+ * cluster) on sm_90 when the items are fewer than the multiprocessors, else 1. Planners use it to judge whether one-pass items fill
+ * the GPU. */
+int kvb_cuda_local_ctas(int32_t n_work);
+
 /* Scratch the decode launcher needs for these sizes. */
 size_t kvb_cuda_decode_scratch_bytes(int32_t n_work, int32_t n_seq, int32_t n_head,
                                      int32_t head_dim, int32_t n_spans);

@@ -216,11 +216,12 @@ impl DecodeBench {
         // Enough work items to give every SM a few CTAs; calibrated caches with enough spans
         // for that get one item per span, calibrated in one pass.
         let spans = tokens.div_ceil(SPAN);
-        let items = if preset.calibrate && batch * shape.n_head_kv * spans >= sms {
-            spans
-        } else {
-            (4 * sms).div_ceil(batch * shape.n_head_kv).max(1)
-        };
+        let items =
+            if preset.calibrate && kernels::one_pass_pays(batch * shape.n_head_kv * spans, sms) {
+                spans
+            } else {
+                (4 * sms).div_ceil(batch * shape.n_head_kv).max(1)
+            };
         let (arenas, plan, bytes) = build_cache(shape, tokens, batch, preset, items, stream)?;
         Ok(DecodeBench {
             arenas,

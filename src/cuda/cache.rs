@@ -721,7 +721,7 @@ impl DeviceCache {
         let one_pass = bp
             .one_pass
             .as_ref()
-            .filter(|op| n_items(op) + n_items(&residual_items) >= self.sms);
+            .filter(|op| kernels::one_pass_pays(n_items(op) + n_items(&residual_items), self.sms));
         let blocks_items = one_pass.unwrap_or(&bp.split);
         let work: Vec<WorkItem> = blocks_items
             .iter()

@@ -33,6 +33,24 @@ pub fn supports(format: FormatId) -> bool {
     unsafe { sys::kvb_cuda_format_supported(format as i32) != 0 }
 }
 
+/// CTAs that work on each of `n_work` one-pass work items on the current device (see
+/// [`one_pass_spans`]): a cluster of two on sm_90 when the items are fewer than the
+/// multiprocessors, else one.
+pub fn local_ctas(n_work: usize) -> usize {
+    let n = i32::try_from(n_work).unwrap_or(i32::MAX);
+    // SAFETY: pure query of the current device.
+    let ctas = unsafe { sys::kvb_cuda_local_ctas(n) };
+    usize::try_from(ctas).unwrap_or(1).max(1)
+}
+
+/// Whether `n_work` one-pass items (one per calibrated span) beat a finer split that runs a
+/// range pass first. A one-pass step takes about as long as one CTA's share of a span, however
+/// few CTAs there are; the split's time grows with the cache. On the H200 one pass won from
+/// 64 CTAs on (16384 tokens at batch 1: 2 x 32 CTAs) and lost at 16 (4096 tokens).
+pub fn one_pass_pays(n_work: usize, sms: usize) -> bool {
+    4 * n_work * local_ctas(n_work) >= sms
+}
+
 fn role_id(role: Role) -> i32 {
     match role {
         Role::Key => 0,
