@@ -530,6 +530,36 @@ fn tiled_pair(kf: FormatId, vf: FormatId) -> bool {
         .any(|family| [kf, vf].iter().all(|f| *f == F16 || family.contains(f)))
 }
 
+/// Launch `plan` into a poisoned output and compare with `want`: the relative error (printed
+/// with `what`), or a message naming `what` where an element is unwritten or not finite or
+/// the error is 1e-3 or more.
+#[allow(clippy::too_many_arguments)]
+fn launch_against(
+    plan: &DecodePlan,
+    arena: &DeviceBuffer,
+    q: &DeviceBuffer,
+    want: &[f32],
+    scale: f32,
+    delta: f32,
+    what: &str,
+    stream: &Stream,
+) -> Result<f64, String> {
+    let out = DeviceBuffer::new(want.len() * 4).unwrap();
+    out.fill(0xFF, stream).unwrap();
+    plan.launch(arena, q, &out, scale, delta, stream).unwrap();
+    let mut got = vec![0f32; want.len()];
+    out.download(&mut got, 0, stream).unwrap();
+    let e = rel_err(&got, want);
+    if !got.iter().all(|v| v.is_finite()) {
+        return Err(format!("{what}: unwritten or non-finite output"));
+    }
+    if e.is_nan() || e >= 1e-3 {
+        return Err(format!("{what}: rel err {e}"));
+    }
+    eprintln!("{what}: rel err {e:.2e}");
+    Ok(e)
+}
+
 /// GPU decode attention equals the CPU reference on the same quantized blocks (rel. < 1e-3):
 /// every K/V pair of formats on the device, GQA 7:1 and 4:1, spans longer than one block,
 /// partial blocks, calibration on q1_calib spans, two sequences, several work items per head.
@@ -634,32 +664,26 @@ fn decode_attention_matches_the_cpu() {
                             .iter()
                             .all(|f| matches!(f, FormatId::F16 | FormatId::Q1Calib))
                             || tiled_pair(kf, vf));
+                    let arena = DeviceBuffer::from_slice(&arena, &stream).unwrap();
+                    let qd = DeviceBuffer::from_slice(&q, &stream).unwrap();
                     for generic in if both { vec![true, false] } else { vec![true] } {
                         plan.generic_only = generic;
                         let path = if generic { "generic" } else { "tensor-core" };
-                        let arena = DeviceBuffer::from_slice(&arena, &stream).unwrap();
-                        let qd = DeviceBuffer::from_slice(&q, &stream).unwrap();
-                        let out = DeviceBuffer::new(q.len() * 4).unwrap();
-                        out.fill(0xFF, &stream).unwrap();
-                        plan.launch(&arena, &qd, &out, scale_of(d), delta, &stream)
-                            .unwrap();
-                        let mut got = vec![0f32; q.len()];
-                        out.download(&mut got, 0, &stream).unwrap();
-                        let e = rel_err(&got, &want);
-                        let failure = if !got.iter().all(|v| v.is_finite()) {
-                            format!("{kf}/{vf} d={d} {path}: unwritten or non-finite output")
-                        } else if e.is_nan() || e >= 1e-3 {
-                            format!(
-                                "{kf}/{vf} d={d} heads {n_head}/{n_head_kv} {path}: rel err {e}"
-                            )
-                        } else {
-                            eprintln!(
-                                "{kf}/{vf} d={d} heads {n_head}/{n_head_kv} {path}: rel err {e:.2e}"
-                            );
-                            continue;
-                        };
-                        eprintln!("{failure}");
-                        failures.push(failure);
+                        let what = format!("{kf}/{vf} d={d} heads {n_head}/{n_head_kv} {path}");
+                        let checked = launch_against(
+                            &plan,
+                            &arena,
+                            &qd,
+                            &want,
+                            scale_of(d),
+                            delta,
+                            &what,
+                            &stream,
+                        );
+                        if let Err(failure) = checked {
+                            eprintln!("{failure}");
+                            failures.push(failure);
+                        }
                     }
                 }
             }
@@ -714,17 +738,8 @@ fn decode_attention_over_long_items_matches_the_cpu() {
         let qd = DeviceBuffer::from_slice(&q, &stream).unwrap();
         for generic in [true, false] {
             plan.generic_only = generic;
-            let out = DeviceBuffer::new(q.len() * 4).unwrap();
-            out.fill(0xFF, &stream).unwrap();
-            plan.launch(&arena, &qd, &out, scale, 3.0, &stream).unwrap();
-            let mut got = vec![0f32; q.len()];
-            out.download(&mut got, 0, &stream).unwrap();
-            let e = rel_err(&got, &want);
-            eprintln!("{f} long items generic {generic}: rel err {e:.2e}");
-            assert!(
-                got.iter().all(|v| v.is_finite()) && e < 1e-3,
-                "{f} long items generic {generic}: rel err {e}"
-            );
+            let what = format!("{f} long items generic {generic}");
+            launch_against(&plan, &arena, &qd, &want, scale, 3.0, &what, &stream).unwrap();
         }
     }
 }
@@ -787,18 +802,8 @@ fn akvq_blocks_of_both_widths_in_one_item_match_the_cpu() {
             let qd = DeviceBuffer::from_slice(&q, &stream).unwrap();
             for generic in [true, false] {
                 plan.generic_only = generic;
-                let out = DeviceBuffer::new(q.len() * 4).unwrap();
-                out.fill(0xFF, &stream).unwrap();
-                plan.launch(&arena, &qd, &out, scale, 3.0, &stream).unwrap();
-                let mut got = vec![0f32; q.len()];
-                out.download(&mut got, 0, &stream).unwrap();
-                let e = rel_err(&got, &want);
                 let what = format!("akvq mixed d={d} heads {n_head}/{n_head_kv} generic {generic}");
-                eprintln!("{what}: rel err {e:.2e}");
-                assert!(
-                    got.iter().all(|v| v.is_finite()) && e < 1e-3,
-                    "{what}: rel err {e}"
-                );
+                launch_against(&plan, &arena, &qd, &want, scale, 3.0, &what, &stream).unwrap();
             }
         }
     }
@@ -949,21 +954,8 @@ fn decode_attention_with_protected_values_matches_the_cpu() {
                 .collect();
             for generic in [true, false] {
                 plan.generic_only = generic;
-                let out = DeviceBuffer::new(q.len() * 4).unwrap();
-                out.fill(0xFF, &stream).unwrap();
-                plan.launch(&arena, &qd, &out, scale, 3.0, &stream).unwrap();
-                let mut got = vec![0f32; q.len()];
-                out.download(&mut got, 0, &stream).unwrap();
-                assert!(
-                    got.iter().all(|v| v.is_finite()),
-                    "{kf}/{vf} d={d} generic {generic}: non-finite output"
-                );
-                let e = rel_err(&got, &want);
-                assert!(
-                    e < 1e-3,
-                    "{kf}/{vf} d={d} generic {generic} protected tokens: rel err {e}"
-                );
-                eprintln!("{kf}/{vf} d={d} generic {generic} protected tokens: rel err {e:.2e}");
+                let what = format!("{kf}/{vf} d={d} generic {generic} protected tokens");
+                launch_against(&plan, &arena, &qd, &want, scale, 3.0, &what, &stream).unwrap();
             }
         }
     }
@@ -1086,22 +1078,12 @@ fn calibration_in_one_pass_matches_the_cpu() {
                 for (local, generic) in [(true, false), (false, false), (false, true)] {
                     plan.local_spans = local;
                     plan.generic_only = generic;
-                    let out = DeviceBuffer::new(q.len() * 4).unwrap();
-                    out.fill(0xFF, &stream).unwrap();
-                    plan.launch(&arena, &qd, &out, scale, delta, &stream)
+                    let what = format!(
+                        "q1_calib/{vf} d={d} heads {n_head}/{n_head_kv} one-pass {local} \
+                         generic {generic}"
+                    );
+                    launch_against(&plan, &arena, &qd, &want, scale, delta, &what, &stream)
                         .unwrap();
-                    let mut got = vec![0f32; q.len()];
-                    out.download(&mut got, 0, &stream).unwrap();
-                    let e = rel_err(&got, &want);
-                    eprintln!(
-                        "q1_calib/{vf} d={d} heads {n_head}/{n_head_kv} one-pass {local} \
-                         generic {generic}: rel err {e:.2e}"
-                    );
-                    assert!(
-                        got.iter().all(|v| v.is_finite()) && e < 1e-3,
-                        "q1_calib/{vf} d={d} heads {n_head}/{n_head_kv} one-pass {local} \
-                         generic {generic}: rel err {e}"
-                    );
                 }
             }
         }
