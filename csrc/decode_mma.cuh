@@ -2,7 +2,8 @@
 // head dims up to 128 and up to 8 query heads per KV head (every preset shape we benchmark).
 // Other work takes the generic kernels in kernels.cu.
 //
-// Per work item a CTA of kWarps warps; warp w takes blocks w, w + kWarps, ... of the item and
+// Per work item a CTA of kWarps warps (LOCAL: eight, on sm_90 possibly two CTAs); warp w takes
+// blocks w, w + kWarps, ... of the item (of an item of few blocks, every kWarps-th chunk) and
 // streams them through two shared-memory stages with cp.async (the next chunk is in flight
 // while this one is computed). Per 16-token tile, with tokens as the MMA rows and the G query
 // heads as its 8 columns:
@@ -17,7 +18,8 @@
 //
 // CalibQuant spans: the RANGE instance of the same kernel scores the calibrated blocks only
 // and records each span's logit range (keys only, no values read); the main pass then maps
-// logits affinely per span.
+// logits affinely per span. A span that is one work item instead runs the LOCAL instance,
+// which keeps the span's logits on chip (see Pass).
 #pragma once
 
 #include <cooperative_groups.h>
