@@ -27,12 +27,17 @@ impl MinMax {
         MinMax::new(lo, hi, levels)
     }
 
+    /// `levels` must be at most 255.
     #[inline]
     pub fn code(self, x: f32, levels: u32) -> u8 {
         if self.step > 0.0 {
-            ((x - self.lo) / self.step)
+            let q = ((x - self.lo) / self.step)
                 .clamp(0.0, levels as f32)
-                .round() as u8
+                .round();
+            // `q as u8` without its saturating conversion, which stays scalar: a NaN is code
+            // 0 as there, and a whole `q` in [0, 255] is the low byte of `q + 2^23`'s bits.
+            let q = if q >= 0.0 { q } else { 0.0 };
+            (q + 8_388_608.0).to_bits() as u8
         } else {
             0
         }
@@ -58,13 +63,17 @@ fn fold_range(values: impl Iterator<Item = f32>) -> (f32, f32) {
 #[inline(always)]
 pub fn range(values: &[f32]) -> (f32, f32) {
     let (mut lo, mut hi) = ([f32::INFINITY; 8], [f32::NEG_INFINITY; 8]);
+    // Compare-and-select rather than `min`/`max`, whose NaN rules keep them scalar: both skip
+    // NaNs, so the value is the same wherever it is not a zero.
+    let pick = |keep: bool, a: f32, b: f32| if keep { a } else { b };
     for c in values.chunks_exact(8) {
         for i in 0..8 {
-            (lo[i], hi[i]) = (lo[i].min(c[i]), hi[i].max(c[i]));
+            lo[i] = pick(c[i] < lo[i], c[i], lo[i]);
+            hi[i] = pick(c[i] > hi[i], c[i], hi[i]);
         }
     }
-    let lo = lo.iter().fold(f32::INFINITY, |a, &b| a.min(b));
-    let hi = hi.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let lo = lo.iter().fold(f32::INFINITY, |a, &b| pick(b < a, b, a));
+    let hi = hi.iter().fold(f32::NEG_INFINITY, |a, &b| pick(b > a, b, a));
     if lo == 0.0 || hi == 0.0 || !values.len().is_multiple_of(8) {
         return fold_range(values.iter().copied());
     }

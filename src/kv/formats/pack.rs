@@ -39,17 +39,31 @@ pub fn stored_f16(v: f32) -> Result<f32, Error> {
 
 /// Pack `codes` of `bits` bits each (1, 2 or 4) little-end first: code `j` sits in byte
 /// `j * bits / 8` at bit `(j * bits) % 8`. Appends `ceil(len * bits / 8)` bytes.
-#[inline]
+// Inlined so that `bits` is a constant and the whole bytes vectorise; one resize, not a
+// capacity check per byte.
+#[inline(always)]
 pub fn pack_bits(codes: &[u8], bits: usize, out: &mut Vec<u8>) {
     debug_assert!(matches!(bits, 1 | 2 | 4));
-    let per_byte = 8 / bits;
-    for chunk in codes.chunks(per_byte) {
-        let mut byte = 0u8;
-        for (k, &c) in chunk.iter().enumerate() {
-            byte |= c << (k * bits);
-        }
-        out.push(byte);
+    let chunks = codes.chunks_exact(8 / bits);
+    let tail = chunks.remainder();
+    let start = out.len();
+    out.resize(start + chunks.len(), 0);
+    for (o, c) in out[start..].iter_mut().zip(chunks) {
+        *o = pack_byte(c, bits);
     }
+    if !tail.is_empty() {
+        out.push(pack_byte(tail, bits));
+    }
+}
+
+/// One byte of [`pack_bits`]: `codes[k]` at bit `k * bits`.
+#[inline(always)]
+fn pack_byte(codes: &[u8], bits: usize) -> u8 {
+    let mut byte = 0u8;
+    for (k, &c) in codes.iter().enumerate() {
+        byte |= c << (k * bits);
+    }
+    byte
 }
 
 /// Code `j` of a string packed by [`pack_bits`].

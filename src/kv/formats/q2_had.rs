@@ -32,7 +32,8 @@ const PAIR: usize = 4;
 /// In-place normalised Walsh-Hadamard transform, `H·x / sqrt(len)` with `H` the Sylvester
 /// matrix (`H_1 = [1]`, `H_2k = [[H_k, H_k], [H_k, -H_k]]`). Orthonormal and symmetric, so it
 /// is its own inverse. `x.len()` must be a power of two.
-#[inline]
+// Always inlined, so that the fast quantizer's AVX2 copy vectorises it too.
+#[inline(always)]
 pub fn wht(x: &mut [f32]) {
     let len = x.len();
     assert!(
@@ -75,7 +76,7 @@ fn butterflies<const H: usize>(x: &mut [f32]) {
 /// The rotation of one token: [`wht`] over power-of-two sub-blocks, largest first
 /// (80 = 64 + 16, 96 = 64 + 32, 112 = 64 + 32 + 16; a power of two is one block).
 /// Block-diagonal of orthonormal symmetric blocks, so also its own inverse.
-#[inline]
+#[inline(always)]
 pub fn rotate(x: &mut [f32]) {
     let mut rest = x;
     while !rest.is_empty() {
