@@ -54,11 +54,13 @@ struct FmtKivi2 {
     }
 
     // Keys: thread per (group, four channels): the four ranges, then one code byte per token.
+    // Keys and values both spread a block over the values' CTAs.
+    static constexpr int kQuantParts = Values::kQuantParts;
     __device__ static void quantize(Src x, int n, int role, const uint8_t *protect, QuantParams p,
-                                    uint8_t *out, float *smem) {
-        if (role != KEY) return Values::quantize(x, n, role, protect, p, out, smem);
+                                    uint8_t *out, float *smem, int part) {
+        if (role != KEY) return Values::quantize(x, n, role, protect, p, out, smem, part);
         const int n_groups = (n + 31) / 32;
-        for (int i = threadIdx.x; i < n_groups * kTokRow; i += kThreads) {
+        for (int i = part * kThreads + threadIdx.x; i < n_groups * kTokRow; i += kQuantParts * kThreads) {
             const int g = i / kTokRow, c0 = 4 * (i % kTokRow), tb = 32 * g, m = min(32, n - tb);
             uint8_t *grp = out + (int64_t)g * kKeyGroup;
             __half *lo = reinterpret_cast<__half *>(grp), *st = lo + D;
@@ -66,6 +68,7 @@ struct FmtKivi2 {
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
                 float mn = INFINITY, mx = -INFINITY;
+#pragma unroll 8
                 for (int r = 0; r < m; ++r) {
                     const float v = x.at(tb + r, c0 + k);
                     mn = fminf(mn, v), mx = fmaxf(mx, v);
@@ -74,6 +77,7 @@ struct FmtKivi2 {
                 lo[c0 + k] = __float2half_rn(mm[k].lo);
                 st[c0 + k] = __float2half_rn(mm[k].step);
             }
+#pragma unroll 4
             for (int r = 0; r < m; ++r) {
                 unsigned byte = 0;
 #pragma unroll

@@ -30,11 +30,13 @@ struct TokenGroups {
 
     __host__ __device__ static int64_t bytes(int n, int, int, QuantParams) { return (int64_t)n * kRow; }
 
-    // A warp per (token, group).
+    // A warp per (token, group), over kQuantParts CTAs per block: each (token, group) is a
+    // chain of dependent shuffles, so a block's pairs need many warps in flight.
+    static constexpr int kQuantParts = 4;
     __device__ static void quantize(Src x, int n, int, const uint8_t *, QuantParams, uint8_t *out,
-                                    float *) {
+                                    float *, int part) {
         const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-        for (int i = warp; i < n * kGroups; i += kWarps) {
+        for (int i = part * kWarps + warp; i < n * kGroups; i += kQuantParts * kWarps) {
             const int t = i / kGroups, g = i % kGroups, L = len(g);
             const float v = lane < L ? x.at(t, 32 * g + lane) : 0.f;
             Codec::encode(out + (int64_t)t * kRow + g * kGroupBytes, v, L, lane);
