@@ -4,24 +4,14 @@
 //! fresh random values (seed printed).
 #![cfg(feature = "cuda")]
 
+mod common;
+
+use common::gpu;
+
 use half::f16;
-use kvbits::cuda::{DeviceBuffer, DeviceCache, Stream, device_count};
+use kvbits::cuda::{DeviceBuffer, DeviceCache, Stream};
 use kvbits::kv::{BlockTokens, CacheConfig, FormatId, KvCache, Modality, Rows};
 use kvbits::rng::{Rng, rel_err};
-
-fn gpu() -> Option<Stream> {
-    if device_count() == 0 {
-        eprintln!("no CUDA device: skipping GPU test");
-        return None;
-    }
-    Some(Stream::new().expect("stream"))
-}
-
-fn seeded() -> Rng {
-    let seed = Rng::fresh_seed();
-    eprintln!("seed {seed}");
-    Rng::new(seed)
-}
 
 /// Rows `[n][h][d]` with a few channels 5-20x larger (outliers make pivots and wide ranges).
 fn rows(rng: &mut Rng, n: usize, h: usize, d: usize) -> Vec<f32> {
@@ -194,7 +184,7 @@ impl Twin {
 #[test]
 fn device_cache_matches_the_cpu_cache() {
     let Some(s) = gpu() else { return };
-    let mut rng = seeded();
+    let mut rng = Rng::new(common::seed("device_cache_matches_the_cpu_cache"));
     for (h, d) in [(4, 128), (2, 64), (1, 80)] {
         for (name, cfg) in configs(h, d) {
             let name = format!("{name} h{h} d{d}");
@@ -228,7 +218,9 @@ fn device_cache_matches_the_cpu_cache() {
 #[test]
 fn many_calibrated_spans_with_text_and_residual_match_the_cpu() {
     let Some(s) = gpu() else { return };
-    let mut rng = seeded();
+    let mut rng = Rng::new(common::seed(
+        "many_calibrated_spans_with_text_and_residual_match_the_cpu",
+    ));
     let (h, d) = (4, 128);
     let mut cfg = CacheConfig::preset("calibquant", 1, h, d).unwrap();
     cfg.block_tokens = BlockTokens::Fixed(64);
@@ -250,7 +242,7 @@ fn many_calibrated_spans_with_text_and_residual_match_the_cpu() {
 #[test]
 fn a_snapshot_reloads_to_the_same_attention() {
     let Some(s) = gpu() else { return };
-    let mut rng = seeded();
+    let mut rng = Rng::new(common::seed("a_snapshot_reloads_to_the_same_attention"));
     let (h, d) = (4, 128);
     for p in CacheConfig::PRESETS {
         let cfg = CacheConfig::preset(p, 2, h, d).unwrap();

@@ -3,25 +3,15 @@
 //! there is no GPU. Inputs are fresh random values (seed printed); outputs are poisoned first.
 #![cfg(feature = "cuda")]
 
+mod common;
+
+use common::gpu;
+
 use half::f16;
 use kvbits::cuda::kernels::{self, BlockDesc, DecodePlan, DeviceRows, QuantJob, WorkItem};
-use kvbits::cuda::{DeviceBuffer, Stream, device_count};
+use kvbits::cuda::{DeviceBuffer, Stream};
 use kvbits::kv::{Applies, FormatId, HEAD_DIMS, QuantParams, Role, Shape};
 use kvbits::rng::{Rng, rel_err};
-
-fn gpu() -> Option<Stream> {
-    if device_count() == 0 {
-        eprintln!("no CUDA device: skipping GPU test");
-        return None;
-    }
-    Some(Stream::new().expect("stream"))
-}
-
-fn seeded() -> Rng {
-    let seed = Rng::fresh_seed();
-    eprintln!("seed {seed}");
-    Rng::new(seed)
-}
 
 /// Keys with a few channels 5-20x larger, rounded through f16 as the cache stores them.
 fn kv_like(rng: &mut Rng, n: usize, d: usize) -> Vec<f32> {
@@ -70,7 +60,7 @@ fn align16(v: usize) -> usize {
 #[test]
 fn copy_kernel_copies_every_byte() {
     let Some(stream) = gpu() else { return };
-    let mut rng = seeded();
+    let mut rng = Rng::new(common::seed("copy_kernel_copies_every_byte"));
     for len in [16usize, 1000, 1 << 20, (1 << 20) + 7] {
         let src: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
         let a = DeviceBuffer::from_slice(&src, &stream).unwrap();
@@ -88,7 +78,7 @@ fn copy_kernel_copies_every_byte() {
 #[test]
 fn quantize_and_dequantize_match_the_cpu() {
     let Some(stream) = gpu() else { return };
-    let mut rng = seeded();
+    let mut rng = Rng::new(common::seed("quantize_and_dequantize_match_the_cpu"));
     let params = QuantParams::default();
     let mut failures = Vec::new();
     for f in device_formats() {
@@ -530,6 +520,17 @@ fn tiled_pair(kf: FormatId, vf: FormatId) -> bool {
         .any(|family| [kf, vf].iter().all(|f| *f == F16 || family.contains(f)))
 }
 
+/// Work items of sequence 0, KV head `kv`: (first block, blocks) pairs, relative to the head's
+/// first block at `first` in the table.
+fn push_items(work: &mut Vec<WorkItem>, kv: usize, first: usize, items: &[(usize, usize)]) {
+    work.extend(items.iter().map(|&(b, len)| WorkItem {
+        seq: 0,
+        kv_head: kv as i32,
+        first_block: (first + b) as i32,
+        n_blocks: len as i32,
+    }));
+}
+
 /// Launch `plan` into a poisoned output and compare with `want`: the relative error (printed
 /// with `what`), or a message naming `what` where an element is unwritten or not finite or
 /// the error is 1e-3 or more.
@@ -566,7 +567,7 @@ fn launch_against(
 #[test]
 fn decode_attention_matches_the_cpu() {
     let Some(stream) = gpu() else { return };
-    let mut rng = seeded();
+    let mut rng = Rng::new(common::seed("decode_attention_matches_the_cpu"));
     let params = QuantParams::default();
     let fs = device_formats();
     let keys: Vec<FormatId> = fs
@@ -697,7 +698,9 @@ fn decode_attention_matches_the_cpu() {
 #[test]
 fn decode_attention_over_long_items_matches_the_cpu() {
     let Some(stream) = gpu() else { return };
-    let mut rng = seeded();
+    let mut rng = Rng::new(common::seed(
+        "decode_attention_over_long_items_matches_the_cpu",
+    ));
     let params = QuantParams::default();
     let (n_head, n_head_kv, d) = (8usize, 2usize, 128usize);
     let fs = device_formats();
@@ -720,14 +723,7 @@ fn decode_attention_over_long_items_matches_the_cpu() {
             } else {
                 &[(0, 100), (100, 50)]
             };
-            for &(b, len) in split {
-                work.push(WorkItem {
-                    seq: 0,
-                    kv_head: kv as i32,
-                    first_block: (first + b) as i32,
-                    n_blocks: len as i32,
-                });
-            }
+            push_items(&mut work, kv, first, split);
             heads.push(hb);
         }
         let q: Vec<f32> = rng.normals(n_head * d);
@@ -755,7 +751,9 @@ fn akvq_blocks_of_both_widths_in_one_item_match_the_cpu() {
     if !fs.contains(&FormatId::Q2Had) || !fs.contains(&FormatId::Q4Had) {
         return;
     }
-    let mut rng = seeded();
+    let mut rng = Rng::new(common::seed(
+        "akvq_blocks_of_both_widths_in_one_item_match_the_cpu",
+    ));
     let params = QuantParams::default();
     use FormatId::{F16, Q2Had, Q4Had};
     // (format, tokens, fraction of pivots)
@@ -783,14 +781,7 @@ fn akvq_blocks_of_both_widths_in_one_item_match_the_cpu() {
                 } else {
                     &[(0, 2), (2, 1), (3, 3)]
                 };
-                for &(b, len) in items {
-                    work.push(WorkItem {
-                        seq: 0,
-                        kv_head: kv as i32,
-                        first_block: (first + b) as i32,
-                        n_blocks: len as i32,
-                    });
-                }
+                push_items(&mut work, kv, first, items);
                 heads.push(hb);
             }
             let q: Vec<f32> = rng.normals(n_head * d);
@@ -816,7 +807,7 @@ fn akvq_blocks_of_both_widths_in_one_item_match_the_cpu() {
 #[test]
 fn protected_tokens_match_the_cpu() {
     let Some(stream) = gpu() else { return };
-    let mut rng = seeded();
+    let mut rng = Rng::new(common::seed("protected_tokens_match_the_cpu"));
     let params = QuantParams::default();
     let mut failures = Vec::new();
     for f in device_formats().into_iter().filter(|f| f.imp().protects()) {
@@ -911,7 +902,9 @@ fn protected_tokens_match_the_cpu() {
 #[test]
 fn decode_attention_with_protected_values_matches_the_cpu() {
     let Some(stream) = gpu() else { return };
-    let mut rng = seeded();
+    let mut rng = Rng::new(common::seed(
+        "decode_attention_with_protected_values_matches_the_cpu",
+    ));
     let params = QuantParams::default();
     let (n_head, n_head_kv) = (8usize, 2usize);
     let values: Vec<FormatId> = device_formats()
@@ -966,7 +959,9 @@ fn decode_attention_with_protected_values_matches_the_cpu() {
 /// rounding midpoint, and nothing else.
 #[test]
 fn k1_5_mix_tolerance_accepts_only_rounding_ties() {
-    let mut rng = seeded();
+    let mut rng = Rng::new(common::seed(
+        "k1_5_mix_tolerance_accepts_only_rounding_ties",
+    ));
     let (n, d) = (20, 128);
     let mut x = kv_like(&mut rng, n, d);
     // Token 0 constant over every channel: every coefficient but DC is 0 on the CPU too.
@@ -1018,7 +1013,7 @@ fn k1_5_mix_tolerance_accepts_only_rounding_ties() {
 #[test]
 fn calibration_in_one_pass_matches_the_cpu() {
     let Some(stream) = gpu() else { return };
-    let mut rng = seeded();
+    let mut rng = Rng::new(common::seed("calibration_in_one_pass_matches_the_cpu"));
     let params = QuantParams::default();
     let (delta, spans) = (3.0f32, [[128usize, 128, 61], [100, 128, 7]]);
     for d in [64usize, 80, 128] {

@@ -1,5 +1,6 @@
-//! Helpers shared by the GGUF tests (and the fuzz target's corpus seeds): sample files from our
-//! writer, a builder for hand-made bytes, and a walk over everything a parsed file exposes.
+//! Helpers shared by the tests (and the fuzz target's corpus seeds): replayable seeds, the GPU
+//! stream GPU tests skip without, sample GGUF files from our writer, a builder for hand-made
+//! bytes, and a walk over everything a parsed file exposes.
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::path::PathBuf;
@@ -15,6 +16,17 @@ pub fn seed(test: &str) -> u64 {
         .unwrap_or_else(Rng::fresh_seed);
     println!("{test}: seed {seed} (replay with KVBITS_SEED={seed})");
     seed
+}
+
+/// A stream on the current GPU, or `None` with a message where there is none (GPU tests
+/// skip there).
+#[cfg(feature = "cuda")]
+pub fn gpu() -> Option<kvbits::cuda::Stream> {
+    if kvbits::cuda::device_count() == 0 {
+        eprintln!("no CUDA device: skipping GPU test");
+        return None;
+    }
+    Some(kvbits::cuda::Stream::new().expect("stream"))
 }
 
 /// A file path in the temp dir, unique to this process and tag, removed on drop.
