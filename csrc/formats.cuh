@@ -25,17 +25,34 @@
 
 namespace kvb {
 
-// Prepared-query floats per head that any format may need.
+// Prepared-query floats per head: the most any format needs.
 template <int D>
-constexpr int kPrepMax = 2 * D + 2;
+constexpr int prep_max() {
+    int most = 0;
+#define KVB_PREP(ID, FMT) most = FMT<D>::kPrep > most ? FMT<D>::kPrep : most;
+    KVB_FORMATS(KVB_PREP)
+#undef KVB_PREP
+    return most;
+}
+template <int D>
+constexpr int kPrepMax = prep_max<D>();
 
-// Every format's prepared query fits, at every head dim.
-#define KVB_PREP_FITS(ID, FMT)                                                                 \
-    static_assert(FMT<64>::kPrep <= kPrepMax<64> && FMT<80>::kPrep <= kPrepMax<80> &&          \
-                      FMT<96>::kPrep <= kPrepMax<96> && FMT<112>::kPrep <= kPrepMax<112> &&    \
-                      FMT<128>::kPrep <= kPrepMax<128> && FMT<256>::kPrep <= kPrepMax<256>,    \
-                  "kPrepMax too small for " #FMT);
-KVB_FORMATS(KVB_PREP_FITS)
-#undef KVB_PREP_FITS
+// Prepared-query floats per block beside the heads' (a format's kPrepShared, at
+// qt + G·kPrep): the most any format needs.
+template <class F>
+constexpr int prep_shared() {
+    if constexpr (requires { F::kPrepShared; }) return F::kPrepShared;
+    else return 0;
+}
+template <int D>
+constexpr int prep_shared_max() {
+    int most = 0;
+#define KVB_PREP_SHARED(ID, FMT) most = prep_shared<FMT<D>>() > most ? prep_shared<FMT<D>>() : most;
+    KVB_FORMATS(KVB_PREP_SHARED)
+#undef KVB_PREP_SHARED
+    return most;
+}
+template <int D>
+constexpr int kPrepSharedMax = prep_shared_max<D>();
 
 }  // namespace kvb

@@ -30,18 +30,22 @@
 #pragma once
 
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace kvb {
 
 template <int D>
 struct FmtK1_5Mix {
     static constexpr int kMask = D / 8;  // bytes of the channel mask
-    // Per head: weights of the record's bits [0, D + Dh), the low-range query as scratch
-    // [D + Dh, 2D) while preparing, the constant term at 2D.
-    static constexpr int kPrep = 2 * D + 1;
     static constexpr int kLevels = 3;
     static constexpr int kMaxDl = D - 8 * ((D + 16) / 32);  // Dl at mix_fraction 0.25
     static constexpr int kMaxDh = 8 * ((3 * D + 16) / 32);  // Dh at mix_fraction 0.75
+    // Per head: weights of the record's bits [0, D + Dh), the low-range query as scratch
+    // [D + Dh, 2D) while preparing, the constant term at 2D, the f16 split's scale at 2D + 1.
+    // Per block (kPrepShared): the twiddles (cos, then sin), each channel's min-max offset
+    // (0 for low-range channels).
+    static constexpr int kPrep = 2 * D + 2;
+    static constexpr int kPrepShared = 2 * kMaxDl + D;
     static constexpr int kFftTokens = 8;                     // tokens per quantize step
     static constexpr int kWarps = kThreads / 32;
     static constexpr unsigned kAll = 0xffffffffu;
@@ -71,6 +75,11 @@ struct FmtK1_5Mix {
     }
 
     __device__ static Layout read(const uint8_t *blk) { return Layout(rank(blk, D)); }
+
+    __device__ static int64_t stored_bytes(const uint8_t *blk, int n, int) {
+        const Layout L = read(blk);
+        return L.codes + (int64_t)n * L.stride;
+    }
 
     __host__ __device__ static int64_t bytes(int n, int, int, QuantParams p) {
         const Layout L(high_channels(p.mix_fraction));
@@ -245,14 +254,20 @@ struct FmtK1_5Mix {
 
     // Per block and head: code-bit weights q_c·s_j (low bit) and 2·q_c·s_j (high bit), sign-bit
     // weights 2·f_k with f = adjoint(q_lo)·scale, and the constant Σ q_c·lo_j - Σ f_k: a set
-    // sign bit adds f_k, a clear one subtracts it.
+    // sign bit adds f_k, a clear one subtracts it. Also the power of two that scales the
+    // head's weights for the f16 split of scores (largest below 2^14); the block's twiddles and
+    // offsets in kPrepShared.
     __device__ static void prepare(const uint8_t *blk, int, const float *q, int G, float *qt) {
         const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
         const Layout L = read(blk);
         const int dh = L.dh, dl = L.dl;
+        float *cos_t = qt + G * kPrep, *sin_t = cos_t + kMaxDl, *lo_of = sin_t + kMaxDl;
+        for (int m = threadIdx.x; m < dl; m += kThreads) sincospif(2.f * m / dl, &sin_t[m], &cos_t[m]);
         for (int c = threadIdx.x; c < D; c += kThreads) {
             const int r = rank(blk, c);
-            if (is_high(blk, c)) {
+            const bool high = is_high(blk, c);
+            lo_of[c] = high ? ld_f16_at(blk, kMask + 4 * r) : 0.f;
+            if (high) {
                 const float st = ld_f16_at(blk, kMask + 4 * r + 2);
                 for (int g = 0; g < G; ++g) {
                     const float qs = q[g * D + c] * st;
@@ -264,21 +279,15 @@ struct FmtK1_5Mix {
             }
         }
         __syncthreads();
-        // Thread per bin k of Q = rfft(q_lo), every head at once. The sign weights [2dh, D + dh)
-        // do not overlap the scratch [D + dh, 2D) other threads still read.
-        for (int k = threadIdx.x; k <= dl / 2; k += kThreads) {
-            float re[kMaxG] = {}, im[kMaxG] = {};
+        // Thread per (bin k of Q = rfft(q_lo), head). The sign weights [2dh, D + dh) do not
+        // overlap the scratch [D + dh, 2D) other threads still read.
+        for (int item = threadIdx.x; item < (dl / 2 + 1) * G; item += kThreads) {
+            const int k = item / G, h = item % G;
+            const float *z = qt + h * kPrep + D + dh;
+            float re = 0.f, im = 0.f;
             for (int i = 0, m = 0; i < dl; ++i) {
-                float sn, cs;
-                sincospif(2.f * m / dl, &sn, &cs);
-#pragma unroll
-                for (int h = 0; h < kMaxG; ++h) {
-                    if (h < G) {
-                        const float v = qt[h * kPrep + D + dh + i];
-                        re[h] += v * cs;
-                        im[h] -= v * sn;
-                    }
-                }
+                re = fmaf(z[i], cos_t[m], re);
+                im = fmaf(-z[i], sin_t[m], im);
                 m += k;
                 if (m >= dl) m -= dl;
             }
@@ -286,51 +295,89 @@ struct FmtK1_5Mix {
             const bool edge = k == 0 || 2 * k == dl;
             const int j = k == 0 ? 0 : edge ? 1 : 2 * k;
             const float twice_w = (edge ? 2.f : 4.f) / dl;
-            const float s_re = ld_f16_at(blk, L.scales + 2 * j), s_im = edge ? 0.f : ld_f16_at(blk, L.scales + 2 * j + 2);
-#pragma unroll
-            for (int h = 0; h < kMaxG; ++h) {
-                if (h < G) {
-                    float *w = qt + h * kPrep + 2 * dh;
-                    w[j] = twice_w * re[h] * s_re;
-                    if (!edge) w[j + 1] = twice_w * im[h] * s_im;
-                }
-            }
+            float *w = qt + h * kPrep + 2 * dh;
+            w[j] = twice_w * re * ld_f16_at(blk, L.scales + 2 * j);
+            if (!edge) w[j + 1] = twice_w * im * ld_f16_at(blk, L.scales + 2 * j + 2);
         }
         __syncthreads();
         for (int g = warp; g < G; g += kWarps) {
-            float sum = 0.f;
-            for (int c = lane; c < D; c += 32)
-                if (is_high(blk, c)) sum += q[g * D + c] * ld_f16_at(blk, kMask + 4 * rank(blk, c));
+            float sum = 0.f, amax = 0.f;
+            for (int c = lane; c < D; c += 32) sum += q[g * D + c] * lo_of[c];
             for (int k = lane; k < dl; k += 32) sum -= 0.5f * qt[g * kPrep + 2 * dh + k];
-            sum = warp_sum(sum);
-            if (lane == 0) qt[g * kPrep + 2 * D] = sum;
+            for (int b = lane; b < D + dh; b += 32) amax = fmaxf(amax, fabsf(qt[g * kPrep + b]));
+            sum = warp_sum(sum), amax = warp_max(amax);
+            int e = 0;
+            frexpf(amax, &e);
+            if (lane == 0) qt[g * kPrep + 2 * D] = sum, qt[g * kPrep + 2 * D + 1] = amax > 0.f ? ldexpf(1.f, 14 - e) : 1.f;
         }
     }
 
-    // Thread per token: its record's bits (codes, then signs) against every head's weights,
-    // a byte read serving all heads.
-    __device__ static void scores(const uint8_t *blk, int, int t0, int t1, const float *,
+    // Bytes 2s, 2s + 1 of a record (0 past its end): the record bits of k-step s.
+    __device__ static uint32_t halfword(const uint8_t *rec, int s, int stride, bool aligned) {
+        if (aligned) return *reinterpret_cast<const uint16_t *>(rec + 2 * s);
+        return rec[2 * s] | (2 * s + 1 < stride ? (uint32_t)rec[2 * s + 1] << 8 : 0u);
+    }
+
+    // On the tensor cores: a record's D + Dh bits are exact 0/1 f16 operands against the
+    // weights as B (the f16 split of decode_mma.cuh: scaled by a power of two, hi + lo parts,
+    // about 22 bits), eight heads per n-tile. Warp w scores the 16-token tiles w, w + kWarps
+    // of the chunk, both under each k-step's B. Slots as q1_calib's keys: thread t takes bits
+    // t, t + 8 (slots 2t, 2t + 1) and t + 4, t + 12 (slots 2t + 8, 2t + 9) of halfword s.
+    __device__ static void scores(const uint8_t *blk, int n, int t0, int t1, const float *,
                                   const float *qt, int G, float *s) {
+        constexpr int kSlot[4] = {0, 8, 4, 12};
         const Layout L = read(blk);
-        for (int t = t0 + threadIdx.x; t < t1; t += kThreads) {
-            const uint8_t *rec = blk + L.codes + (int64_t)t * L.stride;
-            float dot[kMaxG];
+        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+        const int nbits = D + L.dh, steps = (nbits + 15) / 16;
+        const uint8_t *recs = blk + L.codes;
+        const bool aligned = ((reinterpret_cast<uintptr_t>(recs) | L.stride) & 1) == 0;
+        const int tile[2] = {t0 + 16 * warp, t0 + 16 * (warp + kWarps)};
+        if (tile[0] >= t1) return;
+        const int tiles = tile[1] < t1 ? 2 : 1;
+        const uint8_t *rec[2][2];
 #pragma unroll
-            for (int h = 0; h < kMaxG; ++h) dot[h] = h < G ? qt[h * kPrep + 2 * D] : 0.f;
-            for (int b = 0; b < L.stride; ++b) {
-                const unsigned byte = rec[b];
+        for (int j = 0; j < 2; ++j)
 #pragma unroll
-                for (int h = 0; h < kMaxG; ++h) {
-                    if (h < G) {
-                        const float *w = qt + h * kPrep + 8 * b;
+            for (int r = 0; r < 2; ++r) rec[j][r] = recs + (int64_t)min(tile[j] + g + 8 * r, n - 1) * L.stride;
+        for (int h0 = 0; h0 < G; h0 += 8) {
+            const int h = h0 + g;
+            const float *w = qt + min(h, G - 1) * kPrep;
+            const float sq = h < G ? w[2 * D + 1] : 0.f;
+            float part[2][2][4] = {};  // [tile][hi, lo]
+            for (int st = 0; st < steps; ++st) {
+                float x[4];
 #pragma unroll
-                        for (int i = 0; i < 8; ++i) dot[h] += (byte >> i) & 1 ? w[i] : 0.f;
-                    }
+                for (int i = 0; i < 4; ++i) {
+                    const int b = 16 * st + t + kSlot[i];
+                    x[i] = b < nbits ? w[b] * sq : 0.f;
+                }
+                const __half2 hi0 = __floats2half2_rn(x[0], x[1]), hi1 = __floats2half2_rn(x[2], x[3]);
+                const uint32_t bh0 = *reinterpret_cast<const uint32_t *>(&hi0), bh1 = *reinterpret_cast<const uint32_t *>(&hi1);
+                const uint32_t bl0 = half2_bits(x[0] - __low2float(hi0), x[1] - __high2float(hi0));
+                const uint32_t bl1 = half2_bits(x[2] - __low2float(hi1), x[3] - __high2float(hi1));
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    if (j >= tiles) break;
+                    const uint32_t x0 = __byte_perm(halfword(rec[j][0], st, L.stride, aligned), 0u, 0x4110u);
+                    const uint32_t x1 = __byte_perm(halfword(rec[j][1], st, L.stride, aligned), 0u, 0x4110u);
+                    const uint32_t a[4] = {bits_to_half2(x0, t), bits_to_half2(x1, t), bits_to_half2(x0, t + 4),
+                                           bits_to_half2(x1, t + 4)};
+                    mma_16816(part[j][0], a, bh0, bh1);
+                    mma_16816(part[j][1], a, bl0, bl1);
                 }
             }
 #pragma unroll
-            for (int h = 0; h < kMaxG; ++h)
-                if (h < G) s[h * kChunk + (t - t0)] = dot[h];
+            for (int j = 0; j < 2; ++j) {
+                if (j >= tiles) break;
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int tok = tile[j] + g + 8 * (e >> 1), head = h0 + 2 * t + (e & 1);
+                    if (tok < t1 && head < G) {
+                        const float *wh = qt + head * kPrep;
+                        s[head * kChunk + (tok - t0)] = (part[j][0][e] + part[j][1][e]) / wh[2 * D + 1] + wh[2 * D];
+                    }
+                }
+            }
         }
     }
 

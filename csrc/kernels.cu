@@ -135,42 +135,113 @@ __global__ void __launch_bounds__(kThreads)
 // kChunk tokens: scores, scale and calibrate, online-softmax update, accumulate values.
 // Partial (max, sum, acc) per item and head go to scratch; combine_kernel merges them.
 
+// Bytes a block holds, from its descriptor and (where its layout depends on it) its header:
+// a format's stored_bytes, else its size with no protected tokens and default parameters.
+template <class F>
+__device__ int64_t stored_bytes_of(const uint8_t *blk, int n, int role) {
+    if constexpr (requires { F::stored_bytes(blk, n, role); }) return F::stored_bytes(blk, n, role);
+    else return F::bytes(n, role, 0, QuantParams{});
+}
+
+// The formats a generic instance reads, as calls by format id: every format of the table
+// (AnyFormat), or one key and one value format (FormatPair: the compiler then sizes registers
+// for that pair alone, so more CTAs share a multiprocessor).
 template <int D>
-__device__ void prepare_keys(int fmt, const uint8_t *blk, int n, const float *q, int G, float *qt) {
-    switch (fmt) {
+struct AnyFormat {
+    static constexpr int kMinCtas = 1;
+    __device__ static void prepare(int fmt, const uint8_t *blk, int n, const float *q, int G, float *qt) {
+        switch (fmt) {
 #define KVB_PREP(ID, FMT) case ID: FMT<D>::prepare(blk, n, q, G, qt); break;
-        KVB_FORMATS(KVB_PREP)
+            KVB_FORMATS(KVB_PREP)
 #undef KVB_PREP
+        }
     }
-}
-
-template <int D>
-__device__ void score_keys(int fmt, const uint8_t *blk, int n, int t0, int t1, const float *q,
-                           const float *qt, int G, float *s) {
-    switch (fmt) {
+    __device__ static void scores(int fmt, const uint8_t *blk, int n, int t0, int t1, const float *q,
+                                  const float *qt, int G, float *s) {
+        switch (fmt) {
 #define KVB_SCORE(ID, FMT) case ID: FMT<D>::scores(blk, n, t0, t1, q, qt, G, s); break;
-        KVB_FORMATS(KVB_SCORE)
+            KVB_FORMATS(KVB_SCORE)
 #undef KVB_SCORE
+        }
     }
-}
-
-template <int D>
-__device__ void accumulate_values(int fmt, const uint8_t *blk, int n, int t0, int t1,
-                                  const float *p, int G, float *acc, float *vt) {
-    switch (fmt) {
+    __device__ static void accumulate(int fmt, const uint8_t *blk, int n, int t0, int t1, const float *p, int G,
+                                      float *acc, float *vt) {
+        switch (fmt) {
 #define KVB_ACC(ID, FMT) case ID: FMT<D>::accumulate(blk, n, t0, t1, p, G, acc, vt); break;
-        KVB_FORMATS(KVB_ACC)
+            KVB_FORMATS(KVB_ACC)
 #undef KVB_ACC
+        }
     }
+    __device__ static void finish(int fmt, const uint8_t *blk, int n, int G, float *acc, float *vt) {
+        switch (fmt) {
+#define KVB_FIN(ID, FMT) case ID: FMT<D>::finish(blk, n, G, acc, vt); break;
+            KVB_FORMATS(KVB_FIN)
+#undef KVB_FIN
+        }
+    }
+    __device__ static int64_t stored_bytes(int fmt, const uint8_t *blk, int n, int role) {
+        switch (fmt) {
+#define KVB_STORED(ID, FMT) case ID: return stored_bytes_of<FMT<D>>(blk, n, role);
+            KVB_FORMATS(KVB_STORED)
+#undef KVB_STORED
+        }
+        return 0;
+    }
+};
+
+template <class KF, class VF, int kCtas>
+struct FormatPair {
+    static constexpr int kMinCtas = kCtas;
+    __device__ static void prepare(int, const uint8_t *blk, int n, const float *q, int G, float *qt) {
+        KF::prepare(blk, n, q, G, qt);
+    }
+    __device__ static void scores(int, const uint8_t *blk, int n, int t0, int t1, const float *q, const float *qt,
+                                  int G, float *s) {
+        KF::scores(blk, n, t0, t1, q, qt, G, s);
+    }
+    __device__ static void accumulate(int, const uint8_t *blk, int n, int t0, int t1, const float *p, int G,
+                                      float *acc, float *vt) {
+        VF::accumulate(blk, n, t0, t1, p, G, acc, vt);
+    }
+    __device__ static void finish(int, const uint8_t *blk, int n, int G, float *acc, float *vt) {
+        VF::finish(blk, n, G, acc, vt);
+    }
+    __device__ static int64_t stored_bytes(int, const uint8_t *blk, int n, int role) {
+        return role == KEY ? stored_bytes_of<KF>(blk, n, role) : stored_bytes_of<VF>(blk, n, role);
+    }
+};
+
+// The generic kernel reads a block from shared memory where its K and V bytes fit one stage:
+// the next block's copies are in flight (cp.async) while this one is computed, so the many
+// small reads of the formats' code wait on shared memory, not on DRAM.
+constexpr int kBlockStage = 8 * 1024;
+
+// Thread 0 sizes block b of the item (0, 0 past its end) into sizes[0..1].
+template <class Formats>
+__device__ void size_block(const kvb_cuda_decode_args &a, const kvb_cuda_work &w, int b, int64_t *sizes) {
+    if (threadIdx.x != 0) return;
+    sizes[0] = sizes[1] = 0;
+    if (b >= w.n_blocks) return;
+    const kvb_cuda_block blk = a.blocks[w.first_block + b];
+    sizes[0] = Formats::stored_bytes(blk.k_format, a.arena + blk.k_offset, blk.n, KEY);
+    sizes[1] = Formats::stored_bytes(blk.v_format, a.arena + blk.v_offset, blk.n, VALUE);
 }
 
-template <int D>
-__device__ void finish_values(int fmt, const uint8_t *blk, int n, int G, float *acc, float *vt) {
-    switch (fmt) {
-#define KVB_FIN(ID, FMT) case ID: FMT<D>::finish(blk, n, G, acc, vt); break;
-        KVB_FORMATS(KVB_FIN)
-#undef KVB_FIN
+// Start copying block b's K and V bytes (sizes[0], sizes[1]) into `stage` where they fit;
+// whether they do.
+__device__ bool stage_block(const kvb_cuda_decode_args &a, const kvb_cuda_work &w, int b, const int64_t *sizes,
+                            uint8_t *stage) {
+    const int64_t kb = (sizes[0] + 15) & ~15LL, vb = sizes[1];
+    if (b >= w.n_blocks || kb + vb > kBlockStage) return false;
+    const kvb_cuda_block blk = a.blocks[w.first_block + b];
+    for (int64_t p = 16 * threadIdx.x; p < kb + vb; p += 16 * kThreads) {
+        const bool key = p < kb;
+        const int64_t at = key ? p : p - kb, len = key ? sizes[0] : vb;
+        const uint8_t *src = a.arena + (key ? blk.k_offset : blk.v_offset) + at;
+        const int64_t left = len - at;
+        cp_async16(stage + p, src, left >= 16 ? 16 : left > 0 ? (int)left : 0);
     }
+    return true;
 }
 
 __global__ void init_span_range(float *range, int n) {
@@ -190,7 +261,7 @@ __global__ void __launch_bounds__(kThreads) span_range_kernel(kvb_cuda_decode_ar
     extern __shared__ float sm[];
     const kvb_cuda_work w = a.work[blockIdx.x];
     const int G = a.n_head / a.n_head_kv;
-    float *q = sm, *qt = q + G * D, *s = qt + G * kPrepMax<D>;
+    float *q = sm, *qt = q + G * D, *s = qt + G * kPrepMax<D> + kPrepSharedMax<D>;
     Scratch scr = scratch_layout(a.scratch, a.n_seq, a.n_spans, a.n_head);
     load_queries<D>(a, w, G, q);
     __syncthreads();
@@ -199,11 +270,11 @@ __global__ void __launch_bounds__(kThreads) span_range_kernel(kvb_cuda_decode_ar
         const kvb_cuda_block blk = a.blocks[w.first_block + b];
         if (blk.span < 0) continue;
         const uint8_t *kb = a.arena + blk.k_offset;
-        prepare_keys<D>(blk.k_format, kb, blk.n, q, G, qt);
+        AnyFormat<D>::prepare(blk.k_format, kb, blk.n, q, G, qt);
         __syncthreads();
         for (int t0 = 0; t0 < blk.n; t0 += kChunk) {
             int t1 = min(blk.n, t0 + kChunk);
-            score_keys<D>(blk.k_format, kb, blk.n, t0, t1, q, qt, G, s);
+            AnyFormat<D>::scores(blk.k_format, kb, blk.n, t0, t1, q, qt, G, s);
             __syncthreads();
             for (int g = warp; g < G; g += kThreads / 32) {
                 float mn = INFINITY, mx = -INFINITY;
@@ -224,27 +295,53 @@ __global__ void __launch_bounds__(kThreads) span_range_kernel(kvb_cuda_decode_ar
     }
 }
 
+// The generic kernel's floats (query, prepared query, scores, accumulators, softmax state),
+// rounded up to 16 bytes; its two block stages follow.
 template <int D>
-__global__ void __launch_bounds__(kThreads) decode_kernel(kvb_cuda_decode_args a) {
+__host__ __device__ size_t decode_floats_bytes(int G) {
+    return (sizeof(float) * ((size_t)G * (D + kPrepMax<D> + kChunk + 2 * D) + kPrepSharedMax<D> + 3 * G) + 15) &
+           ~(size_t)15;
+}
+
+template <int D>
+size_t decode_smem(int G) {
+    return decode_floats_bytes<D>(G) + 2 * kBlockStage;
+}
+
+template <int D, class Formats>
+__global__ void __launch_bounds__(kThreads, Formats::kMinCtas) decode_kernel(kvb_cuda_decode_args a) {
     extern __shared__ float sm[];
     const kvb_cuda_work w = a.work[blockIdx.x];
     const int G = a.n_head / a.n_head_kv;
-    float *q = sm, *qt = q + G * D, *s = qt + G * kPrepMax<D>, *acc = s + G * kChunk;
+    float *q = sm, *qt = q + G * D, *s = qt + G * kPrepMax<D> + kPrepSharedMax<D>, *acc = s + G * kChunk;
     float *vt = acc + G * D, *m = vt + G * D, *l = m + G, *corr = l + G;
     Scratch scr = scratch_layout(a.scratch, a.n_seq, a.n_spans, a.n_head);
     load_queries<D>(a, w, G, q);
     for (int i = threadIdx.x; i < G * D; i += kThreads) acc[i] = 0.f, vt[i] = 0.f;
     for (int g = threadIdx.x; g < G; g += kThreads) m[g] = -INFINITY, l[g] = 0.f;
+    uint8_t *stages = reinterpret_cast<uint8_t *>(sm) + decode_floats_bytes<D>(G);
+    __shared__ int64_t sizes[2][2];  // K and V bytes of the next two blocks, by parity
+    size_block<Formats>(a, w, 0, sizes[0]);
     __syncthreads();
+    bool staged = stage_block(a, w, 0, sizes[0], stages);
+    cp_async_commit();
+    size_block<Formats>(a, w, 1, sizes[1]);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     for (int b = 0; b < w.n_blocks; ++b) {
         const kvb_cuda_block blk = a.blocks[w.first_block + b];
+        cp_async_wait<0>();
+        __syncthreads();
         const uint8_t *kb = a.arena + blk.k_offset, *vb = a.arena + blk.v_offset;
-        prepare_keys<D>(blk.k_format, kb, blk.n, q, G, qt);
+        if (staged) kb = stages + (b & 1) * kBlockStage, vb = kb + ((int64_t)(sizes[b & 1][0] + 15) & ~15LL);
+        staged = stage_block(a, w, b + 1, sizes[(b + 1) & 1], stages + ((b + 1) & 1) * kBlockStage);
+        cp_async_commit();
+        __syncthreads();  // every thread has read sizes[b & 1]
+        size_block<Formats>(a, w, b + 2, sizes[b & 1]);
+        Formats::prepare(blk.k_format, kb, blk.n, q, G, qt);
         __syncthreads();
         for (int t0 = 0; t0 < blk.n; t0 += kChunk) {
             int t1 = min(blk.n, t0 + kChunk), len = t1 - t0;
-            score_keys<D>(blk.k_format, kb, blk.n, t0, t1, q, qt, G, s);
+            Formats::scores(blk.k_format, kb, blk.n, t0, t1, q, qt, G, s);
             __syncthreads();
             for (int g = warp; g < G; g += kThreads / 32) {
                 // Calibration (CalibQuant): a' = lo + (a - lo)(hi - lo - δ)/(hi - lo) over the
@@ -285,10 +382,10 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(kvb_cuda_decode_args a
                 vt[i] *= c;
             }
             __syncthreads();
-            accumulate_values<D>(blk.v_format, vb, blk.n, t0, t1, s, G, acc, vt);
+            Formats::accumulate(blk.v_format, vb, blk.n, t0, t1, s, G, acc, vt);
             __syncthreads();
         }
-        finish_values<D>(blk.v_format, vb, blk.n, G, acc, vt);
+        Formats::finish(blk.v_format, vb, blk.n, G, acc, vt);
         __syncthreads();
     }
     float *part = scr.partial + (size_t)blockIdx.x * G * (D + 2);
@@ -350,10 +447,7 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(kvb_cuda_decod
     }
 }
 
-template <int D>
-size_t decode_smem(int G) {
-    return sizeof(float) * ((size_t)G * (D + kPrepMax<D> + kChunk + 2 * D) + 3 * G);
-}
+
 
 }  // namespace kvb
 
@@ -479,17 +573,20 @@ extern "C" int kvb_cuda_attention_decode(const kvb_cuda_decode_args *args, kvb_c
                 return;
             }
         }
-        size_t smem = decode_smem<D>(G);
-        for (const void *k : {(const void *)decode_kernel<D>, (const void *)span_range_kernel<D>}) {
-            err = allow_smem(k, smem);
-            if (err != cudaSuccess) return;
-        }
+        const size_t smem = decode_smem<D>(G), smem_range = decode_floats_bytes<D>(G);
+        // VidKV caches (k1_5_mix keys, v1_58_tern values, nothing else) take their own instance.
+        const auto kernel = a.formats_used == ((1u << K1_5_MIX) | (1u << V1_58_TERN))
+                                ? decode_kernel<D, FormatPair<FmtK1_5Mix<D>, FmtV1_58Tern<D>, 4>>
+                                : decode_kernel<D, AnyFormat<D>>;
+        set_smem((const void *)kernel, smem);
+        set_smem((const void *)span_range_kernel<D>, smem_range);
+        if (err != cudaSuccess) return;
         if (a.n_spans > 0) {
             int n = a.n_seq * a.n_spans * a.n_head;
             init_span_range<<<(n + 255) / 256, 256, 0, s>>>(a.scratch, n);
-            span_range_kernel<D><<<a.n_work, kThreads, smem, s>>>(a);
+            span_range_kernel<D><<<a.n_work, kThreads, smem_range, s>>>(a);
         }
-        decode_kernel<D><<<a.n_work, kThreads, smem, s>>>(a);
+        kernel<<<a.n_work, kThreads, smem, s>>>(a);
         combine_kernel<D><<<a.n_seq * a.n_head, kCombineThreads, 0, s>>>(a);
         err = cudaGetLastError();
     });

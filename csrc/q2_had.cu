@@ -73,6 +73,10 @@ struct FmtHad {
         return kHeader + (int64_t)(n - n_p) * kRec + (int64_t)n_p * 2 * D + (n_p > 0 ? (n + 7) / 8 : 0);
     }
 
+    __device__ static int64_t stored_bytes(const uint8_t *blk, int n, int role) {
+        return bytes(n, role, (int)*reinterpret_cast<const uint32_t *>(blk), QuantParams{});
+    }
+
     // Protected flags of tokens c0 + lane (a warp-wide ballot; false past n or without mask).
     __device__ static unsigned mask_run(const uint8_t *blk, const Layout &L, int n, int c0) {
         int t = c0 + (threadIdx.x & 31);

@@ -13,6 +13,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace kvb {
 
@@ -46,6 +47,10 @@ struct FmtV1_58Tern {
     __host__ __device__ static int64_t bytes(int n, int, int n_protected, QuantParams) {
         const Layout L(n, n_protected);
         return L.prot + (int64_t)L.n_p * kRow2;
+    }
+
+    __device__ static int64_t stored_bytes(const uint8_t *blk, int n, int role) {
+        return bytes(n, role, blk[0] | blk[1] << 8, QuantParams{});
     }
 
     // Digit i of a TQ1_0 byte: ·3^i (mod 256) drops the leading digits, ·3 >> 8 reads the next.
@@ -160,47 +165,134 @@ struct FmtV1_58Tern {
     __device__ static void scores(const uint8_t *, int, int, int, const float *, const float *, int,
                                   float *) {}
 
-    // Thread per channel, tokens in order, every head in registers: Σ p·trit, Σ p·code and
-    // Σ p over protected tokens, scaled once per chunk. A trit byte serves five tokens.
+    // On the tensor cores, channels as the MMA rows, tokens as k, eight heads per n-tile:
+    // O_tern += T·P and O_code += C·P per chunk, where T holds each unprotected token's trit
+    // - 1 and C each protected token's 2-bit code (exact f16, 0 elsewhere) and P is split into
+    // f16 hi + lo parts; then acc += γ·O_tern + s·O_code + lo·Σ_protected p. Warp w takes the
+    // m-tiles w, w + kWarps. A lane's element pairs are one channel of tokens 2t, 2t + 1: the
+    // trit bytes of channels c and c + 8 of a token share a word, whose digit a multiply
+    // brings to both 16-bit halves at once.
     __device__ static void accumulate(const uint8_t *blk, int n, int t0, int t1, const float *p,
                                       int G, float *acc, float *) {
+        constexpr int kMyTiles = (D / 16 + kWarps - 1) / kWarps;
         const Layout L = Layout::read(blk, n);
-        // Protected tokens before t0: each warp counts the mask.
-        int base = 0;
-        if (L.n_p > 0) {
-            const int lane = threadIdx.x & 31;
-            int cnt = 0;
-            for (int b = lane; b < (t0 >> 3); b += 32) cnt += __popc(blk[2 + b]);
-            if (lane == 0 && (t0 & 7)) cnt += __popc(blk[2 + (t0 >> 3)] & ((1u << (t0 & 7)) - 1));
-            base = (int)__reduce_add_sync(kAll, (unsigned)cnt);
+        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+        // The chunk's tokens, a thread each: the byte offset of its trit row (five tokens) or
+        // code row, and its kind (the power of three that selects its digit, kCode, or 0 past
+        // the chunk).
+        static_assert(kThreads == kChunk, "a thread per token of a chunk");
+        constexpr uint8_t kCode = 255;
+        __shared__ int tok_row[kChunk];
+        __shared__ uint8_t tok_kind[kChunk];
+        __shared__ int warp_codes[kWarps];
+        {
+            int base = 0;  // protected tokens before t0
+            if (L.n_p > 0) {
+                int cnt = 0;
+                for (int b = lane; b < (t0 >> 3); b += 32) cnt += __popc(blk[2 + b]);
+                if (lane == 0 && (t0 & 7)) cnt += __popc(blk[2 + (t0 >> 3)] & ((1u << (t0 & 7)) - 1));
+                base = (int)__reduce_add_sync(kAll, (unsigned)cnt);
+            }
+            const int tok = t0 + threadIdx.x;
+            const bool valid = tok < t1, code = valid && L.is_protected(blk, tok);
+            const unsigned codes = __ballot_sync(kAll, code);
+            if (lane == 0) warp_codes[warp] = __popc(codes);
+            __syncthreads();
+            int before = base + __popc(codes & ((1u << lane) - 1));
+            for (int w = 0; w < warp; ++w) before += warp_codes[w];
+            const int u = tok - before;
+            tok_row[threadIdx.x] = code ? L.prot + before * kRow2 : L.trits + (valid ? u / 5 : 0) * D;
+            tok_kind[threadIdx.x] = !valid ? 0 : code ? kCode : (uint8_t)(0x511b090301ull >> (8 * (u % 5)));
+            __syncthreads();
         }
-        for (int c = threadIdx.x; c < D; c += kThreads) {
-            float tern[kMaxG] = {}, code[kMaxG] = {}, psum[kMaxG] = {};
-            int m = base, cached = -1;
-            unsigned byte = 0;
-            for (int t = t0; t < t1; ++t) {
-                const float *pt = p + (t - t0);
-                if (L.is_protected(blk, t)) {
-                    const float y = (float)code_at(blk + L.prot + (int64_t)m * kRow2, c, 2);
-                    ++m;
+        for (int h0 = 0; h0 < G; h0 += 8) {
+            float o_tern[kMyTiles][4] = {}, o_code[kMyTiles][4] = {}, p_prot = 0.f;
+            const int h = h0 + g;
+            for (int k0 = 0; k0 < t1 - t0; k0 += 16) {
+                // This lane's tokens (B rows 2t, 2t + 1, 2t + 8, 2t + 9).
+                int row[4];
+                uint32_t pow3[4];
+                bool has_code[4], has_trit[4];
+                float pv[4];
 #pragma unroll
-                    for (int h = 0; h < kMaxG; ++h)
-                        if (h < G) code[h] += pt[h * kChunk] * y, psum[h] += pt[h * kChunk];
-                } else {
-                    const int u = t - m;
-                    if (u / 5 != cached) cached = u / 5, byte = blk[L.trits + (int64_t)cached * D + c];
-                    const float y = (float)(trit(byte, u % 5) - 1);
+                for (int j = 0; j < 4; ++j) {
+                    const int i = k0 + 2 * t + (j & 1) + 8 * (j >> 1);
+                    const uint8_t kind = tok_kind[i];
+                    row[j] = tok_row[i];
+                    pow3[j] = kind;
+                    has_code[j] = kind == kCode;
+                    has_trit[j] = kind != 0 && kind != kCode;
+                    pv[j] = kind != 0 && h < G ? p[h * kChunk + i] : 0.f;
+                    if (has_code[j]) p_prot += pv[j];
+                }
+                const bool any_code = __any_sync(kAll, has_code[0] || has_code[1] || has_code[2] || has_code[3]);
+                uint32_t b_hi[2], b_lo[2];
 #pragma unroll
-                    for (int h = 0; h < kMaxG; ++h)
-                        if (h < G) tern[h] += pt[h * kChunk] * y;
+                for (int r = 0; r < 2; ++r) {
+                    const __half2 hh = __floats2half2_rn(pv[2 * r], pv[2 * r + 1]);
+                    b_hi[r] = *reinterpret_cast<const uint32_t *>(&hh);
+                    b_lo[r] = half2_bits(pv[2 * r] - __low2float(hh), pv[2 * r + 1] - __high2float(hh));
+                }
+#pragma unroll
+                for (int mi = 0; mi < kMyTiles; ++mi) {
+                    const int m = warp + kWarps * mi;
+                    if (m >= D / 16) break;
+                    const int c = 16 * m + g;
+                    // Digits (0..2) of channels c (low half) and c + 8 (high half) per token;
+                    // 1 (a zero value) where the token has no trit.
+                    uint32_t x[4];
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const uint8_t *r = blk + row[j];
+                        const uint32_t pair = has_trit[j] ? (uint32_t)r[c] | (uint32_t)r[c + 8] << 16 : 0u;
+                        x[j] = has_trit[j] ? ((((pair * pow3[j]) & 0x00FF00FFu) * 3u) >> 8) & 0x00030003u : 0x00010001u;
+                    }
+                    uint32_t a[4] = {trits_to_half2(__byte_perm(x[0], x[1], 0x5410)),
+                                     trits_to_half2(__byte_perm(x[0], x[1], 0x7632)),
+                                     trits_to_half2(__byte_perm(x[2], x[3], 0x5410)),
+                                     trits_to_half2(__byte_perm(x[2], x[3], 0x7632))};
+                    mma_16816(o_tern[mi], a, b_hi[0], b_hi[1]);
+                    mma_16816(o_tern[mi], a, b_lo[0], b_lo[1]);
+                    if (!any_code) continue;
+                    // 2-bit codes of channels c and c + 8 (same bit offset) per protected token.
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const uint8_t *r = blk + row[j] + c / 4;
+                        x[j] = has_code[j] ? (((uint32_t)r[0] | (uint32_t)r[2] << 16) >> (2 * (c & 3))) & 0x00030003u : 0u;
+                    }
+                    const uint32_t lo01 = __byte_perm(x[0], x[1], 0x5410), hi01 = __byte_perm(x[0], x[1], 0x7632);
+                    const uint32_t lo89 = __byte_perm(x[2], x[3], 0x5410), hi89 = __byte_perm(x[2], x[3], 0x7632);
+                    a[0] = codes2_to_half2(lo01, 0), a[1] = codes2_to_half2(hi01, 0);
+                    a[2] = codes2_to_half2(lo89, 0), a[3] = codes2_to_half2(hi89, 0);
+                    mma_16816(o_code[mi], a, b_hi[0], b_hi[1]);
+                    mma_16816(o_code[mi], a, b_lo[0], b_lo[1]);
                 }
             }
-            const float g = ld_f16_at(blk, L.gamma + 2 * c);
-            const MinMax mm = L.n_p > 0 ? L.minmax_of(blk, c) : MinMax{0.f, 0.f};
+            // Σ p over protected tokens for head g, then heads 2t, 2t + 1 from their lanes.
+            p_prot += __shfl_xor_sync(kAll, p_prot, 1);
+            p_prot += __shfl_xor_sync(kAll, p_prot, 2);
+            const float pp[2] = {__shfl_sync(kAll, p_prot, 8 * t), __shfl_sync(kAll, p_prot, 8 * t + 4)};
 #pragma unroll
-            for (int h = 0; h < kMaxG; ++h)
-                if (h < G) acc[h * D + c] += g * tern[h] + mm.step * code[h] + mm.lo * psum[h];
+            for (int mi = 0; mi < kMyTiles; ++mi) {
+                const int m = warp + kWarps * mi;
+                if (m >= D / 16) break;
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int c = 16 * m + g + 8 * (e >> 1), head = h0 + 2 * t + (e & 1);
+                    if (head >= G) continue;
+                    const MinMax mm = L.n_p > 0 ? L.minmax_of(blk, c) : MinMax{0.f, 0.f};
+                    acc[head * D + c] +=
+                        ld_f16_at(blk, L.gamma + 2 * c) * o_tern[mi][e] + mm.step * o_code[mi][e] + mm.lo * pp[e & 1];
+                }
+            }
         }
+    }
+
+    // f16x2 of trit digits d (0..2) at bits [0, 2) and [16, 18): d - 1, exact (as codes2_to_half2).
+    __device__ static uint32_t trits_to_half2(uint32_t x) {
+        const uint32_t y = x | 0x64006400u;
+        const __half2 h = __hsub2(*reinterpret_cast<const __half2 *>(&y), __half2half2(__ushort_as_half(0x6401)));
+        return *reinterpret_cast<const uint32_t *>(&h);
     }
 
     __device__ static void finish(const uint8_t *, int, int, float *, float *) {}
