@@ -279,15 +279,23 @@ struct FmtK1_5Mix {
             }
         }
         __syncthreads();
+        // The real input's symmetry halves the DFT: z_i ± z_{dl-i} in place (i in [1, dl/2)).
+        for (int item = threadIdx.x; item < (dl / 2 - 1) * G; item += kThreads) {
+            float *z = qt + (item % G) * kPrep + D + dh;
+            const int i = 1 + item / G;
+            const float a = z[i], b = z[dl - i];
+            z[i] = a + b, z[dl - i] = a - b;
+        }
+        __syncthreads();
         // Thread per (bin k of Q = rfft(q_lo), head). The sign weights [2dh, D + dh) do not
         // overlap the scratch [D + dh, 2D) other threads still read.
         for (int item = threadIdx.x; item < (dl / 2 + 1) * G; item += kThreads) {
             const int k = item / G, h = item % G;
             const float *z = qt + h * kPrep + D + dh;
-            float re = 0.f, im = 0.f;
-            for (int i = 0, m = 0; i < dl; ++i) {
+            float re = z[0] + (k & 1 ? -z[dl / 2] : z[dl / 2]), im = 0.f;
+            for (int i = 1, m = k; i < dl / 2; ++i) {
                 re = fmaf(z[i], cos_t[m], re);
-                im = fmaf(-z[i], sin_t[m], im);
+                im = fmaf(-z[dl - i], sin_t[m], im);
                 m += k;
                 if (m >= dl) m -= dl;
             }

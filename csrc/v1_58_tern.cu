@@ -166,27 +166,26 @@ struct FmtV1_58Tern {
                                   float *) {}
 
     // On the tensor cores, channels as the MMA rows, tokens as k, eight heads per n-tile:
-    // O_tern += T·P and O_code += C·P per chunk, where T holds each unprotected token's trit
-    // - 1 and C each protected token's 2-bit code (exact f16, 0 elsewhere) and P is split into
-    // f16 hi + lo parts; then acc += γ·O_tern + s·O_code + lo·Σ_protected p. Warp w takes the
-    // m-tiles w, w + kWarps. A lane's element pairs are one channel of tokens 2t, 2t + 1: the
-    // trit bytes of channels c and c + 8 of a token share a word, whose digit a multiply
-    // brings to both 16-bit halves at once.
+    // O_tern += T·P over the chunk's tokens, T each unprotected token's trit - 1 (0 for a
+    // protected one), and O_code += C·P over its protected tokens in their stored order, C the
+    // 2-bit codes; both exact f16, P split into f16 hi + lo parts. Then acc += γ·O_tern +
+    // s·O_code + lo·Σ_protected p. Warp w takes the m-tiles w, w + kWarps. A lane's element
+    // pairs are one channel of two tokens: the trit bytes of channels c and c + 8 of a token
+    // share a word, whose digit one multiply brings to both 16-bit halves.
     __device__ static void accumulate(const uint8_t *blk, int n, int t0, int t1, const float *p,
                                       int G, float *acc, float *) {
         constexpr int kMyTiles = (D / 16 + kWarps - 1) / kWarps;
         const Layout L = Layout::read(blk, n);
         const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-        // The chunk's tokens, a thread each: the byte offset of its trit row (five tokens) or
-        // code row, and its kind (the power of three that selects its digit, kCode, or 0 past
-        // the chunk).
+        // The chunk's tokens, a thread each: the byte offset of an unprotected token's trit row
+        // (five tokens) and the power of three that selects its digit (0: protected, or past
+        // the chunk); the chunk's protected tokens in order; protected tokens before t0.
         static_assert(kThreads == kChunk, "a thread per token of a chunk");
-        constexpr uint8_t kCode = 255;
         __shared__ int tok_row[kChunk];
-        __shared__ uint8_t tok_kind[kChunk];
+        __shared__ uint8_t tok_pow3[kChunk], coded[kChunk];
         __shared__ int warp_codes[kWarps];
+        int base = 0, n_coded = 0;
         {
-            int base = 0;  // protected tokens before t0
             if (L.n_p > 0) {
                 int cnt = 0;
                 for (int b = lane; b < (t0 >> 3); b += 32) cnt += __popc(blk[2 + b]);
@@ -198,41 +197,39 @@ struct FmtV1_58Tern {
             const unsigned codes = __ballot_sync(kAll, code);
             if (lane == 0) warp_codes[warp] = __popc(codes);
             __syncthreads();
-            int before = base + __popc(codes & ((1u << lane) - 1));
-            for (int w = 0; w < warp; ++w) before += warp_codes[w];
-            const int u = tok - before;
-            tok_row[threadIdx.x] = code ? L.prot + before * kRow2 : L.trits + (valid ? u / 5 : 0) * D;
-            tok_kind[threadIdx.x] = !valid ? 0 : code ? kCode : (uint8_t)(0x511b090301ull >> (8 * (u % 5)));
+            int before = __popc(codes & ((1u << lane) - 1));
+            for (int w = 0; w < kWarps; ++w) before += w < warp ? warp_codes[w] : 0, n_coded += warp_codes[w];
+            const int u = tok - base - before;
+            if (code) coded[before] = (uint8_t)threadIdx.x;
+            tok_row[threadIdx.x] = L.trits + (valid && !code ? u / 5 : 0) * D;
+            tok_pow3[threadIdx.x] = valid && !code ? (uint8_t)(0x511b090301ull >> (8 * (u % 5))) : 0;
             __syncthreads();
         }
+        // P of this lane's four tokens (B rows 2t, 2t + 1, 2t + 8, 2t + 9) as f16 hi and lo.
+        auto split = [](const float (&pv)[4], uint32_t (&b_hi)[2], uint32_t (&b_lo)[2]) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const __half2 hh = __floats2half2_rn(pv[2 * r], pv[2 * r + 1]);
+                b_hi[r] = *reinterpret_cast<const uint32_t *>(&hh);
+                b_lo[r] = half2_bits(pv[2 * r] - __low2float(hh), pv[2 * r + 1] - __high2float(hh));
+            }
+        };
         for (int h0 = 0; h0 < G; h0 += 8) {
             float o_tern[kMyTiles][4] = {}, o_code[kMyTiles][4] = {}, p_prot = 0.f;
             const int h = h0 + g;
             for (int k0 = 0; k0 < t1 - t0; k0 += 16) {
-                // This lane's tokens (B rows 2t, 2t + 1, 2t + 8, 2t + 9).
                 int row[4];
                 uint32_t pow3[4];
-                bool has_code[4], has_trit[4];
                 float pv[4];
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
                     const int i = k0 + 2 * t + (j & 1) + 8 * (j >> 1);
-                    const uint8_t kind = tok_kind[i];
                     row[j] = tok_row[i];
-                    pow3[j] = kind;
-                    has_code[j] = kind == kCode;
-                    has_trit[j] = kind != 0 && kind != kCode;
-                    pv[j] = kind != 0 && h < G ? p[h * kChunk + i] : 0.f;
-                    if (has_code[j]) p_prot += pv[j];
+                    pow3[j] = tok_pow3[i];
+                    pv[j] = pow3[j] != 0 && h < G ? p[h * kChunk + i] : 0.f;
                 }
-                const bool any_code = __any_sync(kAll, has_code[0] || has_code[1] || has_code[2] || has_code[3]);
                 uint32_t b_hi[2], b_lo[2];
-#pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    const __half2 hh = __floats2half2_rn(pv[2 * r], pv[2 * r + 1]);
-                    b_hi[r] = *reinterpret_cast<const uint32_t *>(&hh);
-                    b_lo[r] = half2_bits(pv[2 * r] - __low2float(hh), pv[2 * r + 1] - __high2float(hh));
-                }
+                split(pv, b_hi, b_lo);
 #pragma unroll
                 for (int mi = 0; mi < kMyTiles; ++mi) {
                     const int m = warp + kWarps * mi;
@@ -244,26 +241,45 @@ struct FmtV1_58Tern {
 #pragma unroll
                     for (int j = 0; j < 4; ++j) {
                         const uint8_t *r = blk + row[j];
-                        const uint32_t pair = has_trit[j] ? (uint32_t)r[c] | (uint32_t)r[c + 8] << 16 : 0u;
-                        x[j] = has_trit[j] ? ((((pair * pow3[j]) & 0x00FF00FFu) * 3u) >> 8) & 0x00030003u : 0x00010001u;
+                        const uint32_t pair = (uint32_t)r[c] | (uint32_t)r[c + 8] << 16;
+                        x[j] = pow3[j] != 0 ? ((((pair * pow3[j]) & 0x00FF00FFu) * 3u) >> 8) & 0x00030003u : 0x00010001u;
                     }
-                    uint32_t a[4] = {trits_to_half2(__byte_perm(x[0], x[1], 0x5410)),
-                                     trits_to_half2(__byte_perm(x[0], x[1], 0x7632)),
-                                     trits_to_half2(__byte_perm(x[2], x[3], 0x5410)),
-                                     trits_to_half2(__byte_perm(x[2], x[3], 0x7632))};
+                    const uint32_t a[4] = {trits_to_half2(__byte_perm(x[0], x[1], 0x5410)),
+                                           trits_to_half2(__byte_perm(x[0], x[1], 0x7632)),
+                                           trits_to_half2(__byte_perm(x[2], x[3], 0x5410)),
+                                           trits_to_half2(__byte_perm(x[2], x[3], 0x7632))};
                     mma_16816(o_tern[mi], a, b_hi[0], b_hi[1]);
                     mma_16816(o_tern[mi], a, b_lo[0], b_lo[1]);
-                    if (!any_code) continue;
-                    // 2-bit codes of channels c and c + 8 (same bit offset) per protected token.
+                }
+            }
+            for (int k0 = 0; k0 < n_coded; k0 += 16) {
+                const uint8_t *rows[4];
+                float pv[4];
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const int r = k0 + 2 * t + (j & 1) + 8 * (j >> 1);
+                    rows[j] = blk + L.prot + (int64_t)(base + min(r, n_coded - 1)) * kRow2;
+                    pv[j] = r < n_coded && h < G ? p[h * kChunk + coded[r]] : 0.f;
+                    p_prot += pv[j];
+                }
+                uint32_t b_hi[2], b_lo[2];
+                split(pv, b_hi, b_lo);
+#pragma unroll
+                for (int mi = 0; mi < kMyTiles; ++mi) {
+                    const int m = warp + kWarps * mi;
+                    if (m >= D / 16) break;
+                    const int c = 16 * m + g;
+                    // 2-bit codes of channels c and c + 8 (the same bit offset) per token.
+                    uint32_t x[4];
 #pragma unroll
                     for (int j = 0; j < 4; ++j) {
-                        const uint8_t *r = blk + row[j] + c / 4;
-                        x[j] = has_code[j] ? (((uint32_t)r[0] | (uint32_t)r[2] << 16) >> (2 * (c & 3))) & 0x00030003u : 0u;
+                        const uint8_t *r = rows[j] + c / 4;
+                        x[j] = (((uint32_t)r[0] | (uint32_t)r[2] << 16) >> (2 * (c & 3))) & 0x00030003u;
                     }
-                    const uint32_t lo01 = __byte_perm(x[0], x[1], 0x5410), hi01 = __byte_perm(x[0], x[1], 0x7632);
-                    const uint32_t lo89 = __byte_perm(x[2], x[3], 0x5410), hi89 = __byte_perm(x[2], x[3], 0x7632);
-                    a[0] = codes2_to_half2(lo01, 0), a[1] = codes2_to_half2(hi01, 0);
-                    a[2] = codes2_to_half2(lo89, 0), a[3] = codes2_to_half2(hi89, 0);
+                    const uint32_t a[4] = {codes2_to_half2(__byte_perm(x[0], x[1], 0x5410), 0),
+                                           codes2_to_half2(__byte_perm(x[0], x[1], 0x7632), 0),
+                                           codes2_to_half2(__byte_perm(x[2], x[3], 0x5410), 0),
+                                           codes2_to_half2(__byte_perm(x[2], x[3], 0x7632), 0)};
                     mma_16816(o_code[mi], a, b_hi[0], b_hi[1]);
                     mma_16816(o_code[mi], a, b_lo[0], b_lo[1]);
                 }
