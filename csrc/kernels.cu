@@ -148,7 +148,7 @@ __device__ int64_t stored_bytes_of(const uint8_t *blk, int n, int role) {
 // for that pair alone, so more CTAs share a multiprocessor).
 template <int D>
 struct AnyFormat {
-    static constexpr int kMinCtas = 1;
+    static constexpr int kMinCtas = 3;  // at most 168 registers, as before FormatPair
     __device__ static void prepare(int fmt, const uint8_t *blk, int n, const float *q, int G, float *qt) {
         switch (fmt) {
 #define KVB_PREP(ID, FMT) case ID: FMT<D>::prepare(blk, n, q, G, qt); break;
