@@ -280,11 +280,16 @@ impl Format for K1_5Mix {
         scales.iter().for_each(|&s| put_f16(out, s));
         let mut codes = vec![0u8; l.hi.len()];
         let mut bits = vec![0u8; dl];
-        for t in 0..n {
-            for ((code, &c), m) in codes.iter_mut().zip(&l.hi).zip(&ranges) {
-                *code = m.code(x[t * d + c], LEVELS);
+        // The 2-bit channels of a token gathered first and the ranges apart, so that the
+        // codes vectorise.
+        let mut high = vec![0f32; l.hi.len()];
+        let (los, steps): (Vec<f32>, Vec<f32>) = ranges.iter().map(|m| (m.lo, m.step)).unzip();
+        for (row, spectrum) in x.chunks_exact(d).zip(coef.chunks_exact(dl)) {
+            high.iter_mut().zip(&l.hi).for_each(|(v, &c)| *v = row[c]);
+            for (((code, &v), &lo), &step) in codes.iter_mut().zip(&high).zip(&los).zip(&steps) {
+                *code = MinMax { lo, step }.code(v, LEVELS);
             }
-            for (bit, &v) in bits.iter_mut().zip(&coef[t * dl..(t + 1) * dl]) {
+            for (bit, &v) in bits.iter_mut().zip(spectrum) {
                 *bit = (v >= 0.0) as u8;
             }
             pack_bits(&codes, 2, out);

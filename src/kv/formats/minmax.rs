@@ -30,17 +30,16 @@ impl MinMax {
     /// `levels` must be at most 255.
     #[inline]
     pub fn code(self, x: f32, levels: u32) -> u8 {
-        if self.step > 0.0 {
-            let q = ((x - self.lo) / self.step)
-                .clamp(0.0, levels as f32)
-                .round();
-            // `q as u8` without its saturating conversion, which stays scalar: a NaN is code
-            // 0 as there, and a whole `q` in [0, 255] is the low byte of `q + 2^23`'s bits.
-            let q = if q >= 0.0 { q } else { 0.0 };
-            (q + 8_388_608.0).to_bits() as u8
-        } else {
-            0
-        }
+        let q = ((x - self.lo) / self.step)
+            .clamp(0.0, levels as f32)
+            .round();
+        // `q as u8` without its saturating conversion, which stays scalar: a NaN is code 0 as
+        // there, and a whole `q` in [0, 255] is the low byte of `q + 2^23`'s bits.
+        let q = if q >= 0.0 { q } else { 0.0 };
+        let code = (q + 8_388_608.0).to_bits() as u8;
+        // Computed either way and selected, so that a loop over channels of different steps
+        // vectorises too.
+        if self.step > 0.0 { code } else { 0 }
     }
 
     #[inline]
