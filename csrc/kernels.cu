@@ -144,8 +144,8 @@ __device__ int64_t stored_bytes_of(const uint8_t *blk, int n, int role) {
 }
 
 // The formats a generic instance reads, as calls by format id: every format of the table
-// (AnyFormat), or one key and one value format (FormatPair: the compiler then sizes registers
-// for that pair alone, so more CTAs share a multiprocessor).
+// (AnyFormat), or one key and one value format with f16 (FormatPair: the compiler then sizes
+// registers for those alone, so more CTAs share a multiprocessor).
 template <int D>
 struct AnyFormat {
     static constexpr int kMinCtas = 3;  // at most 168 registers, as before FormatPair
@@ -189,24 +189,31 @@ struct AnyFormat {
     }
 };
 
-template <class KF, class VF, int kCtas>
+// KF keys and VF values, and f16 blocks beside them (a cache's recent tokens).
+template <int D, class KF, class VF, int kCtas>
 struct FormatPair {
     static constexpr int kMinCtas = kCtas;
-    __device__ static void prepare(int, const uint8_t *blk, int n, const float *q, int G, float *qt) {
-        KF::prepare(blk, n, q, G, qt);
+    using F16s = FmtF16<D>;
+    __device__ static void prepare(int fmt, const uint8_t *blk, int n, const float *q, int G, float *qt) {
+        if (fmt == F16) F16s::prepare(blk, n, q, G, qt);
+        else KF::prepare(blk, n, q, G, qt);
     }
-    __device__ static void scores(int, const uint8_t *blk, int n, int t0, int t1, const float *q, const float *qt,
-                                  int G, float *s) {
-        KF::scores(blk, n, t0, t1, q, qt, G, s);
+    __device__ static void scores(int fmt, const uint8_t *blk, int n, int t0, int t1, const float *q,
+                                  const float *qt, int G, float *s) {
+        if (fmt == F16) F16s::scores(blk, n, t0, t1, q, qt, G, s);
+        else KF::scores(blk, n, t0, t1, q, qt, G, s);
     }
-    __device__ static void accumulate(int, const uint8_t *blk, int n, int t0, int t1, const float *p, int G,
+    __device__ static void accumulate(int fmt, const uint8_t *blk, int n, int t0, int t1, const float *p, int G,
                                       float *acc, float *vt) {
-        VF::accumulate(blk, n, t0, t1, p, G, acc, vt);
+        if (fmt == F16) F16s::accumulate(blk, n, t0, t1, p, G, acc, vt);
+        else VF::accumulate(blk, n, t0, t1, p, G, acc, vt);
     }
-    __device__ static void finish(int, const uint8_t *blk, int n, int G, float *acc, float *vt) {
-        VF::finish(blk, n, G, acc, vt);
+    __device__ static void finish(int fmt, const uint8_t *blk, int n, int G, float *acc, float *vt) {
+        if (fmt == F16) F16s::finish(blk, n, G, acc, vt);
+        else VF::finish(blk, n, G, acc, vt);
     }
-    __device__ static int64_t stored_bytes(int, const uint8_t *blk, int n, int role) {
+    __device__ static int64_t stored_bytes(int fmt, const uint8_t *blk, int n, int role) {
+        if (fmt == F16) return stored_bytes_of<F16s>(blk, n, role);
         return role == KEY ? stored_bytes_of<KF>(blk, n, role) : stored_bytes_of<VF>(blk, n, role);
     }
 };
@@ -574,9 +581,11 @@ extern "C" int kvb_cuda_attention_decode(const kvb_cuda_decode_args *args, kvb_c
             }
         }
         const size_t smem = decode_smem<D>(G), smem_range = decode_floats_bytes<D>(G);
-        // VidKV caches (k1_5_mix keys, v1_58_tern values, nothing else) take their own instance.
-        const auto kernel = a.formats_used == ((1u << K1_5_MIX) | (1u << V1_58_TERN))
-                                ? decode_kernel<D, FormatPair<FmtK1_5Mix<D>, FmtV1_58Tern<D>, 4>>
+        // VidKV caches (k1_5_mix keys, v1_58_tern values, f16 recent tokens) take their own
+        // instance.
+        constexpr uint32_t kVidkv = (1u << K1_5_MIX) | (1u << V1_58_TERN);
+        const auto kernel = (a.formats_used & ~(1u << F16)) == kVidkv
+                                ? decode_kernel<D, FormatPair<D, FmtK1_5Mix<D>, FmtV1_58Tern<D>, 4>>
                                 : decode_kernel<D, AnyFormat<D>>;
         set_smem((const void *)kernel, smem);
         set_smem((const void *)span_range_kernel<D>, smem_range);
