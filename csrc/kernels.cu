@@ -133,7 +133,9 @@ __global__ void __launch_bounds__(kThreads)
 // Per work item (a run of blocks of one KV head): all G query heads of that KV head share each
 // read of the blocks. Per block: prepare the query for the key format, then per chunk of
 // kChunk tokens: scores, scale and calibrate, online-softmax update, accumulate values.
-// Partial (max, sum, acc) per item and head go to scratch; combine_kernel merges them.
+// Partial (max, sum, acc) per item and head go to scratch; combine_kernel merges them. The
+// formats' scores and accumulate may use the tensor cores inside a chunk (k1_5_mix and
+// v1_58_tern do: vidkv caches have no tiled kernel).
 
 // Bytes a block holds, from its descriptor and (where its layout depends on it) its header:
 // a format's stored_bytes, else its size with no protected tokens and default parameters.
