@@ -236,12 +236,19 @@ __device__ void size_block(const kvb_cuda_decode_args &a, const kvb_cuda_work &w
     sizes[1] = Formats::stored_bytes(blk.v_format, a.arena + blk.v_offset, blk.n, VALUE);
 }
 
-// Start copying block b's K and V bytes (sizes[0], sizes[1]) into `stage` where they fit;
-// whether they do.
+// Bytes of dynamic shared memory this launch has.
+__device__ uint32_t dynamic_smem_bytes() {
+    uint32_t bytes;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
+    return bytes;
+}
+
+// Start copying block b's K and V bytes (sizes[0], sizes[1]) into `stage` where the launch has
+// stages (`staging`) and they fit one; whether they do.
 __device__ bool stage_block(const kvb_cuda_decode_args &a, const kvb_cuda_work &w, int b, const int64_t *sizes,
-                            uint8_t *stage) {
+                            uint8_t *stage, bool staging) {
     const int64_t kb = (sizes[0] + 15) & ~15LL, vb = sizes[1];
-    if (b >= w.n_blocks || kb + vb > kBlockStage) return false;
+    if (!staging || b >= w.n_blocks || kb + vb > kBlockStage) return false;
     const kvb_cuda_block blk = a.blocks[w.first_block + b];
     for (int64_t p = 16 * threadIdx.x; p < kb + vb; p += 16 * kThreads) {
         const bool key = p < kb;
@@ -332,7 +339,10 @@ __global__ void __launch_bounds__(kThreads, Formats::kMinCtas) decode_kernel(kvb
     __shared__ int64_t sizes[2][2];  // K and V bytes of the next two blocks, by parity
     size_block<Formats>(a, w, 0, sizes[0]);
     __syncthreads();
-    bool staged = stage_block(a, w, 0, sizes[0], stages);
+    // Where the GPU cannot give a CTA the stages too (sm_86/89 at head dim 256 and many query
+    // heads per KV head), the launch has none and every block is read in place.
+    const bool staging = dynamic_smem_bytes() >= decode_floats_bytes<D>(G) + 2 * kBlockStage;
+    bool staged = stage_block(a, w, 0, sizes[0], stages, staging);
     cp_async_commit();
     size_block<Formats>(a, w, 1, sizes[1]);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -342,7 +352,7 @@ __global__ void __launch_bounds__(kThreads, Formats::kMinCtas) decode_kernel(kvb
         __syncthreads();
         const uint8_t *kb = a.arena + blk.k_offset, *vb = a.arena + blk.v_offset;
         if (staged) kb = stages + (b & 1) * kBlockStage, vb = kb + ((int64_t)(sizes[b & 1][0] + 15) & ~15LL);
-        staged = stage_block(a, w, b + 1, sizes[(b + 1) & 1], stages + ((b + 1) & 1) * kBlockStage);
+        staged = stage_block(a, w, b + 1, sizes[(b + 1) & 1], stages + ((b + 1) & 1) * kBlockStage, staging);
         cp_async_commit();
         __syncthreads();  // every thread has read sizes[b & 1]
         size_block<Formats>(a, w, b + 2, sizes[b & 1]);
@@ -582,7 +592,8 @@ extern "C" int kvb_cuda_attention_decode(const kvb_cuda_decode_args *args, kvb_c
                 return;
             }
         }
-        const size_t smem = decode_smem<D>(G), smem_range = decode_floats_bytes<D>(G);
+        const size_t smem_range = decode_floats_bytes<D>(G);
+        const size_t smem = fits_smem(decode_smem<D>(G)) ? decode_smem<D>(G) : smem_range;
         // VidKV caches (k1_5_mix keys, v1_58_tern values, f16 recent tokens) take their own
         // instance.
         constexpr uint32_t kVidkv = (1u << K1_5_MIX) | (1u << V1_58_TERN);
