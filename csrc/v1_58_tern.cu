@@ -201,7 +201,9 @@ struct FmtV1_58Tern {
             for (int w = 0; w < kWarps; ++w) before += w < warp ? warp_codes[w] : 0, n_coded += warp_codes[w];
             const int u = tok - base - before;
             if (code) coded[before] = (uint8_t)threadIdx.x;
-            tok_row[threadIdx.x] = L.trits + (valid && !code ? u / 5 : 0) * D;
+            // A token without a trit still has its row read (and its digit discarded): γ's 2D
+            // bytes, which every block has, where the trit section may be empty.
+            tok_row[threadIdx.x] = valid && !code ? L.trits + u / 5 * D : L.gamma;
             tok_pow3[threadIdx.x] = valid && !code ? (uint8_t)(0x511b090301ull >> (8 * (u % 5))) : 0;
             __syncthreads();
         }
