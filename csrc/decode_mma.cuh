@@ -281,10 +281,7 @@ struct MmaDecode {
         for (int s = 0; s < kSteps; ++s) {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                const float x0 = qv[s][2 * r] * sq, x1 = qv[s][2 * r + 1] * sq;
-                const __half2 h = __floats2half2_rn(x0, x1);
-                q.hi[s][r] = *reinterpret_cast<const uint32_t *>(&h);
-                q.lo[s][r] = half2_bits(x0 - __low2float(h), x1 - __high2float(h));
+                split_half2(qv[s][2 * r] * sq, qv[s][2 * r + 1] * sq, q.hi[s][r], q.lo[s][r]);
             }
         }
         const float inv = 1.f / sq;

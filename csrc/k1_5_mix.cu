@@ -333,7 +333,6 @@ struct FmtK1_5Mix {
     // t, t + 8 (slots 2t, 2t + 1) and t + 4, t + 12 (slots 2t + 8, 2t + 9) of halfword s.
     __device__ static void scores(const uint8_t *blk, int n, int t0, int t1, const float *,
                                   const float *qt, int G, float *s) {
-        constexpr int kSlot[4] = {0, 8, 4, 12};
         const Layout L = read(blk);
         const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
         const int nbits = D + L.dh, steps = (nbits + 15) / 16;
@@ -356,13 +355,12 @@ struct FmtK1_5Mix {
                 float x[4];
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
-                    const int b = 16 * st + t + kSlot[i];
+                    const int b = 16 * st + t + key_slot(i);
                     x[i] = b < nbits ? w[b] * sq : 0.f;
                 }
-                const __half2 hi0 = __floats2half2_rn(x[0], x[1]), hi1 = __floats2half2_rn(x[2], x[3]);
-                const uint32_t bh0 = *reinterpret_cast<const uint32_t *>(&hi0), bh1 = *reinterpret_cast<const uint32_t *>(&hi1);
-                const uint32_t bl0 = half2_bits(x[0] - __low2float(hi0), x[1] - __high2float(hi0));
-                const uint32_t bl1 = half2_bits(x[2] - __low2float(hi1), x[3] - __high2float(hi1));
+                uint32_t bh0, bh1, bl0, bl1;
+                split_half2(x[0], x[1], bh0, bl0);
+                split_half2(x[2], x[3], bh1, bl1);
 #pragma unroll
                 for (int j = 0; j < 2; ++j) {
                     if (j >= tiles) break;

@@ -169,14 +169,13 @@ struct FmtKivi2 {
     __device__ static void mma_query(const float *qh, const float *, const uint8_t *rows, int u0, int lane,
                                      float (&qv)[D / 16][4], float &base) {
         const __half *lo = reinterpret_cast<const __half *>(rows + (int64_t)(u0 / 32) * kKeyGroup), *st = lo + D;
-        constexpr int kSlot[4] = {0, 8, 4, 12};
         const int t = lane & 3;
         base = 0.f;
 #pragma unroll
         for (int s = 0; s < D / 16; ++s) {
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                const int c = 16 * s + t + kSlot[i];
+                const int c = 16 * s + t + key_slot(i);
                 qv[s][i] = qh[c] * __half2float(st[c]);
                 base += qh[c] * __half2float(lo[c]);
             }

@@ -63,6 +63,19 @@ __device__ __forceinline__ uint32_t half2_bits(float lo, float hi) {
     return *reinterpret_cast<uint32_t *>(&h);
 }
 
+// (a, b) as two f16x2 operands: rounded (hi), and what the rounding left (lo). Multiplied by
+// the same A, hi + lo keep about 22 bits of each value.
+__device__ __forceinline__ void split_half2(float a, float b, uint32_t &hi, uint32_t &lo) {
+    const __half2 h = __floats2half2_rn(a, b);
+    hi = *reinterpret_cast<const uint32_t *>(&h);
+    lo = half2_bits(a - __low2float(h), b - __high2float(h));
+}
+
+// Key slots of a k-step: thread t's value i (i < 4) of a B fragment is the query of channel
+// (or bit) 16s + t + key_slot(i), so that each A register of a token's codes is one mask of
+// its 16-channel word (slots 2t, 2t+1 are t, t+8; slots 2t+8, 2t+9 are t+4, t+12).
+__host__ __device__ constexpr int key_slot(int i) { return 8 * (i & 1) + 4 * (i >> 1); }
+
 // f16x2 of two 0/1 bits: the bits of `w` selected by 0x00010001 << s, s <= 10, times
 // 0x3C00 >> s (1.0 in f16 is 0x3C00 = 15 << 10, so the product is exact and never carries).
 __device__ __forceinline__ uint32_t bits_to_half2(uint32_t w, int s) {

@@ -249,13 +249,12 @@ struct FmtQ1Calib {
     __device__ static void mma_query(const float *qh, const uint8_t *scales, int t,
                                      float (&qv)[D / 16][4], float &base) {
         const __half *lo = reinterpret_cast<const __half *>(scales), *hi = lo + D;
-        constexpr int kSlot[4] = {0, 8, 4, 12};
         base = 0.f;
 #pragma unroll
         for (int s = 0; s < D / 16; ++s) {
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                const int c = 16 * s + t + kSlot[i];
+                const int c = 16 * s + t + key_slot(i);
                 const float l = __half2float(lo[c]);
                 qv[s][i] = qh[c] * (__half2float(hi[c]) - l);
                 base += qh[c] * l;

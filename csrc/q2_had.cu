@@ -445,12 +445,11 @@ struct FmtHad {
 
     __device__ static void mma_query(const float *, const float *qr, const uint8_t *, int, int lane,
                                      float (&qv)[D / 16][4], float &base) {
-        constexpr int kSlot[4] = {0, 8, 4, 12};
         const int t = lane & 3;
 #pragma unroll
         for (int s = 0; s < D / 16; ++s)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) qv[s][i] = qr[16 * s + t + kSlot[i]];
+            for (int i = 0; i < 4; ++i) qv[s][i] = qr[16 * s + t + key_slot(i)];
         base = 0.f;
     }
 

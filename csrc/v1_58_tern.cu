@@ -207,15 +207,6 @@ struct FmtV1_58Tern {
             tok_pow3[threadIdx.x] = valid && !code ? (uint8_t)(0x511b090301ull >> (8 * (u % 5))) : 0;
             __syncthreads();
         }
-        // P of this lane's four tokens (B rows 2t, 2t + 1, 2t + 8, 2t + 9) as f16 hi and lo.
-        auto split = [](const float (&pv)[4], uint32_t (&b_hi)[2], uint32_t (&b_lo)[2]) {
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const __half2 hh = __floats2half2_rn(pv[2 * r], pv[2 * r + 1]);
-                b_hi[r] = *reinterpret_cast<const uint32_t *>(&hh);
-                b_lo[r] = half2_bits(pv[2 * r] - __low2float(hh), pv[2 * r + 1] - __high2float(hh));
-            }
-        };
         for (int h0 = 0; h0 < G; h0 += 8) {
             float o_tern[kMyTiles][4] = {}, o_code[kMyTiles][4] = {}, p_prot = 0.f;
             const int h = h0 + g;
@@ -230,29 +221,13 @@ struct FmtV1_58Tern {
                     pow3[j] = tok_pow3[i];
                     pv[j] = pow3[j] != 0 && h < G ? p[h * kChunk + i] : 0.f;
                 }
-                uint32_t b_hi[2], b_lo[2];
-                split(pv, b_hi, b_lo);
-#pragma unroll
-                for (int mi = 0; mi < kMyTiles; ++mi) {
-                    const int m = warp + kWarps * mi;
-                    if (m >= D / 16) break;
-                    const int c = 16 * m + g;
-                    // Digits (0..2) of channels c (low half) and c + 8 (high half) per token;
-                    // 1 (a zero value) where the token has no trit.
-                    uint32_t x[4];
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) {
-                        const uint8_t *r = blk + row[j];
-                        const uint32_t pair = (uint32_t)r[c] | (uint32_t)r[c + 8] << 16;
-                        x[j] = pow3[j] != 0 ? ((((pair * pow3[j]) & 0x00FF00FFu) * 3u) >> 8) & 0x00030003u : 0x00010001u;
-                    }
-                    const uint32_t a[4] = {trits_to_half2(__byte_perm(x[0], x[1], 0x5410)),
-                                           trits_to_half2(__byte_perm(x[0], x[1], 0x7632)),
-                                           trits_to_half2(__byte_perm(x[2], x[3], 0x5410)),
-                                           trits_to_half2(__byte_perm(x[2], x[3], 0x7632))};
-                    mma_16816(o_tern[mi], a, b_hi[0], b_hi[1]);
-                    mma_16816(o_tern[mi], a, b_lo[0], b_lo[1]);
-                }
+                // Digits (0..2) of channels c (low half) and c + 8 (high half) per token; 1 (a
+                // zero value) where the token has no trit.
+                mma_tokens(o_tern, pv, [](uint32_t x) { return trits_to_half2(x); }, [&](int j, int c) {
+                    const uint8_t *r = blk + row[j];
+                    const uint32_t pair = (uint32_t)r[c] | (uint32_t)r[c + 8] << 16;
+                    return pow3[j] != 0 ? ((((pair * pow3[j]) & 0x00FF00FFu) * 3u) >> 8) & 0x00030003u : 0x00010001u;
+                });
             }
             for (int k0 = 0; k0 < n_coded; k0 += 16) {
                 const uint8_t *rows[4];
@@ -264,27 +239,11 @@ struct FmtV1_58Tern {
                     pv[j] = r < n_coded && h < G ? p[h * kChunk + coded[r]] : 0.f;
                     p_prot += pv[j];
                 }
-                uint32_t b_hi[2], b_lo[2];
-                split(pv, b_hi, b_lo);
-#pragma unroll
-                for (int mi = 0; mi < kMyTiles; ++mi) {
-                    const int m = warp + kWarps * mi;
-                    if (m >= D / 16) break;
-                    const int c = 16 * m + g;
-                    // 2-bit codes of channels c and c + 8 (the same bit offset) per token.
-                    uint32_t x[4];
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) {
-                        const uint8_t *r = rows[j] + c / 4;
-                        x[j] = (((uint32_t)r[0] | (uint32_t)r[2] << 16) >> (2 * (c & 3))) & 0x00030003u;
-                    }
-                    const uint32_t a[4] = {codes2_to_half2(__byte_perm(x[0], x[1], 0x5410), 0),
-                                           codes2_to_half2(__byte_perm(x[0], x[1], 0x7632), 0),
-                                           codes2_to_half2(__byte_perm(x[2], x[3], 0x5410), 0),
-                                           codes2_to_half2(__byte_perm(x[2], x[3], 0x7632), 0)};
-                    mma_16816(o_code[mi], a, b_hi[0], b_hi[1]);
-                    mma_16816(o_code[mi], a, b_lo[0], b_lo[1]);
-                }
+                // 2-bit codes of channels c and c + 8 (the same bit offset) per token.
+                mma_tokens(o_code, pv, [](uint32_t x) { return codes2_to_half2(x, 0); }, [&](int j, int c) {
+                    const uint8_t *r = rows[j] + c / 4;
+                    return (((uint32_t)r[0] | (uint32_t)r[2] << 16) >> (2 * (c & 3))) & 0x00030003u;
+                });
             }
             // Σ p over protected tokens for head g, then heads 2t, 2t + 1 from their lanes.
             p_prot += __shfl_xor_sync(kAll, p_prot, 1);
@@ -303,6 +262,30 @@ struct FmtV1_58Tern {
                         ld_f16_at(blk, L.gamma + 2 * c) * o_tern[mi][e] + mm.step * o_code[mi][e] + mm.lo * pp[e & 1];
                 }
             }
+        }
+    }
+
+    // o[mi] += A·P for this warp's m-tiles mi (channels 16m..16m + 15, m = warp + kWarps·mi) and
+    // the k-step whose P this lane holds for its tokens 2t, 2t + 1, 2t + 8, 2t + 9 (pv, split
+    // into f16 hi and lo). pair(j, c) is token j's channels c (low half) and c + 8 (high half),
+    // c = 16m + g, as 16-bit values that to_half2 turns into the f16 operands.
+    template <int kMyTiles, class ToHalf2, class Pair>
+    __device__ static void mma_tokens(float (&o)[kMyTiles][4], const float (&pv)[4], ToHalf2 to_half2, Pair pair) {
+        const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2;
+        uint32_t b_hi[2], b_lo[2];
+        split_half2(pv[0], pv[1], b_hi[0], b_lo[0]);
+        split_half2(pv[2], pv[3], b_hi[1], b_lo[1]);
+#pragma unroll
+        for (int mi = 0; mi < kMyTiles; ++mi) {
+            const int m = warp + kWarps * mi;
+            if (m >= D / 16) break;
+            uint32_t x[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) x[j] = pair(j, 16 * m + g);
+            const uint32_t a[4] = {to_half2(__byte_perm(x[0], x[1], 0x5410)), to_half2(__byte_perm(x[0], x[1], 0x7632)),
+                                   to_half2(__byte_perm(x[2], x[3], 0x5410)), to_half2(__byte_perm(x[2], x[3], 0x7632))};
+            mma_16816(o[mi], a, b_hi[0], b_hi[1]);
+            mma_16816(o[mi], a, b_lo[0], b_lo[1]);
         }
     }
 
