@@ -85,6 +85,8 @@ const BLOCK: usize = 128;
 const SPAN: usize = 2048;
 /// Replicate a cache until the copies exceed this, so launches do not hit in L2.
 const ROTATE_BYTES: usize = 256 << 20;
+/// Decode steps timed back to back per sample (see `time_us`).
+const STEPS_PER_SAMPLE: usize = 10;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct DecodeRow {
@@ -146,11 +148,16 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Median microseconds of `launch(rep)` over `reps` launches after `warmup`.
+/// Median microseconds per launch of `launch(rep)`: `samples` times, `per_sample` launches
+/// enqueued back to back between two events, after `warmup` launches. With one launch per
+/// sample the figure includes the host's launch latency (the GPU idles until the launch
+/// arrives); several back to back measure the GPU time of a step as a decode loop or a CUDA
+/// graph enqueues it, the way llama.cpp's `test-backend-ops` times its kernels.
 fn time_us(
     stream: &Stream,
     warmup: usize,
-    reps: usize,
+    samples: usize,
+    per_sample: usize,
     mut launch: impl FnMut(usize) -> Result<(), Error>,
 ) -> Result<f64, Error> {
     for r in 0..warmup {
@@ -158,12 +165,16 @@ fn time_us(
     }
     stream.synchronize()?;
     let (start, end) = (Event::new()?, Event::new()?);
-    let mut times = Vec::with_capacity(reps);
-    for r in 0..reps {
+    let mut times = Vec::with_capacity(samples);
+    let mut rep = warmup;
+    for _ in 0..samples {
         start.record(stream)?;
-        launch(warmup + r)?;
+        for _ in 0..per_sample {
+            launch(rep)?;
+            rep += 1;
+        }
         end.record(stream)?;
-        times.push(start.elapsed_ms(&end)? as f64 * 1e3);
+        times.push(start.elapsed_ms(&end)? as f64 * 1e3 / per_sample as f64);
     }
     Ok(median(times))
 }
@@ -173,7 +184,7 @@ pub fn copy_bandwidth(stream: &Stream) -> Result<f64, Error> {
     let len = 1usize << 30;
     let (a, b) = (DeviceBuffer::new(len)?, DeviceBuffer::new(len)?);
     a.fill(1, stream)?;
-    let us = time_us(stream, 3, 20, |_| b.copy_from(&a, stream))?;
+    let us = time_us(stream, 3, 20, 1, |_| b.copy_from(&a, stream))?;
     Ok(2.0 * len as f64 / (us * 1e-6) / 1e9)
 }
 
@@ -370,7 +381,7 @@ pub fn decode_rows(
     let mut rows: Vec<DecodeRow> = Vec::new();
     for preset in PRESETS.iter().filter(|p| selected(p, only)) {
         let bench = DecodeBench::new(shape, tokens, batch, *preset, sms, stream)?;
-        let us = time_us(stream, 5, 50, |r| bench.launch(r, stream))?;
+        let us = time_us(stream, 5, 50, STEPS_PER_SAMPLE, |r| bench.launch(r, stream))?;
         let gbps = bench.bytes as f64 / (us * 1e-6) / 1e9;
         let f16_us = rows.first().map_or(us, |f| f.us);
         rows.push(DecodeRow {
@@ -451,7 +462,7 @@ pub fn quantize_rows(
             })
             .collect::<Result<Vec<_>, _>>()?;
         let launch = |_| batches.iter().try_for_each(|b| b.launch(&arena, stream));
-        let us = time_us(stream, 2, 20, launch)?;
+        let us = time_us(stream, 2, 20, 1, launch)?;
         let bytes = 2 * 2 * rows_len + written;
         let gbps = bytes as f64 / (us * 1e-6) / 1e9;
         out.push(QuantRow {
@@ -542,7 +553,7 @@ pub fn cache_rows(
             let n = span.min(tokens - start);
             cache.append(0, &rows, &rows, true, n, Modality::Visual, None, stream)?;
         }
-        let decode_us = time_us(stream, 3, 30, |_| {
+        let decode_us = time_us(stream, 3, 30, 1, |_| {
             cache.attention_decode(0, &q, &out, shape.n_head, scale, stream)
         })?;
         let (mut steps, mut appends, mut gpu) = (Vec::new(), Vec::new(), Vec::new());
