@@ -202,18 +202,33 @@ struct FmtQ1Calib {
     __device__ static void finish(const uint8_t *, int, int, float *, float *) {}
 
     // ---- tensor-core decode (decode_mma.cuh) ----------------------------------------
-    // Bits become exact 0/1 f16 operands (bits_to_half2); the block's scales stay out of the
-    // tensor cores: keys fold them into the query (post-scaling), values into the output at
-    // the block's end (lo·Σp + (hi − lo)·Σ p·bit).
+    // Bits become exact f16 operands by one AND each: a bit left at position p < 10 of its f16
+    // half (a mantissa bit) is the subnormal 2^(p-24), so no multiply makes it 0/1. The other
+    // operand (the query) or the result (values) carries 2^(24-p) instead. The block's scales
+    // stay out of the tensor cores: keys fold them into the query (post-scaling), values into
+    // the output at the block's end (lo·Σp + (hi − lo)·Σ p·bit).
     //
-    // Key slots of k-step s (halfword s of a token's bits, channels 16s..16s+15): thread t
-    // takes bits t, t+8 (slots 2t, 2t+1) and t+4, t+12 (slots 2t+8, 2t+9), so each register
-    // is one mask-and-multiply of the halfword spread as [bits 0-15 | bits 8-15].
-    // Value m-tile m is halfword m: row g is channel 16m + g, row g + 8 is 16m + g + 8.
+    // Key slots: k-steps 2j and 2j + 1 take the 32 channels of a token's word j, bytes 0 and
+    // 2, then (the word shifted down a byte) bytes 1 and 3. Thread t's A registers mask bits t
+    // and t + 4 of each half: slots 2t, 2t+8 (low half) are channels 32j + 8h + t (+4), slots
+    // 2t+1, 2t+9 (high half) 16 channels on. A last k-step of 16 channels (D = 80, 112) spreads
+    // its halfword as [bits 0-15 | bits 8-15] first: channels t, t + 8, t + 4, t + 12 (key_slot).
+    // Value m-tile m is halfword m of tokens 2t, 2t+1 (2t+8, 2t+9): row g is channel 16m + g
+    // from its low byte, row g + 8 channel 16m + g + 8 from its high byte, both at bit g.
 
     static constexpr bool kScaled = true;  // stage lo[D], hi[D] with every chunk
     static constexpr int kSmemRow = kRow;
     static constexpr int kWords = (D / 16 + 1) / 2;  // 32-bit words holding a token's bits
+
+    // Whether k-step s shares its word with another k-step.
+    __host__ __device__ static constexpr bool paired(int s) { return (s | 1) < D / 16; }
+    // Bit position, within its f16 half, of thread t's key slot i.
+    __host__ __device__ static constexpr int key_bit(int i, int t) { return t + 4 * (i >> 1); }
+    __host__ __device__ static constexpr int key_channel(int s, int i, int t) {
+        return paired(s) ? 32 * (s / 2) + 8 * (s & 1) + key_bit(i, t) + 16 * (i & 1) : 16 * s + t + key_slot(i);
+    }
+    // 2^(24 - p): undoes a bit's subnormal weight 2^(p-24).
+    __device__ static float unsubnormal(int p) { return __int_as_float((127 + 24 - p) << 23); }
 
     __device__ static void stage_rows(uint8_t *dst, const uint8_t *blk, int c0, int len, int lane) {
         const uint8_t *src = blk + kBits + (int64_t)c0 * kRow;
@@ -254,9 +269,9 @@ struct FmtQ1Calib {
         for (int s = 0; s < D / 16; ++s) {
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                const int c = 16 * s + t + key_slot(i);
+                const int c = key_channel(s, i, t);
                 const float l = __half2float(lo[c]);
-                qv[s][i] = qh[c] * (__half2float(hi[c]) - l);
+                qv[s][i] = qh[c] * (__half2float(hi[c]) - l) * unsubnormal(key_bit(i, t));
                 base += qh[c] * l;
             }
         }
@@ -264,23 +279,24 @@ struct FmtQ1Calib {
 
     struct KeyTile {
         uint32_t w0[kWords], w1[kWords];  // tokens g and g + 8
-        int t;
-        __device__ KeyTile(const uint8_t *tile, int lane) : t(lane & 3) {
+        uint32_t mask;                    // bit t of each half
+        __device__ KeyTile(const uint8_t *tile, int lane) : mask(0x00010001u << (lane & 3)) {
             load_row(tile + (lane >> 2) * kRow, w0);
             load_row(tile + ((lane >> 2) + 8) * kRow, w1);
         }
         __device__ void frag(int s, uint32_t (&a)[4]) const {
-            const uint32_t sel = s & 1 ? 0x4332u : 0x4110u;
-            const uint32_t x0 = __byte_perm(w0[s / 2], 0u, sel), x1 = __byte_perm(w1[s / 2], 0u, sel);
-            a[0] = bits_to_half2(x0, t), a[1] = bits_to_half2(x1, t);
-            a[2] = bits_to_half2(x0, t + 4), a[3] = bits_to_half2(x1, t + 4);
+            uint32_t x0 = w0[s / 2], x1 = w1[s / 2];
+            if (!paired(s)) x0 = __byte_perm(x0, 0u, 0x4110u), x1 = __byte_perm(x1, 0u, 0x4110u);
+            else if (s & 1) x0 >>= 8, x1 >>= 8;
+            a[0] = x0 & mask, a[1] = x1 & mask;
+            a[2] = x0 & (mask << 4), a[3] = x1 & (mask << 4);
         }
     };
 
     struct ValueTile {
         uint32_t r0[kWords], r1[kWords], r8[kWords], r9[kWords];  // tokens 2t, 2t+1, 2t+8, 2t+9
-        int g;
-        __device__ ValueTile(const uint8_t *tile, int lane) : g(lane >> 2) {
+        uint32_t mask;                                           // bit g of each half
+        __device__ ValueTile(const uint8_t *tile, int lane) : mask(0x00010001u << (lane >> 2)) {
             const int t = lane & 3;
             load_row(tile + (2 * t) * kRow, r0);
             load_row(tile + (2 * t + 1) * kRow, r1);
@@ -288,16 +304,16 @@ struct FmtQ1Calib {
             load_row(tile + (2 * t + 9) * kRow, r9);
         }
         __device__ void frag(int m, uint32_t (&a)[4]) const {
-            const uint32_t sel = m & 1 ? 0x7632u : 0x5410u;
-            const uint32_t u = __byte_perm(r0[m / 2], r1[m / 2], sel);
-            const uint32_t v = __byte_perm(r8[m / 2], r9[m / 2], sel);
-            a[0] = bits_to_half2(u, g), a[1] = bits_to_half2(u >> 8, g);
-            a[2] = bits_to_half2(v, g), a[3] = bits_to_half2(v >> 8, g);
+            // Low bytes of the two tokens' halfwords, then their high bytes, as [x | y].
+            const uint32_t low = m & 1 ? 0x6622u : 0x4400u, high = m & 1 ? 0x7733u : 0x5511u;
+            a[0] = __byte_perm(r0[m / 2], r1[m / 2], low) & mask, a[1] = __byte_perm(r0[m / 2], r1[m / 2], high) & mask;
+            a[2] = __byte_perm(r8[m / 2], r9[m / 2], low) & mask, a[3] = __byte_perm(r8[m / 2], r9[m / 2], high) & mask;
         }
     };
 
     // acc += lo·Σp + (hi − lo)·Σ p·bit for the block just finished; bits[m] is the C fragment
-    // of m-tile m (heads 2t, 2t+1), psum the block's Σp of those heads.
+    // of m-tile m (heads 2t, 2t+1; rows at their bits' subnormal weight 2^(g-24)), psum the block's Σp
+    // of those heads.
     __device__ static void mma_fold(const uint8_t *scales, int g, const float (&bits)[D / 16][4],
                                     const float (&psum)[2], float (&acc)[D / 16][4]) {
         const __half *lo = reinterpret_cast<const __half *>(scales), *hi = lo + D;
@@ -306,7 +322,7 @@ struct FmtQ1Calib {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 const int c = 16 * m + g + 8 * r;
-                const float l = __half2float(lo[c]), d = __half2float(hi[c]) - l;
+                const float l = __half2float(lo[c]), d = (__half2float(hi[c]) - l) * unsubnormal(g);
                 acc[m][2 * r] += d * bits[m][2 * r] + l * psum[0];
                 acc[m][2 * r + 1] += d * bits[m][2 * r + 1] + l * psum[1];
             }
