@@ -416,9 +416,30 @@ __device__ void write_partial(float *merge, const float (&mx)[2], const float (&
         }
     }
     __syncthreads();
+    // Each warp's weight e^(max_k − max) once per head, in place of its max.
+    if (threadIdx.x < G) {
+        const int h = threadIdx.x;
+        float mmax = -INFINITY;
+#pragma unroll
+        for (int k = 0; k < W; ++k) mmax = fmaxf(mmax, merge[(k * M::kHeads + h) * (D + 2)]);
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+            float *m0 = merge + (k * M::kHeads + h) * (D + 2);
+            *m0 = *m0 == -INFINITY ? 0.f : __expf(*m0 - mmax);
+        }
+        part[h * (D + 2)] = mmax;
+    }
+    __syncthreads();
     for (int i = threadIdx.x; i < G * (D + 2); i += M::kWarps * 32) {
-        const int h = i / (D + 2);
-        part[i] = merged_entry(W, i % (D + 2), [&](int k) { return merge + (k * M::kHeads + h) * (D + 2); });
+        const int h = i / (D + 2), j = i % (D + 2);
+        if (j == 0) continue;
+        float val = 0.f;
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+            const float *row = merge + (k * M::kHeads + h) * (D + 2);
+            val += row[0] * row[j];
+        }
+        part[i] = val;
     }
 }
 
@@ -598,8 +619,9 @@ __global__ void __launch_bounds__(kPassWarps<kPass> * 32, kPass == Pass::kLocal 
         // Key sweep: logits of the item's tokens into shared memory, and their range. An item
         // is one calibrated span, or blocks that are not calibrated at all.
         const bool calibrated = a.blocks[w.first_block].span >= 0;
-        auto at = [&](const typename M::Chunk &c, int t0, int e) {
-            return (c.tok0 + c.c0 + t0 + g + 8 * (e >> 1)) * M::kHeads + 2 * t + (e & 1);
+        // Heads 2t, 2t+1 of a token are one float2 (a 2-way bank conflict as single floats).
+        auto at = [&](const typename M::Chunk &c, int t0, int r) {
+            return reinterpret_cast<float2 *>(logits + (c.tok0 + c.c0 + t0 + g + 8 * r) * M::kHeads + 2 * t);
         };
         M::template sweep<M::kKeys, false>(
             a, w, stages, stage_sz, team, lane, start_keys,
@@ -609,8 +631,8 @@ __global__ void __launch_bounds__(kPassWarps<kPass> * 32, kPass == Pass::kLocal 
                 see(v);
                 // Masked tokens past a block's end would land on the next block's logits.
 #pragma unroll
-                for (int e = 0; e < 4; ++e)
-                    if (v[e] != -INFINITY) logits[at(c, t0, e)] = v[e];
+                for (int r = 0; r < 2; ++r)
+                    if (c.c0 + t0 + g + 8 * r < c.blk.n) *at(c, t0, r) = make_float2(v[2 * r], v[2 * r + 1]);
             },
             [](const uint8_t *, const typename M::Chunk &) {});
         // The span's range per head, over the warps of every CTA of the item.
@@ -645,10 +667,11 @@ __global__ void __launch_bounds__(kPassWarps<kPass> * 32, kPass == Pass::kLocal 
             [&](const uint8_t *st, const typename M::Chunk &c, int t0) {
                 float v[4];
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int tok = c.c0 + t0 + g + 8 * (e >> 1);
-                    v[e] = tok < c.blk.n ? lo_c[e & 1] + (logits[at(c, t0, e)] - lo_c[e & 1]) * ratio[e & 1]
-                                         : -INFINITY;
+                for (int r = 0; r < 2; ++r) {
+                    const bool in = c.c0 + t0 + g + 8 * r < c.blk.n;
+                    const float2 l = in ? *at(c, t0, r) : make_float2(-INFINITY, -INFINITY);
+                    v[2 * r] = lo_c[0] + (l.x - lo_c[0]) * ratio[0];
+                    v[2 * r + 1] = lo_c[1] + (l.y - lo_c[1]) * ratio[1];
                 }
                 tile_values<D>(v, ref, c.blk.v_format,
                                st + M::template values_at<M::kValues>(c) + t0 * M::row_bytes(c.blk.v_format), lane,
