@@ -10,7 +10,7 @@ cargo build --release --features cuda --bin kvbits
 tests=(cuda_kernels cuda_cache ffi)
 mapfile -t exes < <(cargo test --release --features cuda --no-run --message-format=json \
     "${tests[@]/#/--test=}" | jq -r 'select(.executable != null) | .executable')
-rm -rf .gpu && mkdir -p .gpu/bins
+rm -rf .gpu/bins .gpu/bins.tar.xz && mkdir -p .gpu/bins
 cp target/release/kvbits .gpu/bins/
 for exe in "${exes[@]}"; do cp "$exe" ".gpu/bins/$(basename "$exe" | sed 's/-[0-9a-f]*$//')"; done
 strip .gpu/bins/*
