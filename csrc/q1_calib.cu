@@ -36,27 +36,32 @@ struct FmtQ1Calib {
 
     // One CTA per 16 channels of the block (a block is D/16 CTAs: enough of them to fill the
     // GPU for a span of a few thousand tokens). Threads pair up on a token, 8 channels each,
-    // 16-byte loads; ranges meet by warp shuffles then across warps, and a second read (from
-    // L2) sets the bits.
+    // 16-byte loads; ranges meet by warp shuffles then across warps. The first kHeld tokens of
+    // each thread stay in registers for the bits (all of a 128-token block); tokens past them
+    // are read a second time (from L2).
     static constexpr int kQuantParts = D / 16;
     static constexpr int kPartWarps = kThreads / 32;
 
     template <bool kF16>
     __device__ static void quantize_part(Src x, int n, float alpha, uint8_t *out, float *smem, int part) {
         constexpr int kTokens = kThreads / 2;  // tokens side by side
-        constexpr int kBatch = 4;
+        constexpr int kHeld = 2;
         const int j = threadIdx.x & 1, tg = threadIdx.x >> 1, c0 = 16 * part + 8 * j;
-        float lo[8], hi[8];
+        float lo[8], hi[8], held[kHeld][8];
 #pragma unroll
         for (int k = 0; k < 8; ++k) lo[k] = INFINITY, hi[k] = -INFINITY;
-        for (int t0 = tg; t0 < n; t0 += kBatch * kTokens) {
-            float v[kBatch][8];
+        auto see = [&](const float (&v)[8]) {
 #pragma unroll
-            for (int u = 0; u < kBatch; ++u) load8<kF16>(x, min(t0 + u * kTokens, n - 1), c0, v[u]);
+            for (int k = 0; k < 8; ++k) lo[k] = fminf(lo[k], v[k]), hi[k] = fmaxf(hi[k], v[k]);
+        };
 #pragma unroll
-            for (int u = 0; u < kBatch; ++u)
+        for (int u = 0; u < kHeld; ++u) load8<kF16>(x, min(tg + u * kTokens, n - 1), c0, held[u]);
 #pragma unroll
-                for (int k = 0; k < 8; ++k) lo[k] = fminf(lo[k], v[u][k]), hi[k] = fmaxf(hi[k], v[u][k]);
+        for (int u = 0; u < kHeld; ++u) see(held[u]);
+        for (int t = tg + kHeld * kTokens; t < n; t += kTokens) {
+            float v[8];
+            load8<kF16>(x, t, c0, v);
+            see(v);
         }
         // Lanes of one channel half differ in bits 1..4: reduce over them.
 #pragma unroll
@@ -85,18 +90,19 @@ struct FmtQ1Calib {
             mid[c] = (l + h) * 0.5f;
         }
         __syncthreads();
-        for (int t0 = tg; t0 < n; t0 += 2 * kTokens) {
-            float v[2][8];
+        auto store_bits = [&](int t, const float (&v)[8]) {
+            unsigned byte = 0;
 #pragma unroll
-            for (int u = 0; u < 2; ++u) load8<kF16>(x, min(t0 + u * kTokens, n - 1), c0, v[u]);
+            for (int k = 0; k < 8; ++k) byte |= (v[k] > mid[8 * j + k] ? 1u : 0u) << k;
+            out[kBits + (int64_t)t * kRow + c0 / 8] = (uint8_t)byte;
+        };
 #pragma unroll
-            for (int u = 0; u < 2; ++u) {
-                const int t = t0 + u * kTokens;
-                unsigned byte = 0;
-#pragma unroll
-                for (int k = 0; k < 8; ++k) byte |= (v[u][k] > mid[8 * j + k] ? 1u : 0u) << k;
-                if (t < n) out[kBits + (int64_t)t * kRow + c0 / 8] = (uint8_t)byte;
-            }
+        for (int u = 0; u < kHeld; ++u)
+            if (tg + u * kTokens < n) store_bits(tg + u * kTokens, held[u]);
+        for (int t = tg + kHeld * kTokens; t < n; t += kTokens) {
+            float v[8];
+            load8<kF16>(x, t, c0, v);
+            store_bits(t, v);
         }
     }
 
