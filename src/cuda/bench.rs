@@ -85,7 +85,7 @@ const BLOCK: usize = 128;
 const SPAN: usize = 2048;
 /// Replicate a cache until the copies exceed this, so launches do not hit in L2.
 const ROTATE_BYTES: usize = 256 << 20;
-/// Decode steps timed back to back per sample (see `time_us`).
+/// Decode steps (and quantize launches) timed back to back per sample (see `time_us`).
 const STEPS_PER_SAMPLE: usize = 10;
 
 #[derive(Clone, Debug, Serialize)]
@@ -462,7 +462,7 @@ pub fn quantize_rows(
             })
             .collect::<Result<Vec<_>, _>>()?;
         let launch = |_| batches.iter().try_for_each(|b| b.launch(&arena, stream));
-        let us = time_us(stream, 2, 20, 1, launch)?;
+        let us = time_us(stream, 2, 20, STEPS_PER_SAMPLE, launch)?;
         let bytes = 2 * 2 * rows_len + written;
         let gbps = bytes as f64 / (us * 1e-6) / 1e9;
         out.push(QuantRow {
