@@ -46,7 +46,9 @@ struct FmtK1_5Mix {
     // (0 for low-range channels).
     static constexpr int kPrep = 2 * D + 2;
     static constexpr int kPrepShared = 2 * kMaxDl + D;
-    static constexpr int kFftTokens = 8;                     // tokens per quantize step
+    static constexpr int kFftTokens = D <= 128 ? 32 : 16;    // tokens per quantize step
+    static constexpr int kChains = 4;                        // tokens one thread transforms at once
+    static_assert(kFftTokens % kChains == 0, "a step's groups of kChains tokens stay in its rows");
     static constexpr int kWarps = kThreads / 32;
     static constexpr unsigned kAll = 0xffffffffu;
 
@@ -102,23 +104,31 @@ struct FmtK1_5Mix {
         }
     }
 
-    // Coefficient j of the real signal z (length dl), in the CPU's order. DC and Nyquist are
-    // plain sums; the others a direct DFT against the twiddle tables (angle 2π·m/dl at m).
-    __device__ static double coefficient(const float *z, int dl, int j, const double *cos_t,
-                                         const double *sin_t) {
-        double acc = 0.0;
+    // Coefficient j of kChains real signals z + k·dl (length dl; the CPU's coefficient order),
+    // as independent chains that each sum in the same order. DC and Nyquist are plain sums;
+    // the others a direct DFT against the twiddle tables (angle 2π·m/dl at m).
+    __device__ static void coefficients(const float *z, int dl, int j, const double *cos_t, const double *sin_t,
+                                        double (&acc)[kChains]) {
+#pragma unroll
+        for (int k = 0; k < kChains; ++k) acc[k] = 0.0;
         if (j < 2) {
-            for (int i = 0; i < dl; ++i) acc += j == 1 && (i & 1) ? -(double)z[i] : (double)z[i];
-            return acc;
+            for (int i = 0; i < dl; ++i)
+#pragma unroll
+                for (int k = 0; k < kChains; ++k) acc[k] += j == 1 && (i & 1) ? -(double)z[k * dl + i] : (double)z[k * dl + i];
+            return;
         }
-        const int k = j >> 1;
+        const int step = j >> 1;
         const double *tw = j & 1 ? sin_t : cos_t;
         for (int i = 0, m = 0; i < dl; ++i) {
-            acc = fma((double)z[i], tw[m], acc);
-            m += k;
+            const double w = tw[m];
+#pragma unroll
+            for (int k = 0; k < kChains; ++k) acc[k] = fma((double)z[k * dl + i], w, acc[k]);
+            m += step;
             if (m >= dl) m -= dl;
         }
-        return j & 1 ? -acc : acc;  // Im Z_k = -Σ z_i sin(2πki/dl)
+        if (j & 1)
+#pragma unroll
+            for (int k = 0; k < kChains; ++k) acc[k] = -acc[k];  // Im Z_k = -Σ z_i sin(2πki/dl)
     }
 
     __device__ static void twiddles(int dl, double *cos_t, double *sin_t) {
@@ -139,9 +149,10 @@ struct FmtK1_5Mix {
                           12 * 1024,
                       "fits the quantize kernel's shared memory");
 
-        // Ranges: thread per channel.
+        // Ranges: thread per channel (unrolled, so that many loads are in flight).
         for (int c = threadIdx.x; c < D; c += kThreads) {
             float a = INFINITY, b = -INFINITY;
+#pragma unroll 16
             for (int t = 0; t < n; ++t) {
                 const float v = x.at(t, c);
                 a = fminf(a, v), b = fmaxf(b, v);
@@ -150,20 +161,22 @@ struct FmtK1_5Mix {
         }
         __syncthreads();
         // Mask: channel c is 2-bit when fewer than Dh channels precede it in the CPU's order
-        // (range descending, then index), written a byte (8 channels) per thread.
-        for (int b = threadIdx.x; b < kMask; b += kThreads) {
-            unsigned byte = 0;
-            for (int i = 0; i < 8; ++i) {
-                const int c = 8 * b + i;
+        // (range descending, then index); thread per channel, a warp's 32 bits by ballot.
+        for (int c0 = 32 * (threadIdx.x >> 5); c0 < D; c0 += kThreads) {
+            const int c = c0 + (threadIdx.x & 31);
+            bool high = false;
+            if (c < D) {
                 const float r = mx[c] - mn[c];
                 int before = 0;
                 for (int o = 0; o < D; ++o) {
                     const float ro = mx[o] - mn[o];
                     before += ro > r || (ro == r && o < c);
                 }
-                byte |= (before < L.dh ? 1u : 0u) << i;
+                high = before < L.dh;
             }
-            out[b] = (uint8_t)byte;
+            const unsigned bits = __ballot_sync(kAll, high);
+            if ((threadIdx.x & 31) < 4 && c0 / 8 + (threadIdx.x & 31) < kMask)
+                out[c0 / 8 + (threadIdx.x & 31)] = (uint8_t)(bits >> (8 * (threadIdx.x & 31)));
         }
         __syncthreads();
         channel_lists(out, hi_ch, lo_ch);
@@ -186,8 +199,15 @@ struct FmtK1_5Mix {
             const int nt = min(kFftTokens, n - tb);
             for (int i = threadIdx.x; i < nt * dl; i += kThreads) z[i] = x.at(tb + i / dl, lo_ch[i % dl]);
             __syncthreads();
-            for (int i = threadIdx.x; i < nt * dl; i += kThreads)
-                coef[i] = coefficient(z + (i / dl) * dl, dl, i % dl, cos_t, sin_t);
+            // Rows past nt in a last short group are stale and their coefficients dropped.
+            for (int i = threadIdx.x; i < (nt + kChains - 1) / kChains * dl; i += kThreads) {
+                const int t0 = i / dl * kChains, j = i % dl;
+                double acc[kChains];
+                coefficients(z + t0 * dl, dl, j, cos_t, sin_t, acc);
+#pragma unroll
+                for (int k = 0; k < kChains; ++k)
+                    if (t0 + k < nt) coef[(t0 + k) * dl + j] = acc[k];
+            }
             __syncthreads();
             for (int i = threadIdx.x; i < nt * L.stride; i += kThreads) {
                 const int tt = i / L.stride, b = i % L.stride, t = tb + tt;

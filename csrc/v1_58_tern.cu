@@ -89,9 +89,11 @@ struct FmtV1_58Tern {
             }
         }
         __syncthreads();
-        // Thread per channel, tokens in order (the CPU's summation order).
+        // Thread per channel, tokens in order (the CPU's summation order; unrolled, so that
+        // many loads are in flight).
         for (int c = threadIdx.x; c < D; c += kThreads) {
             double sum = 0.0;
+#pragma unroll 16
             for (int u = 0; u < L.n_u; ++u) sum += (double)fabsf(x.at(order[u], c));
             const float g = L.n_u > 0 ? round_f16((float)(sum / L.n_u)) : 0.f;
             gamma[c] = g;
