@@ -50,6 +50,39 @@ struct Src {
         return is_f16 ? __half2float(static_cast<const __half *>(data)[i])
                       : static_cast<const float *>(data)[i];
     }
+
+    // Channels c0 .. c0 + L of token t into v[0 .. L), zero after (L a multiple of 8): 16-byte
+    // loads where the row is aligned for them, so that a thread's whole run is in flight at once.
+    template <int N>
+    __device__ __forceinline__ void run(int t, int c0, int L, float (&v)[N]) const {
+        static_assert(N % 8 == 0, "runs of whole 16-byte pieces");
+        const int64_t i = (int64_t)t * stride + c0;
+        const char *p = static_cast<const char *>(data) + (is_f16 ? 2 : 4) * i;
+        const bool vec = (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+#pragma unroll
+        for (int k = 0; k < N; k += 8) {
+            if (k >= L) {
+#pragma unroll
+                for (int j = 0; j < 8; ++j) v[k + j] = 0.f;
+            } else if (vec && is_f16) {
+                const uint4 u = *reinterpret_cast<const uint4 *>(p + 2 * k);
+                const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const float2 f = __half22float2(*reinterpret_cast<const __half2 *>(&w[j]));
+                    v[k + 2 * j] = f.x, v[k + 2 * j + 1] = f.y;
+                }
+            } else if (vec) {
+                const float4 a = reinterpret_cast<const float4 *>(p + 4 * k)[0];
+                const float4 b = reinterpret_cast<const float4 *>(p + 4 * k)[1];
+                v[k] = a.x, v[k + 1] = a.y, v[k + 2] = a.z, v[k + 3] = a.w;
+                v[k + 4] = b.x, v[k + 5] = b.y, v[k + 6] = b.z, v[k + 7] = b.w;
+            } else {
+#pragma unroll
+                for (int j = 0; j < 8; ++j) v[k + j] = at(t, c0 + k + j);
+            }
+        }
+    }
 };
 
 __device__ __forceinline__ float ld_f16(const uint8_t *p, int i) {

@@ -135,6 +135,9 @@ struct FmtK1_5Mix {
         for (int m = threadIdx.x; m < dl; m += kThreads) sincospi(2.0 * m / dl, &sin_t[m], &cos_t[m]);
     }
 
+    // Bytes of shared memory `quantize` lays out below (doubles counted as two floats).
+    static constexpr int kQuantSmem =
+        4 * (2 * (3 + kFftTokens) * kMaxDl + 2 * D + kFftTokens * kMaxDl + 3 * kMaxDh + kMaxDl);
     __device__ static void quantize(Src x, int n, int, const uint8_t *, QuantParams p, uint8_t *out,
                                     float *smem) {
         const Layout L(high_channels(p.mix_fraction));
@@ -145,9 +148,6 @@ struct FmtK1_5Mix {
         float *z = mx + D;  // [kFftTokens][dl]
         float *lo = z + kFftTokens * kMaxDl, *step = lo + kMaxDh;
         int *hi_ch = reinterpret_cast<int *>(step + kMaxDh), *lo_ch = hi_ch + kMaxDh;
-        static_assert(2 * (3 + kFftTokens) * kMaxDl + 2 * D + kFftTokens * kMaxDl + 3 * kMaxDh + kMaxDl <=
-                          12 * 1024,
-                      "fits the quantize kernel's shared memory");
 
         // Ranges: thread per channel (unrolled, so that many loads are in flight).
         for (int c = threadIdx.x; c < D; c += kThreads) {

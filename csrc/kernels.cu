@@ -74,8 +74,6 @@ bool known_format(int f) {
 
 // ---- quantize and dequantize: one CTA per block ------------------------------------------
 
-constexpr int kQuantSmemFloats = 12 * 1024;
-
 // CTAs per block a format quantizes with: its kQuantParts (each CTA then gets its part), else 1.
 template <class F>
 constexpr int quant_parts() {
@@ -83,36 +81,25 @@ constexpr int quant_parts() {
     else return 1;
 }
 
+// Bytes of shared memory a format's quantizer uses: its kQuantSmem, else none. Per format,
+// so that the formats that need none keep every CTA slot of a multiprocessor.
 template <class F>
-__device__ void quantize_part(Src x, const kvb_cuda_quant_job &job, QuantParams p, uint8_t *out, float *smem) {
-    if constexpr (quant_parts<F>() > 1) F::quantize(x, job.n, job.role, job.protect, p, out, smem, blockIdx.y);
-    else if (blockIdx.y == 0) F::quantize(x, job.n, job.role, job.protect, p, out, smem);
+constexpr int quant_smem() {
+    if constexpr (requires { F::kQuantSmem; }) return F::kQuantSmem;
+    else return 0;
 }
 
-template <int D>
-int quant_parts_of(int format) {
-    switch (format) {
-#define KVB_PARTS(ID, FMT) case ID: return quant_parts<FMT<D>>();
-        KVB_FORMATS(KVB_PARTS)
-#undef KVB_PARTS
-    }
-    return 1;
-}
-
-template <int D>
+// A kernel per (head dim, format): each gets its own register count, which a switch over
+// every format would set to the largest.
+template <int D, class F>
 __global__ void __launch_bounds__(kThreads)
-    quantize_kernel(int format, int is_f16, const kvb_cuda_quant_job *jobs, QuantParams p,
-                    uint8_t *arena) {
+    quantize_kernel(int is_f16, const kvb_cuda_quant_job *jobs, QuantParams p, uint8_t *arena) {
     extern __shared__ float smem[];
     const kvb_cuda_quant_job job = jobs[blockIdx.x];
-    Src x{job.x, job.x_stride, is_f16};
+    const Src x{job.x, job.x_stride, is_f16};
     uint8_t *out = arena + job.out_offset;
-    switch (format) {
-#define KVB_QUANT(ID, FMT) \
-    case ID: quantize_part<FMT<D>>(x, job, p, out, smem); break;
-        KVB_FORMATS(KVB_QUANT)
-#undef KVB_QUANT
-    }
+    if constexpr (quant_parts<F>() > 1) F::quantize(x, job.n, job.role, job.protect, p, out, smem, blockIdx.y);
+    else F::quantize(x, job.n, job.role, job.protect, p, out, smem);
 }
 
 template <int D>
@@ -482,13 +469,20 @@ extern "C" int kvb_cuda_quantize(int32_t format, int32_t head_dim, int32_t x_is_
     if (n_jobs == 0) return cudaSuccess;
     cudaError_t err = cudaSuccess;
     bool ok = with_head_dim(head_dim, [&]<int D>() {
-        size_t smem = sizeof(float) * kQuantSmemFloats;
-        err = allow_smem((const void *)quantize_kernel<D>, smem);
-        if (err != cudaSuccess) return;
-        const dim3 grid(n_jobs, quant_parts_of<D>(format));
-        quantize_kernel<D><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(
-            format, x_is_f16, jobs, params, arena);
-        err = cudaGetLastError();
+        auto launch = [&]<class F>() {
+            const void *kernel = (const void *)quantize_kernel<D, F>;
+            if (quant_smem<F>() > 0 && (err = allow_smem(kernel, quant_smem<F>())) != cudaSuccess) return;
+            const dim3 grid(n_jobs, quant_parts<F>());
+            quantize_kernel<D, F><<<grid, kThreads, quant_smem<F>(), static_cast<cudaStream_t>(stream)>>>(
+                x_is_f16, jobs, params, arena);
+            err = cudaGetLastError();
+        };
+        switch (format) {
+#define KVB_QUANT(ID, FMT) \
+    case ID: launch.template operator()<FMT<D>>(); break;
+            KVB_FORMATS(KVB_QUANT)
+#undef KVB_QUANT
+        }
     });
     return ok ? (int)err : (int)KVB_CUDA_INVALID_ARGUMENT;
 }

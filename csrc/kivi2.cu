@@ -20,17 +20,24 @@ namespace kvb {
 struct Kivi2Codec {
     static constexpr int kHead = 4, kBits = 2, kLevels = 3;
 
-    __device__ static void encode(uint8_t *grp, float v, int L, int lane) {
-        const float mn = warp_min(lane < L ? v : INFINITY), mx = warp_max(lane < L ? v : -INFINITY);
-        const MinMax mm = MinMax::make(mn, mx, kLevels);
-        if (lane == 0)
-            *reinterpret_cast<uint32_t *>(grp) = (uint32_t)__half_as_ushort(__float2half_rn(mm.lo)) |
-                                                 ((uint32_t)__half_as_ushort(__float2half_rn(mm.step)) << 16);
-        // Sixteen codes per 32-bit word, lane j's at bits 2(j % 16).
-        uint32_t w = (lane < L ? mm.code(v, kLevels) : 0u) << (2 * (lane & 15));
+    __device__ static void encode(uint8_t *grp, const float (&v)[32], int L) {
+        // The CPU's fold: the first of equal values, so that a zero's sign matches.
+        float mn = INFINITY, mx = -INFINITY;
 #pragma unroll
-        for (int o = 1; o < 16; o <<= 1) w |= __shfl_xor_sync(0xffffffffu, w, o);
-        if ((lane & 15) == 0 && lane < L) reinterpret_cast<uint32_t *>(grp + 4)[lane >> 4] = w;
+        for (int j = 0; j < 32; ++j)
+            if (j < L) mn = v[j] < mn ? v[j] : mn, mx = v[j] > mx ? v[j] : mx;
+        const MinMax mm = MinMax::make(mn, mx, kLevels);
+        // Groups are 4-byte aligned: (lo, s), then sixteen codes per word, first lowest.
+        uint32_t *at = reinterpret_cast<uint32_t *>(grp);
+        at[0] = (uint32_t)__half_as_ushort(__float2half_rn(mm.lo)) |
+                ((uint32_t)__half_as_ushort(__float2half_rn(mm.step)) << 16);
+#pragma unroll
+        for (int w = 0; w < 2; ++w) {
+            uint32_t word = 0;
+#pragma unroll
+            for (int j = 0; j < 16; ++j) word |= mm.code(v[16 * w + j], kLevels) << (2 * j);
+            if (16 * w < L) at[1 + w] = word;
+        }
     }
 
     __device__ static float decode(const uint8_t *grp, int, int j) {
@@ -53,36 +60,40 @@ struct FmtKivi2 {
                            : Values::bytes(n, role, 0, p);
     }
 
-    // Keys: thread per (group, four channels): the four ranges, then one code byte per token.
-    // Keys and values both spread a block over the values' CTAs.
+    // Keys: a thread per (group, channel), the group's 32 tokens of its channel loaded at once
+    // (a warp's channels are consecutive: each token's loads coalesce). The code words of 16
+    // channels are ORed across the half-warp that holds them: D % 16 == 0, so every half-warp
+    // is 16 consecutive channels of one group.
     static constexpr int kQuantParts = Values::kQuantParts;
     __device__ static void quantize(Src x, int n, int role, const uint8_t *protect, QuantParams p,
                                     uint8_t *out, float *smem, int part) {
         if (role != KEY) return Values::quantize(x, n, role, protect, p, out, smem, part);
-        const int n_groups = (n + 31) / 32;
-        for (int i = part * kThreads + threadIdx.x; i < n_groups * kTokRow; i += kQuantParts * kThreads) {
-            const int g = i / kTokRow, c0 = 4 * (i % kTokRow), tb = 32 * g, m = min(32, n - tb);
+        const int n_items = (n + 31) / 32 * D, lane = threadIdx.x & 31;
+        // The bound is warp-uniform: every lane takes part in the shuffles.
+        for (int i0 = part * kThreads + (threadIdx.x & ~31); i0 < n_items; i0 += kQuantParts * kThreads) {
+            const int i = min(i0 + lane, n_items - 1);
+            const int g = i / D, c = i % D, tb = 32 * g, m = min(32, n - tb);
             uint8_t *grp = out + (int64_t)g * kKeyGroup;
-            __half *lo = reinterpret_cast<__half *>(grp), *st = lo + D;
-            MinMax mm[4];
+            float v[32];
 #pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                float mn = INFINITY, mx = -INFINITY;
-#pragma unroll 8
-                for (int r = 0; r < m; ++r) {
-                    const float v = x.at(tb + r, c0 + k);
-                    mn = fminf(mn, v), mx = fmaxf(mx, v);
-                }
-                mm[k] = MinMax::make(mn, mx, kLevels);
-                lo[c0 + k] = __float2half_rn(mm[k].lo);
-                st[c0 + k] = __float2half_rn(mm[k].step);
+            for (int r = 0; r < 32; ++r) v[r] = r < m ? x.at(tb + r, c) : 0.f;
+            float mn = INFINITY, mx = -INFINITY;
+#pragma unroll
+            for (int r = 0; r < 32; ++r)
+                if (r < m) mn = v[r] < mn ? v[r] : mn, mx = v[r] > mx ? v[r] : mx;
+            const MinMax mm = MinMax::make(mn, mx, kLevels);
+            const bool mine = i0 + lane < n_items;
+            if (mine) {
+                reinterpret_cast<__half *>(grp)[c] = __float2half_rn(mm.lo);
+                reinterpret_cast<__half *>(grp)[D + c] = __float2half_rn(mm.step);
             }
-#pragma unroll 4
-            for (int r = 0; r < m; ++r) {
-                unsigned byte = 0;
+            uint32_t *words = reinterpret_cast<uint32_t *>(grp + 4 * D + c / 4);
 #pragma unroll
-                for (int k = 0; k < 4; ++k) byte |= mm[k].code(x.at(tb + r, c0 + k), kLevels) << (2 * k);
-                grp[4 * D + r * kTokRow + c0 / 4] = (uint8_t)byte;
+            for (int r = 0; r < 32; ++r) {
+                uint32_t w = mm.code(v[r], kLevels) << (2 * (lane & 15));
+#pragma unroll
+                for (int o = 1; o < 16; o <<= 1) w |= __shfl_xor_sync(0xffffffffu, w, o);
+                if (mine && (lane & 15) == 0 && r < m) words[r * kTokRow / 4] = w;
             }
         }
     }

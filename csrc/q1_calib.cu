@@ -41,6 +41,8 @@ struct FmtQ1Calib {
     // are read a second time (from L2).
     static constexpr int kQuantParts = D / 16;
     static constexpr int kPartWarps = kThreads / 32;
+    // The parts' ranges per warp and midpoints, or the scalar path's lo and hi.
+    static constexpr int kQuantSmem = 4 * (3 * kPartWarps * 16 > 2 * D ? 3 * kPartWarps * 16 : 2 * D);
 
     template <bool kF16>
     __device__ static void quantize_part(Src x, int n, float alpha, uint8_t *out, float *smem, int part) {

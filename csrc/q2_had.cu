@@ -167,43 +167,54 @@ struct FmtHad {
         }
     }
 
-    // Tokens of the block in runs of 32: warp w takes every kWarps-th token of a run, with the
-    // protected ones before it counted from the run's flags.
+    // Tokens of the block in runs of 32, a warp per token of a run over kQuantParts CTAs: warp
+    // w of CTA `part` takes token i = part·kWarps + w of every run, with the protected ones
+    // before it counted from the run's flags. It loads the next run's token before it rotates
+    // this one, so that its loads overlap its shuffles.
+    static constexpr int kQuantParts = 32 / kWarps;
     __device__ static void quantize(Src x, int n, int, const uint8_t *protect, QuantParams p,
-                                    uint8_t *out, float *) {
-        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+                                    uint8_t *out, float *, int part) {
+        const int lane = threadIdx.x & 31, i = part * kWarps + (threadIdx.x >> 5);
         int n_p = 0;
         for (int c0 = 0; c0 < n; c0 += 32) {
             int t = c0 + lane;
             n_p += __popc(__ballot_sync(kAll, protect && t < n && protect[t]));
         }
         const int rows_at = kHeader + (n - n_p) * kRec;
-        if (threadIdx.x == 0) *reinterpret_cast<uint32_t *>(out) = (uint32_t)n_p;
-        if (n_p > 0) {
+        if (part == 0 && threadIdx.x == 0) *reinterpret_cast<uint32_t *>(out) = (uint32_t)n_p;
+        if (part == 0 && n_p > 0) {
             uint8_t *mask = out + rows_at + n_p * 2 * D;
             for (int b = threadIdx.x; b < (n + 7) / 8; b += kThreads) {
                 unsigned byte = 0;
-                for (int i = 0; i < 8 && 8 * b + i < n; ++i) byte |= (protect[8 * b + i] ? 1u : 0u) << i;
+                for (int k = 0; k < 8 && 8 * b + k < n; ++k) byte |= (protect[8 * b + k] ? 1u : 0u) << k;
                 mask[b] = (uint8_t)byte;
             }
         }
+        auto load = [&](int t, float (&v)[kSlots]) {
+#pragma unroll
+            for (int j = 0; j < kSlots; ++j) v[j] = t < n && valid(j) ? x.at(t, 32 * j + lane) : 0.f;
+        };
+        float next[kSlots];
+        load(i, next);
         int m = 0;  // protected tokens before the run
         for (int c0 = 0; c0 < n; c0 += 32) {
-            int tl = c0 + lane;
-            unsigned flags = __ballot_sync(kAll, protect && tl < n && protect[tl]);
-            for (int i = warp; i < 32 && c0 + i < n; i += kWarps) {
-                const int t = c0 + i, before = m + __popc(flags & ((1u << i) - 1));
-                if ((flags >> i) & 1) {
-                    __half *row = reinterpret_cast<__half *>(out + rows_at + before * 2 * D);
-                    for (int c = lane; c < D; c += 32) row[c] = __float2half_rn(x.at(t, c));
-                } else {
-                    float v[kSlots];
+            const int t = c0 + i;
+            float v[kSlots];
 #pragma unroll
-                    for (int j = 0; j < kSlots; ++j) v[j] = valid(j) ? x.at(t, 32 * j + lane) : 0.f;
-                    write_record(v, p.had_clip, out + kHeader + (t - before) * kRec);
-                }
-            }
+            for (int j = 0; j < kSlots; ++j) v[j] = next[j];
+            load(t + 32, next);
+            const unsigned flags = __ballot_sync(kAll, protect && c0 + lane < n && protect[c0 + lane]);
+            const int before = m + __popc(flags & ((1u << i) - 1));
             m += __popc(flags);
+            if (t >= n) continue;
+            if ((flags >> i) & 1) {
+                __half *row = reinterpret_cast<__half *>(out + rows_at + before * 2 * D);
+#pragma unroll
+                for (int j = 0; j < kSlots; ++j)
+                    if (valid(j)) row[32 * j + lane] = __float2half_rn(v[j]);
+            } else {
+                write_record(v, p.had_clip, out + kHeader + (t - before) * kRec);
+            }
         }
     }
 

@@ -12,24 +12,27 @@ namespace kvb {
 struct Q4Codec {
     static constexpr int kHead = 2, kBits = 4;
 
-    __device__ static void encode(uint8_t *grp, float v, int L, int lane) {
-        // Largest |v|, lowest lane on ties; padding lanes never win.
-        float a = lane < L ? fabsf(v) : -1.f;
-        int at = lane;
+    __device__ static void encode(uint8_t *grp, const float (&v)[32], int L) {
+        // The value of largest magnitude, sign kept; the first on ties. The CPU starts from
+        // +0 and replaces it only on a strictly larger magnitude.
+        float amax = 0.f, vmax = 0.f;
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float a2 = __shfl_xor_sync(0xffffffffu, a, o);
-            const int at2 = __shfl_xor_sync(0xffffffffu, at, o);
-            if (a2 > a || (a2 == a && at2 < at)) a = a2, at = at2;
-        }
-        const float vmax = __shfl_sync(0xffffffffu, v, at);
-        // The CPU starts from max = +0 and replaces it only on a strictly larger magnitude.
-        const float s = (a > 0.f ? vmax : 0.f) / -8.f;
+        for (int j = 0; j < 32; ++j)
+            if (j < L && amax < fabsf(v[j])) amax = fabsf(v[j]), vmax = v[j];
+        const float s = vmax / -8.f;
         const float inv = s != 0.f ? 1.f / s : 0.f;
-        if (lane == 0) *reinterpret_cast<__half *>(grp) = __float2half_rn(s);  // rows, groups even
-        const int code = min(15, (int)__fadd_rn(__fmul_rn(v, inv), 8.5f));
-        const int high = __shfl_down_sync(0xffffffffu, code, L / 2);
-        if (lane < L / 2) grp[2 + lane] = (uint8_t)(code | high << 4);
+        auto code = [&](int j) { return (unsigned)min(15, (int)__fadd_rn(__fmul_rn(v[j], inv), 8.5f)); };
+        // Rows and groups are 2-byte aligned: the scale, then byte j = code j | code j + L/2 << 4
+        // (L is 32 or 16: each a constant, so that v stays in registers).
+        uint16_t *at = reinterpret_cast<uint16_t *>(grp);
+        at[0] = __half_as_ushort(__float2half_rn(s));
+        auto pack = [&]<int H>() {
+            auto byte = [&](int j) { return code(j) | code(j + H) << 4; };
+#pragma unroll
+            for (int j = 0; j < H; j += 2) at[1 + j / 2] = (uint16_t)(byte(j) | byte(j + 1) << 8);
+        };
+        if (L == 32) pack.template operator()<16>();
+        else pack.template operator()<8>();
     }
 
     __device__ static float decode(const uint8_t *grp, int L, int j) {

@@ -2,7 +2,7 @@
 // small header then packed codes: the skeleton that q8_0, q4_0 and kivi2's values share. A
 // Codec gives
 //   kHead, kBits                  header bytes and bits per code of a group;
-//   encode(grp, v, L, lane)       by the whole warp: lane j < L holds channel j of the group;
+//   encode(grp, v, L)             by one thread: v[0 .. L) are the group's channels;
 //   decode(grp, L, j)             channel j's value, rounded as the CPU's dequantize rounds it.
 // Groups before the last are full, so group g of token t sits at t·kRow + g·kGroupBytes.
 // TokenGroups<D, Codec> is a whole device format (the interface of common.cuh); role and
@@ -30,16 +30,17 @@ struct TokenGroups {
 
     __host__ __device__ static int64_t bytes(int n, int, int, QuantParams) { return (int64_t)n * kRow; }
 
-    // A warp per (token, group), over kQuantParts CTAs per block: each (token, group) is a
-    // chain of dependent shuffles, so a block's pairs need many warps in flight.
-    static constexpr int kQuantParts = 4;
+    // A thread per (token, group), over kQuantParts CTAs per block: each thread loads its
+    // whole group at once and reduces it alone (no chain of shuffles), so a 128-token block
+    // is one round trip to memory.
+    static constexpr int kQuantParts = kGroups;
     __device__ static void quantize(Src x, int n, int, const uint8_t *, QuantParams, uint8_t *out,
                                     float *, int part) {
-        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-        for (int i = part * kWarps + warp; i < n * kGroups; i += kQuantParts * kWarps) {
-            const int t = i / kGroups, g = i % kGroups, L = len(g);
-            const float v = lane < L ? x.at(t, 32 * g + lane) : 0.f;
-            Codec::encode(out + (int64_t)t * kRow + g * kGroupBytes, v, L, lane);
+        for (int i = part * kThreads + threadIdx.x; i < n * kGroups; i += kQuantParts * kThreads) {
+            const int t = i / kGroups, g = i % kGroups;
+            float v[32];
+            x.run(t, 32 * g, len(g), v);
+            Codec::encode(out + (int64_t)t * kRow + g * kGroupBytes, v, len(g));
         }
     }
 

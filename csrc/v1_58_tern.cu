@@ -59,6 +59,7 @@ struct FmtV1_58Tern {
         return (int)((((byte * pow3) & 255u) * 3u) >> 8);
     }
 
+    static constexpr int kQuantSmem = 4 * (kMaxN + 3 * D);  // order, then gamma, lo, step
     __device__ static void quantize(Src x, int n, int, const uint8_t *protect, QuantParams,
                                     uint8_t *out, float *smem) {
         const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
