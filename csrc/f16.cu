@@ -13,10 +13,19 @@ struct FmtF16 {
 
     __host__ __device__ static int64_t bytes(int n, int, int, QuantParams) { return 2LL * n * D; }
 
+    // Eight channels per thread and step, a 16-byte store (blocks start 16-byte aligned), over
+    // kQuantParts CTAs per block: a 128-token block is two steps per thread.
+    static constexpr int kQuantParts = 8;
     __device__ static void quantize(Src x, int n, int, const uint8_t *, QuantParams, uint8_t *out,
-                                    float *) {
-        __half *o = reinterpret_cast<__half *>(out);
-        for (int i = threadIdx.x; i < n * D; i += kThreads) o[i] = __float2half_rn(x.at(i / D, i % D));
+                                    float *, int part) {
+        for (int i = part * kThreads + threadIdx.x; i < n * D / 8; i += kQuantParts * kThreads) {
+            float v[8];
+            x.run(i / (D / 8), 8 * (i % (D / 8)), 8, v);
+            uint32_t h[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) h[j] = half2_bits(v[2 * j], v[2 * j + 1]);
+            reinterpret_cast<uint4 *>(out)[i] = make_uint4(h[0], h[1], h[2], h[3]);
+        }
     }
 
     __device__ static void dequantize(const uint8_t *blk, int n, int, __half *out, int64_t stride) {

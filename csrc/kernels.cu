@@ -89,10 +89,19 @@ constexpr int quant_smem() {
     else return 0;
 }
 
+// CTAs per multiprocessor a format's quantize kernel is built for: its kQuantMinCtas, else 8
+// (64 registers: a group's values still fit, and twice the warps of what ptxas picks alone
+// wait on memory at once).
+template <class F>
+constexpr int quant_min_ctas() {
+    if constexpr (requires { F::kQuantMinCtas; }) return F::kQuantMinCtas;
+    else return 8;
+}
+
 // A kernel per (head dim, format): each gets its own register count, which a switch over
 // every format would set to the largest.
 template <int D, class F>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, quant_min_ctas<F>())
     quantize_kernel(int is_f16, const kvb_cuda_quant_job *jobs, QuantParams p, uint8_t *arena) {
     extern __shared__ float smem[];
     const kvb_cuda_quant_job job = jobs[blockIdx.x];
