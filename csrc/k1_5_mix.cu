@@ -132,14 +132,19 @@ struct FmtK1_5Mix {
     }
 
     __device__ static void twiddles(int dl, double *cos_t, double *sin_t) {
-        for (int m = threadIdx.x; m < dl; m += kThreads) sincospi(2.0 * m / dl, &sin_t[m], &cos_t[m]);
+        for (int m = threadIdx.x; m < dl; m += blockDim.x) sincospi(2.0 * m / dl, &sin_t[m], &cos_t[m]);
     }
 
+    // A block is one CTA of up to kQuantThreads (blockDim.x: fewer where the launcher puts
+    // more than one CTA per multiprocessor): its statistics, ranking and sums need the whole
+    // block, and sixteen warps keep four times the loads and transforms of four in flight.
     // No register cap: at 64 registers the four f64 chains spill, which measured 20% slower.
-    static constexpr int kQuantMinCtas = 1;
+    static constexpr int kQuantThreads = 512, kQuantMinCtas = 1;
+    // Most threads per channel in the range pass: their partial ranges meet in shared memory.
+    static constexpr int kRangeParts = kQuantThreads / D;
     // Bytes of shared memory `quantize` lays out below (doubles counted as two floats).
-    static constexpr int kQuantSmem =
-        4 * (2 * (3 + kFftTokens) * kMaxDl + 2 * D + kFftTokens * kMaxDl + 3 * kMaxDh + kMaxDl);
+    static constexpr int kQuantSmem = 4 * (2 * (3 + kFftTokens) * kMaxDl + 2 * D + kFftTokens * kMaxDl +
+                                           3 * kMaxDh + kMaxDl + 2 * kRangeParts * D);
     __device__ static void quantize(Src x, int n, int, const uint8_t *, QuantParams p, uint8_t *out,
                                     float *smem) {
         const Layout L(high_channels(p.mix_fraction));
@@ -150,21 +155,31 @@ struct FmtK1_5Mix {
         float *z = mx + D;  // [kFftTokens][dl]
         float *lo = z + kFftTokens * kMaxDl, *step = lo + kMaxDh;
         int *hi_ch = reinterpret_cast<int *>(step + kMaxDh), *lo_ch = hi_ch + kMaxDh;
+        float *part_mn = reinterpret_cast<float *>(lo_ch + kMaxDl), *part_mx = part_mn + kRangeParts * D;
 
-        // Ranges: thread per channel (unrolled, so that many loads are in flight).
-        for (int c = threadIdx.x; c < D; c += kThreads) {
+        // Ranges: blockDim.x / D threads per channel (at least one), each every such-th token
+        // (unrolled, so that many loads are in flight); min and max are exact in any order.
+        const int range_parts = max(1, (int)blockDim.x / D);
+        for (int i = threadIdx.x; i < range_parts * D; i += blockDim.x) {
+            const int c = i % D, part = i / D;
             float a = INFINITY, b = -INFINITY;
-#pragma unroll 16
-            for (int t = 0; t < n; ++t) {
+#pragma unroll 8
+            for (int t = part; t < n; t += range_parts) {
                 const float v = x.at(t, c);
                 a = fminf(a, v), b = fmaxf(b, v);
             }
+            part_mn[i] = a, part_mx[i] = b;
+        }
+        __syncthreads();
+        for (int c = threadIdx.x; c < D; c += blockDim.x) {
+            float a = INFINITY, b = -INFINITY;
+            for (int k = 0; k < range_parts; ++k) a = fminf(a, part_mn[k * D + c]), b = fmaxf(b, part_mx[k * D + c]);
             mn[c] = a, mx[c] = b;
         }
         __syncthreads();
         // Mask: channel c is 2-bit when fewer than Dh channels precede it in the CPU's order
         // (range descending, then index); thread per channel, a warp's 32 bits by ballot.
-        for (int c0 = 32 * (threadIdx.x >> 5); c0 < D; c0 += kThreads) {
+        for (int c0 = 32 * (threadIdx.x >> 5); c0 < D; c0 += blockDim.x) {
             const int c = c0 + (threadIdx.x & 31);
             bool high = false;
             if (c < D) {
@@ -183,10 +198,10 @@ struct FmtK1_5Mix {
         __syncthreads();
         channel_lists(out, hi_ch, lo_ch);
         twiddles(dl, cos_t, sin_t);
-        for (int j = threadIdx.x; j < dl; j += kThreads) sums[j] = 0.0;
+        for (int j = threadIdx.x; j < dl; j += blockDim.x) sums[j] = 0.0;
         __syncthreads();
         __half *params = reinterpret_cast<__half *>(out + kMask);
-        for (int j = threadIdx.x; j < L.dh; j += kThreads) {
+        for (int j = threadIdx.x; j < L.dh; j += blockDim.x) {
             const int c = hi_ch[j];
             const MinMax mm = MinMax::make(mn[c], mx[c], kLevels);
             lo[j] = mm.lo, step[j] = mm.step;
@@ -199,10 +214,10 @@ struct FmtK1_5Mix {
         const int code_bytes = L.dh / 4;
         for (int tb = 0; tb < n; tb += kFftTokens) {
             const int nt = min(kFftTokens, n - tb);
-            for (int i = threadIdx.x; i < nt * dl; i += kThreads) z[i] = x.at(tb + i / dl, lo_ch[i % dl]);
+            for (int i = threadIdx.x; i < nt * dl; i += blockDim.x) z[i] = x.at(tb + i / dl, lo_ch[i % dl]);
             __syncthreads();
             // Rows past nt in a last short group are stale and their coefficients dropped.
-            for (int i = threadIdx.x; i < (nt + kChains - 1) / kChains * dl; i += kThreads) {
+            for (int i = threadIdx.x; i < (nt + kChains - 1) / kChains * dl; i += blockDim.x) {
                 const int t0 = i / dl * kChains, j = i % dl;
                 double acc[kChains];
                 coefficients(z + t0 * dl, dl, j, cos_t, sin_t, acc);
@@ -211,7 +226,7 @@ struct FmtK1_5Mix {
                     if (t0 + k < nt) coef[(t0 + k) * dl + j] = acc[k];
             }
             __syncthreads();
-            for (int i = threadIdx.x; i < nt * L.stride; i += kThreads) {
+            for (int i = threadIdx.x; i < nt * L.stride; i += blockDim.x) {
                 const int tt = i / L.stride, b = i % L.stride, t = tb + tt;
                 unsigned byte = 0;
                 if (b < code_bytes) {
@@ -228,13 +243,13 @@ struct FmtK1_5Mix {
                 recs[(int64_t)t * L.stride + b] = (uint8_t)byte;
             }
             // One thread per coefficient across all steps: tokens in order, as the CPU sums.
-            for (int j = threadIdx.x; j < dl; j += kThreads)
+            for (int j = threadIdx.x; j < dl; j += blockDim.x)
                 for (int tt = 0; tt < nt; ++tt) sums[j] += fabs(coef[tt * dl + j]);
             __syncthreads();
         }
         // f16(f32(mean)): half's f16::from_f64 on x86 with F16C.
         __half *scales = reinterpret_cast<__half *>(out + L.scales);
-        for (int j = threadIdx.x; j < dl; j += kThreads) scales[j] = __float2half_rn((float)(sums[j] / n));
+        for (int j = threadIdx.x; j < dl; j += blockDim.x) scales[j] = __float2half_rn((float)(sums[j] / n));
     }
 
     // Warp per token: 2-bit channels directly, low-range channels by an f64 inverse DFT of the

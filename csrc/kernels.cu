@@ -89,6 +89,26 @@ constexpr int quant_smem() {
     else return 0;
 }
 
+// Threads of a format's quantize CTA: its kQuantThreads, else kThreads.
+template <class F>
+constexpr int quant_threads() {
+    if constexpr (requires { F::kQuantThreads; }) return F::kQuantThreads;
+    else return kThreads;
+}
+
+// Threads to launch a format's quantize CTAs with, for n_jobs blocks: quant_threads, halved
+// (down to kThreads) while one CTA per multiprocessor would leave blocks for a second wave; a
+// format whose CTA is larger than kThreads strides by blockDim.x.
+template <class F>
+int quant_cta_threads(int n_jobs) {
+    int threads = quant_threads<F>(), device = 0, sms = 0;
+    if (threads == kThreads || cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+        return threads;
+    while (threads > kThreads && n_jobs > sms * (quant_threads<F>() / threads)) threads /= 2;
+    return threads;
+}
+
 // CTAs per multiprocessor a format's quantize kernel is built for: its kQuantMinCtas, else 8
 // (64 registers: a group's values still fit, and twice the warps of what ptxas picks alone
 // wait on memory at once).
@@ -101,7 +121,7 @@ constexpr int quant_min_ctas() {
 // A kernel per (head dim, format): each gets its own register count, which a switch over
 // every format would set to the largest.
 template <int D, class F>
-__global__ void __launch_bounds__(kThreads, quant_min_ctas<F>())
+__global__ void __launch_bounds__(quant_threads<F>(), quant_min_ctas<F>())
     quantize_kernel(int is_f16, const kvb_cuda_quant_job *jobs, QuantParams p, uint8_t *arena) {
     extern __shared__ float smem[];
     const kvb_cuda_quant_job job = jobs[blockIdx.x];
@@ -482,7 +502,8 @@ extern "C" int kvb_cuda_quantize(int32_t format, int32_t head_dim, int32_t x_is_
             const void *kernel = (const void *)quantize_kernel<D, F>;
             if (quant_smem<F>() > 0 && (err = allow_smem(kernel, quant_smem<F>())) != cudaSuccess) return;
             const dim3 grid(n_jobs, quant_parts<F>());
-            quantize_kernel<D, F><<<grid, kThreads, quant_smem<F>(), static_cast<cudaStream_t>(stream)>>>(
+            quantize_kernel<D, F><<<grid, quant_cta_threads<F>(n_jobs), quant_smem<F>(),
+                                    static_cast<cudaStream_t>(stream)>>>(
                 x_is_f16, jobs, params, arena);
             err = cudaGetLastError();
         };

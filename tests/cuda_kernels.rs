@@ -237,6 +237,71 @@ fn f16_at(b: &[u8], at: usize) -> f16 {
     f16::from_le_bytes([b[at], b[at + 1]])
 }
 
+/// Many blocks in one launch, as a long span quantizes: launchers that size CTAs by the job
+/// count (k1_5_mix's CTA shrinks from 512 threads where one CTA per multiprocessor would leave
+/// blocks for a second wave) must write the same bytes at every size.
+#[test]
+fn quantize_of_many_blocks_matches_the_cpu() {
+    let Some(stream) = gpu() else { return };
+    let mut rng = Rng::new(common::seed("quantize_of_many_blocks_matches_the_cpu"));
+    let params = QuantParams::default();
+    let mut failures = Vec::new();
+    for f in device_formats() {
+        for d in [128, 256] {
+            for role in roles(f) {
+                for n_jobs in [200, 600] {
+                    let n = 33;
+                    let x = kv_like(&mut rng, n * n_jobs, d);
+                    let len = f.imp().block_size(Shape { n, d, role }, 0, &params).total();
+                    let at = align16(len);
+                    let mut cpu = vec![0u8; at * n_jobs];
+                    for (b, xb) in x.chunks_exact(n * d).enumerate() {
+                        let mut blk = Vec::new();
+                        f.imp()
+                            .quantize(xb, Shape { n, d, role }, &[], &params, &mut blk)
+                            .unwrap();
+                        cpu[b * at..b * at + len].copy_from_slice(&blk);
+                    }
+                    let rows = DeviceBuffer::from_slice(&x, &stream).unwrap();
+                    let arena = DeviceBuffer::new(cpu.len()).unwrap();
+                    arena.fill(0, &stream).unwrap();
+                    let jobs: Vec<QuantJob> = (0..n_jobs)
+                        .map(|b| QuantJob {
+                            rows: DeviceRows {
+                                buf: &rows,
+                                f16: false,
+                                offset: b * n * d,
+                                stride: d,
+                            },
+                            n,
+                            role,
+                            protect: None,
+                            out_offset: b * at,
+                        })
+                        .collect();
+                    kernels::quantize(f, d, &jobs, &params, &arena, &stream).unwrap();
+                    let mut gpu_bytes = vec![0u8; cpu.len()];
+                    arena.download(&mut gpu_bytes, 0, &stream).unwrap();
+                    for b in 0..n_jobs {
+                        let (g, c) = (&gpu_bytes[b * at..][..len], &cpu[b * at..][..len]);
+                        let xb = &x[b * n * d..(b + 1) * n * d];
+                        let ok = g == c
+                            || (f == FormatId::K1_5Mix
+                                && k1_5_mix_tolerated(xb, n, d, g, c).is_ok());
+                        if !ok {
+                            failures.push(format!(
+                                "{f} d={d} {role:?}, {n_jobs} jobs: block {b} differs"
+                            ));
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 /// k1_5_mix's rFFT rounding on the GPU differs from realfft's (csrc/k1_5_mix.cu says why).
 /// Both are within `4·Dl·ε·Σ|z|` of the exact coefficients, so the GPU may differ only in
 /// - a sign bit whose CPU coefficient lies within that bound of 0;
