@@ -104,29 +104,26 @@ struct FmtK1_5Mix {
         }
     }
 
-    // Coefficient j of kChains real signals z + k·dl (length dl; the CPU's coefficient order),
-    // as independent chains that each sum in the same order. DC and Nyquist are plain sums;
-    // the others a direct DFT against the twiddle tables (angle 2π·m/dl at m).
-    __device__ static void coefficients(const float *z, int dl, int j, const double *cos_t, const double *sin_t,
-                                        double (&acc)[kChains]) {
+    // Coefficient j of kChains real signals z + k·zs (length dl; the CPU's coefficient order),
+    // as independent chains that each sum in the same order: a direct DFT against the twiddle
+    // tables (angle 2π·m/dl at m). DC (j = 0) and Nyquist (j = 1) take the cosines at steps 0
+    // and dl/2, exactly 1 and ±1, so their fused sums are the CPU's plain ones and every lane
+    // of a warp runs the one loop.
+    __device__ static void coefficients(const float *z, int zs, int dl, int j, const double *cos_t,
+                                        const double *sin_t, double (&acc)[kChains]) {
 #pragma unroll
         for (int k = 0; k < kChains; ++k) acc[k] = 0.0;
-        if (j < 2) {
-            for (int i = 0; i < dl; ++i)
-#pragma unroll
-                for (int k = 0; k < kChains; ++k) acc[k] += j == 1 && (i & 1) ? -(double)z[k * dl + i] : (double)z[k * dl + i];
-            return;
-        }
-        const int step = j >> 1;
-        const double *tw = j & 1 ? sin_t : cos_t;
+        const int step = j < 2 ? j * (dl / 2) : j >> 1;
+        const bool sine = j > 1 && (j & 1);
+        const double *tw = sine ? sin_t : cos_t;
         for (int i = 0, m = 0; i < dl; ++i) {
             const double w = tw[m];
 #pragma unroll
-            for (int k = 0; k < kChains; ++k) acc[k] = fma((double)z[k * dl + i], w, acc[k]);
+            for (int k = 0; k < kChains; ++k) acc[k] = fma((double)z[k * zs + i], w, acc[k]);
             m += step;
             if (m >= dl) m -= dl;
         }
-        if (j & 1)
+        if (sine)
 #pragma unroll
             for (int k = 0; k < kChains; ++k) acc[k] = -acc[k];  // Im Z_k = -Σ z_i sin(2πki/dl)
     }
@@ -143,7 +140,7 @@ struct FmtK1_5Mix {
     // Most threads per channel in the range pass: their partial ranges meet in shared memory.
     static constexpr int kRangeParts = kQuantThreads / D;
     // Bytes of shared memory `quantize` lays out below (doubles counted as two floats).
-    static constexpr int kQuantSmem = 4 * (2 * (3 + kFftTokens) * kMaxDl + 2 * D + kFftTokens * kMaxDl +
+    static constexpr int kQuantSmem = 4 * (2 * (3 + kFftTokens) * kMaxDl + 2 * D + kFftTokens * (kMaxDl + 1) +
                                            3 * kMaxDh + kMaxDl + 2 * kRangeParts * D);
     __device__ static void quantize(Src x, int n, int, const uint8_t *, QuantParams p, uint8_t *out,
                                     float *smem) {
@@ -152,8 +149,8 @@ struct FmtK1_5Mix {
         double *cos_t = reinterpret_cast<double *>(smem), *sin_t = cos_t + kMaxDl, *sums = sin_t + kMaxDl;
         double *coef = sums + kMaxDl;  // [kFftTokens][dl]
         float *mn = reinterpret_cast<float *>(coef + kFftTokens * kMaxDl), *mx = mn + D;
-        float *z = mx + D;  // [kFftTokens][dl]
-        float *lo = z + kFftTokens * kMaxDl, *step = lo + kMaxDh;
+        float *z = mx + D;  // [kFftTokens][dl + 1]: padded rows, so that chains read distinct banks
+        float *lo = z + kFftTokens * (kMaxDl + 1), *step = lo + kMaxDh;
         int *hi_ch = reinterpret_cast<int *>(step + kMaxDh), *lo_ch = hi_ch + kMaxDh;
         float *part_mn = reinterpret_cast<float *>(lo_ch + kMaxDl), *part_mx = part_mn + kRangeParts * D;
 
@@ -214,13 +211,16 @@ struct FmtK1_5Mix {
         const int code_bytes = L.dh / 4;
         for (int tb = 0; tb < n; tb += kFftTokens) {
             const int nt = min(kFftTokens, n - tb);
-            for (int i = threadIdx.x; i < nt * dl; i += blockDim.x) z[i] = x.at(tb + i / dl, lo_ch[i % dl]);
+            const int zs = dl + 1, groups = (nt + kChains - 1) / kChains;
+            for (int i = threadIdx.x; i < nt * dl; i += blockDim.x)
+                z[i / dl * zs + i % dl] = x.at(tb + i / dl, lo_ch[i % dl]);
             __syncthreads();
+            // Lanes of a warp take few coefficients (each one twiddle read) over many chains.
             // Rows past nt in a last short group are stale and their coefficients dropped.
-            for (int i = threadIdx.x; i < (nt + kChains - 1) / kChains * dl; i += blockDim.x) {
-                const int t0 = i / dl * kChains, j = i % dl;
+            for (int i = threadIdx.x; i < groups * dl; i += blockDim.x) {
+                const int j = i / groups, t0 = i % groups * kChains;
                 double acc[kChains];
-                coefficients(z + t0 * dl, dl, j, cos_t, sin_t, acc);
+                coefficients(z + t0 * zs, zs, dl, j, cos_t, sin_t, acc);
 #pragma unroll
                 for (int k = 0; k < kChains; ++k)
                     if (t0 + k < nt) coef[(t0 + k) * dl + j] = acc[k];
