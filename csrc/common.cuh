@@ -167,6 +167,16 @@ struct MinMax {
     __device__ static MinMax make(float lo, float hi, int levels) {
         return {round_f16(lo), round_f16((hi - lo) / (float)levels)};
     }
+    // make over the range of v[0 .. L) as the CPU's fold finds it: the first of equal values,
+    // so that a zero's sign matches.
+    template <int N>
+    __device__ static MinMax over(const float (&v)[N], int L, int levels) {
+        float lo = INFINITY, hi = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < N; ++j)
+            if (j < L) lo = v[j] < lo ? v[j] : lo, hi = v[j] > hi ? v[j] : hi;
+        return make(lo, hi, levels);
+    }
     __device__ unsigned code(float x, int levels) const {
         if (!(step > 0.f)) return 0;
         return (unsigned)roundf(fminf(fmaxf((x - lo) / step, 0.f), (float)levels));

@@ -72,7 +72,9 @@ bool known_format(int f) {
     return false;
 }
 
-// ---- quantize and dequantize: one CTA per block ------------------------------------------
+// ---- quantize and dequantize: a block per job -------------------------------------------
+// A format may declare its quantizer's CTAs per block, their threads and shared memory, and
+// the CTAs per multiprocessor it is built for: the helpers below read each, with a default.
 
 // CTAs per block a format quantizes with: its kQuantParts (each CTA then gets its part), else 1.
 template <class F>

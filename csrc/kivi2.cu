@@ -21,12 +21,7 @@ struct Kivi2Codec {
     static constexpr int kHead = 4, kBits = 2, kLevels = 3;
 
     __device__ static void encode(uint8_t *grp, const float (&v)[32], int L) {
-        // The CPU's fold: the first of equal values, so that a zero's sign matches.
-        float mn = INFINITY, mx = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < 32; ++j)
-            if (j < L) mn = v[j] < mn ? v[j] : mn, mx = v[j] > mx ? v[j] : mx;
-        const MinMax mm = MinMax::make(mn, mx, kLevels);
+        const MinMax mm = MinMax::over(v, L, kLevels);
         // Groups are 4-byte aligned: (lo, s), then sixteen codes per word, first lowest.
         uint32_t *at = reinterpret_cast<uint32_t *>(grp);
         at[0] = (uint32_t)__half_as_ushort(__float2half_rn(mm.lo)) |
@@ -77,11 +72,7 @@ struct FmtKivi2 {
             float v[32];
 #pragma unroll
             for (int r = 0; r < 32; ++r) v[r] = r < m ? x.at(tb + r, c) : 0.f;
-            float mn = INFINITY, mx = -INFINITY;
-#pragma unroll
-            for (int r = 0; r < 32; ++r)
-                if (r < m) mn = v[r] < mn ? v[r] : mn, mx = v[r] > mx ? v[r] : mx;
-            const MinMax mm = MinMax::make(mn, mx, kLevels);
+            const MinMax mm = MinMax::over(v, m, kLevels);
             const bool mine = i0 + lane < n_items;
             if (mine) {
                 reinterpret_cast<__half *>(grp)[c] = __float2half_rn(mm.lo);

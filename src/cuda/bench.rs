@@ -1,8 +1,9 @@
 //! GPU benchmarks of decode attention and quantize-on-append, shared by `kvbits bench --device
 //! cuda` and `cargo bench --features cuda`. Times come from CUDA events (median of many
 //! samples of steps enqueued back to back, after a warm-up; see `time_us`); caches smaller
-//! than a few L2s are replicated and rotated so every launch reads DRAM, not L2. Every figure is put next to the copy bandwidth measured in
-//! the same run and to our own f16 kernel on the same shape.
+//! than a few L2s are replicated and rotated so every launch reads DRAM, not L2. Every figure
+//! is put next to the copy bandwidth measured in the same run and to our own f16 kernel on
+//! the same shape.
 
 use serde::Serialize;
 
