@@ -225,16 +225,16 @@ impl DecodeBench {
         stream: &Stream,
     ) -> Result<DecodeBench, Error> {
         let q_len = batch * shape.n_head * shape.head_dim;
-        // Enough work items to give every SM a few CTAs; calibrated caches with enough spans
-        // for that get one item per span, calibrated in one pass.
+        // Calibrated caches with enough spans to give every SM a few CTAs get one item per
+        // span, calibrated in one pass; the others are split as a DeviceCache splits them.
         let spans = tokens.div_ceil(SPAN);
-        let items =
-            if preset.calibrate && kernels::one_pass_pays(batch * shape.n_head_kv * spans, sms) {
-                spans
-            } else {
-                (4 * sms).div_ceil(batch * shape.n_head_kv).max(1)
-            };
-        let (arenas, plan, bytes) = build_cache(shape, tokens, batch, preset, items, stream)?;
+        let pairs = batch * shape.n_head_kv;
+        let item_blocks = if preset.calibrate && kernels::one_pass_pays(pairs * spans, sms) {
+            SPAN / BLOCK
+        } else {
+            kernels::item_tokens(tokens, pairs, sms).div_ceil(BLOCK)
+        };
+        let (arenas, plan, bytes) = build_cache(shape, tokens, batch, preset, item_blocks, stream)?;
         Ok(DecodeBench {
             arenas,
             plan,
@@ -254,13 +254,13 @@ impl DecodeBench {
 }
 
 /// Quantize random K and V for every sequence and head in `preset`'s formats and lay out the
-/// block table with `items` work items per (sequence, KV head).
+/// block table with work items of `item_blocks` blocks.
 fn build_cache(
     shape: LayerShape,
     tokens: usize,
     batch: usize,
     preset: BenchPreset,
-    items: usize,
+    item_blocks: usize,
     stream: &Stream,
 ) -> Result<(Vec<DeviceBuffer>, DecodePlan, usize), Error> {
     let (d, h) = (shape.head_dim, shape.n_head_kv);
@@ -308,13 +308,12 @@ fn build_cache(
                     span,
                 });
             }
-            let per_item = n_blocks.div_ceil(items.min(n_blocks));
-            for start in (0..n_blocks).step_by(per_item) {
+            for start in (0..n_blocks).step_by(item_blocks) {
                 work.push(WorkItem {
                     seq: seq as i32,
                     kv_head: head as i32,
                     first_block: (first + start) as i32,
-                    n_blocks: per_item.min(n_blocks - start) as i32,
+                    n_blocks: item_blocks.min(n_blocks - start) as i32,
                 });
             }
         }

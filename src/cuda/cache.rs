@@ -672,8 +672,7 @@ impl DeviceCache {
         let one_pass = calibrated
             .then(|| per_head(&local_items))
             .filter(|items| kernels::one_pass_spans(&descs, &items.concat()));
-        let items = (4 * self.sms).div_ceil(h).max(1);
-        let tokens = (lay.n_tokens - lay.n_res).div_ceil(items).max(1);
+        let tokens = kernels::item_tokens(lay.n_tokens - lay.n_res, h, self.sms);
         let split = per_head(&|d: &[BlockDesc], first, g| split_by_tokens(d, first, g, tokens));
         let formats_used = kernels::formats_used(&descs);
         BlockPlan {
@@ -689,7 +688,7 @@ impl DeviceCache {
     /// residual (one piece per 256 tokens, after every head's blocks) and the work items on
     /// every step. One item per calibrated span (calibrated in one pass), the residual and
     /// other blocks in items of at most as many tokens, where that gives every SM an item;
-    /// else about four items per SM, by tokens.
+    /// else as [`kernels::item_tokens`] splits them.
     fn replan(&mut self, layer: usize, n_head: usize, stream: &Stream) -> Result<(), Error> {
         if self.arenas[layer].blocks.is_none() {
             let plan = self.block_plan(layer);
@@ -769,7 +768,7 @@ struct BlockPlan {
     /// One item per calibrated span, the other blocks in items of at most
     /// `LOCAL_TOKENS`; `None` where that does not give a one-pass plan.
     one_pass: Option<Vec<Vec<WorkItem>>>,
-    /// About four items per SM over all heads, by tokens.
+    /// Items of [`kernels::item_tokens`] tokens.
     split: Vec<Vec<WorkItem>>,
     formats_used: u32,
     /// Some block is in a calibrated span.
