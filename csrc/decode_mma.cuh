@@ -501,6 +501,7 @@ __global__ void __launch_bounds__(kPassWarps<kPass> * 32, kPass == Pass::kLocal 
     decode_mma_kernel(kvb_cuda_decode_args a) {
     using M = MmaDecode<D, kPassWarps<kPass>>;
     constexpr int kSteps = M::kSteps;
+    launch_dependents();
     extern __shared__ __align__(16) uint8_t mma_smem[];
     uint8_t *smem = mma_smem;
     float *qs = reinterpret_cast<float *>(smem);

@@ -126,6 +126,7 @@ __global__ void __launch_bounds__(TileDecode<D, KF, VF>::kWarps * 32, KF::kTileC
     using M = MmaDecode<D>;
     using T = TileDecode<D, KF, VF>;
     constexpr int kSteps = T::kSteps, kHeads = T::kHeads, kWarps = T::kWarps;
+    launch_dependents();
     extern __shared__ __align__(16) uint8_t tiles_smem[];
     float *qs = reinterpret_cast<float *>(tiles_smem), *qr = qs + kHeads * D, *qsum = qr + kHeads * D;
     float *warp_rows = qsum + kHeads * T::kMaxGroups;

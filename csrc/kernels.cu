@@ -56,11 +56,18 @@ bool fits_smem(size_t bytes) {
 // multiprocessors idle (two CTAs of eight warps give each of a 16-block span's warps one
 // block; more would make warps share blocks, each preparing the query of every block it
 // enters, which measured slower).
+// Whether the current device is sm_90 or newer (thread block clusters, programmatic
+// dependent launch).
+bool sm90_or_newer() {
+    int device = 0, major = 0;
+    return cudaGetDevice(&device) == cudaSuccess &&
+           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;
+}
+
 int local_ctas(int n_work) {
-    int device = 0, major = 0, sms = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || major < 9)
+    int device = 0, sms = 0;
+    if (!sm90_or_newer() || cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
         return 1;
     return n_work < sms ? 2 : 1;
 }
@@ -344,6 +351,7 @@ size_t decode_smem(int G) {
 
 template <int D, class Formats>
 __global__ void __launch_bounds__(kThreads, Formats::kMinCtas) decode_kernel(kvb_cuda_decode_args a) {
+    launch_dependents();
     extern __shared__ float sm[];
     const kvb_cuda_work w = a.work[blockIdx.x];
     const int G = a.n_head / a.n_head_kv;
@@ -447,6 +455,7 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(kvb_cuda_decod
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     Scratch scr = scratch_layout(a.scratch, a.n_seq, a.n_spans, a.n_head);
     const int i0 = a.work_begin[seq * a.n_head_kv + kv], i1 = a.work_begin[seq * a.n_head_kv + kv + 1];
+    wait_prerequisites();
     auto item = [&](int i) { return scr.partial + ((size_t)i * G + g) * (D + 2); };
     float M = -INFINITY;
     for (int i = i0 + threadIdx.x; i < i1; i += kCombineThreads) M = fmaxf(M, item(i)[0]);
@@ -482,6 +491,20 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(kvb_cuda_decod
         for (int w = 0; w < kWarps; ++w) acc += sums[w][c];
         out[c] = total > 0.f ? acc / total : 0.f;
     }
+}
+
+// The step's combine launch; on sm_90 a programmatic dependent of the decode kernel before it
+// (see launch_dependents). Returns its error, else the error of an earlier launch.
+template <int D>
+cudaError_t launch_combine(const kvb_cuda_decode_args &a, cudaStream_t s) {
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(a.n_seq * a.n_head), cfg.blockDim = dim3(kCombineThreads), cfg.stream = s;
+    cudaLaunchAttribute pdl{};
+    pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    pdl.val.programmaticStreamSerializationAllowed = 1;
+    if (sm90_or_newer()) cfg.attrs = &pdl, cfg.numAttrs = 1;
+    const cudaError_t err = cudaLaunchKernelEx(&cfg, combine_kernel<D>, a), earlier = cudaGetLastError();
+    return err != cudaSuccess ? err : earlier;
 }
 
 
@@ -565,8 +588,7 @@ extern "C" int kvb_cuda_attention_decode(const kvb_cuda_decode_args *args, kvb_c
         set_smem((const void *)decode_tiles_kernel<D, KF, VF>, smem);
         if (err != cudaSuccess) return;
         decode_tiles_kernel<D, KF, VF><<<a.n_work, TileDecode<D, KF, VF>::kWarps * 32, smem, s>>>(a);
-        combine_kernel<D><<<a.n_seq * a.n_head, kCombineThreads, 0, s>>>(a);
-        err = cudaGetLastError();
+        err = launch_combine<D>(a, s);
     };
     bool ok = with_head_dim(a.head_dim, [&]<int D>() {
         if constexpr (D <= 128) {
@@ -613,8 +635,7 @@ extern "C" int kvb_cuda_attention_decode(const kvb_cuda_decode_args *args, kvb_c
                     }
                     decode_mma_kernel<D, Pass::kAttend><<<a.n_work, kThreadsMma, smem, s>>>(a);
                 }
-                combine_kernel<D><<<a.n_seq * a.n_head, kCombineThreads, 0, s>>>(a);
-                err = cudaGetLastError();
+                err = launch_combine<D>(a, s);
                 return;
             }
         }
@@ -635,8 +656,7 @@ extern "C" int kvb_cuda_attention_decode(const kvb_cuda_decode_args *args, kvb_c
             span_range_kernel<D><<<a.n_work, kThreads, smem_range, s>>>(a);
         }
         kernel<<<a.n_work, kThreads, smem, s>>>(a);
-        combine_kernel<D><<<a.n_seq * a.n_head, kCombineThreads, 0, s>>>(a);
-        err = cudaGetLastError();
+        err = launch_combine<D>(a, s);
     });
     return ok ? (int)err : (int)KVB_CUDA_INVALID_ARGUMENT;
 }

@@ -62,6 +62,20 @@ __device__ __forceinline__ void cp_async16(void *dst, const void *src, int src_b
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 
+// Programmatic dependent launch (sm_90): a decode kernel lets the step's combine kernel launch
+// once all its CTAs have started, and the combine waits for the decode kernel's writes before
+// it reads them, so the combine's launch overlaps the decode kernel's last wave.
+__device__ __forceinline__ void launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+__device__ __forceinline__ void wait_prerequisites() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 template <int PENDING>
 __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(PENDING));
