@@ -52,10 +52,6 @@ bool fits_smem(size_t bytes) {
            bytes <= (size_t)optin;
 }
 
-// CTAs per LOCAL work item: on sm_90, a cluster of two where the items alone would leave
-// multiprocessors idle (two CTAs of eight warps give each of a 16-block span's warps one
-// block; more would make warps share blocks, each preparing the query of every block it
-// enters, which measured slower).
 // Whether the current device is sm_90 or newer (thread block clusters, programmatic
 // dependent launch).
 bool sm90_or_newer() {
@@ -64,6 +60,10 @@ bool sm90_or_newer() {
            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;
 }
 
+// CTAs per LOCAL work item: on sm_90, a cluster of two where the items alone would leave
+// multiprocessors idle (two CTAs of eight warps give each of a 16-block span's warps one
+// block; more would make warps share blocks, each preparing the query of every block it
+// enters, which measured slower).
 int local_ctas(int n_work) {
     int device = 0, sms = 0;
     if (!sm90_or_newer() || cudaGetDevice(&device) != cudaSuccess ||

@@ -46,7 +46,7 @@ pub fn local_ctas(n_work: usize) -> usize {
 /// The longest work item of a split decode (no one-pass calibration), in tokens. Items of
 /// about four per SM grow with the cache: at batch 8 and 65536 tokens or more they ran 31 to
 /// 61 blocks, and the last wave's few long items kept the GPU waiting on them. Capped at 2048
-/// tokens, those steps took 12-32% less on the H200 (every preset and f16).
+/// tokens, those steps took 11-34% less on the H200 (every preset and f16).
 pub const MAX_ITEM_TOKENS: usize = 2048;
 
 /// Tokens per work item of a split decode over `pairs` (sequence, KV head) pairs of `tokens`
