@@ -380,6 +380,25 @@ __device__ __forceinline__ bool softmax_advance(const float (&v)[4], float (&mx)
     return __any_sync(M::kAll, corr[0] != 1.f || corr[1] != 1.f);
 }
 
+// softmax_advance over a 32-token unit's two tiles of logits v, with acc and lsum rescaled
+// where the max moved; true (on every lane) when it did, so that the caller rescales its own
+// sums by corr too.
+template <int D>
+__device__ __forceinline__ bool unit_softmax(const float (&v)[2][4], float (&mx)[2], float (&ref)[2],
+                                             float (&corr)[2], float (&lsum)[2], float (&acc)[D / 16][4]) {
+    float vmax[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) vmax[e] = fmaxf(v[0][e], v[1][e]);
+    if (!softmax_advance<D>(vmax, mx, ref, corr)) return false;
+#pragma unroll
+    for (int m = 0; m < D / 16; ++m)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[m][e] *= corr[e & 1];
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) lsum[hh] *= corr[hh];
+    return true;
+}
+
 // Entry j (0: max, 1: sum, then acc) of n partials (max, sum, acc) of one head, row(k) the
 // k-th, rescaled to their common max.
 template <class Row>

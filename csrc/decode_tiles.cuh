@@ -237,20 +237,12 @@ __global__ void __launch_bounds__(TileDecode<D, KF, VF>::kWarps * 32, KF::kTileC
             for (int e = 0; e < 4; ++e)
                 if (t0 + g + 8 * (e >> 1) >= n) v[i][e] = -INFINITY;
         }
-        float vmax[4], ref[2], corr[2];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) vmax[e] = fmaxf(v[0][e], v[1][e]);
-        if (softmax_advance<D>(vmax, mx, ref, corr)) {
-#pragma unroll
-            for (int m = 0; m < kSteps; ++m)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) acc[m][e] *= corr[e & 1];
+        float ref[2], corr[2];
+        if (unit_softmax<D>(v, mx, ref, corr, lsum, acc)) {
 #pragma unroll
             for (int grp = 0; grp < VF::kValueGroups; ++grp)
 #pragma unroll
                 for (int hh = 0; hh < 2; ++hh) lo_acc[grp][hh] *= corr[hh];
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) lsum[hh] *= corr[hh];
         }
 #pragma unroll
         for (int i = 0; i < 2; ++i) {

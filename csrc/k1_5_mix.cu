@@ -40,12 +40,13 @@ struct FmtK1_5Mix {
     static constexpr int kLevels = 3;
     static constexpr int kMaxDl = D - 8 * ((D + 16) / 32);  // Dl at mix_fraction 0.25
     static constexpr int kMaxDh = 8 * ((3 * D + 16) / 32);  // Dh at mix_fraction 0.75
-    // Per head: weights of the record's bits [0, D + Dh), the low-range query as scratch
-    // [D + Dh, 2D) while preparing, the constant term at 2D, the f16 split's scale at 2D + 1.
-    // Per block (kPrepShared): the twiddles (cos, then sin), each channel's min-max offset
-    // (0 for low-range channels).
-    static constexpr int kPrep = 2 * D + 2;
-    static constexpr int kPrepShared = 2 * kMaxDl + D;
+    // Per head: weights of the record's bits [0, D + Dh), the constant term at kConst, the
+    // f16 split's scale at kConst + 1. Per block (kPrepShared, from a 16-byte boundary): the
+    // twiddles as (cos, sin) pairs, each channel's min-max offset (0 for low-range channels),
+    // and the low-range query of eight heads as [position][8].
+    static constexpr int kConst = D + kMaxDh;
+    static constexpr int kPrep = kConst + 2;
+    static constexpr int kPrepShared = 3 + 2 * kMaxDl + D + 8 * kMaxDl;
     static constexpr int kFftTokens = D <= 128 ? 32 : 16;    // tokens per quantize step
     static constexpr int kChains = 4;                        // tokens one thread transforms at once
     static_assert(kFftTokens % kChains == 0, "a step's groups of kChains tokens stay in its rows");
@@ -68,15 +69,22 @@ struct FmtK1_5Mix {
 
     __device__ static bool is_high(const uint8_t *mask, int c) { return (mask[c >> 3] >> (c & 7)) & 1; }
 
-    // 2-bit channels below channel c (c = D: all of them).
-    __device__ static int rank(const uint8_t *mask, int c) {
-        int r = 0;
-        for (int b = 0; b < (c >> 3); ++b) r += __popc(mask[b]);
-        if (c & 7) r += __popc(mask[c >> 3] & ((1u << (c & 7)) - 1));
-        return r;
+    // The block's 2-bit channels: the mask's popcount, two bytes at a time (blocks start
+    // 16-byte aligned and D/8 is even).
+    __device__ static Layout read(const uint8_t *blk) {
+        int dh = 0;
+#pragma unroll
+        for (int b = 0; b < kMask / 2; ++b) dh += __popc(reinterpret_cast<const uint16_t *>(blk)[b]);
+        return Layout(dh);
     }
 
-    __device__ static Layout read(const uint8_t *blk) { return Layout(rank(blk, D)); }
+    // The 2-bit channels below channel c = c0 + lane, for every lane of the warp (all call),
+    // `high` its mask bit: the bits below the warp's first channel, a byte per lane, then the warp's own by ballot.
+    __device__ static int rank_in_warp(const uint8_t *mask, int c, bool high) {
+        const int lane = threadIdx.x & 31, first_byte = (c - lane) >> 3;
+        const unsigned below = __reduce_add_sync(kAll, lane < first_byte ? (unsigned)__popc(mask[lane]) : 0u);
+        return (int)below + __popc(__ballot_sync(kAll, high) & ((1u << lane) - 1));
+    }
 
     __device__ static int64_t stored_bytes(const uint8_t *blk, int n, int) {
         const Layout L = read(blk);
@@ -292,59 +300,90 @@ struct FmtK1_5Mix {
     // Per block and head: code-bit weights q_c·s_j (low bit) and 2·q_c·s_j (high bit), sign-bit
     // weights 2·f_k with f = adjoint(q_lo)·scale, and the constant Σ q_c·lo_j - Σ f_k: a set
     // sign bit adds f_k, a clear one subtracts it. Also the power of two that scales the
-    // head's weights for the f16 split of scores (largest below 2^14); the block's twiddles and
-    // offsets in kPrepShared.
+    // head's weights for the f16 split of scores (largest below 2^14). G <= kMaxG.
     __device__ static void prepare(const uint8_t *blk, int, const float *q, int G, float *qt) {
         const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
         const Layout L = read(blk);
         const int dh = L.dh, dl = L.dl;
-        float *cos_t = qt + G * kPrep, *sin_t = cos_t + kMaxDl, *lo_of = sin_t + kMaxDl;
-        for (int m = threadIdx.x; m < dl; m += kThreads) sincospif(2.f * m / dl, &sin_t[m], &cos_t[m]);
-        for (int c = threadIdx.x; c < D; c += kThreads) {
-            const int r = rank(blk, c);
-            const bool high = is_high(blk, c);
-            lo_of[c] = high ? ld_f16_at(blk, kMask + 4 * r) : 0.f;
-            if (high) {
-                const float st = ld_f16_at(blk, kMask + 4 * r + 2);
-                for (int g = 0; g < G; ++g) {
-                    const float qs = q[g * D + c] * st;
-                    qt[g * kPrep + 2 * r] = qs;
-                    qt[g * kPrep + 2 * r + 1] = 2.f * qs;
+        float *shared = qt + ((G * kPrep + 3) & ~3);
+        float2 *tw = reinterpret_cast<float2 *>(shared);  // (cos, sin) of 2π·m/dl
+        float *lo_of = shared + 2 * kMaxDl;
+        float4 *z = reinterpret_cast<float4 *>(lo_of + D);  // [position][8 heads]
+        for (int m = threadIdx.x; m < dl; m += kThreads) sincospif(2.f * m / dl, &tw[m].y, &tw[m].x);
+        // Eight heads at a time (all of them: the tensor-core kernels take G <= 8).
+        for (int h0 = 0; h0 < G; h0 += 8) {
+            // Thread per channel (the loop's bounds are warp-uniform: D % 32 == 0 or the last
+            // warp is partial, and every lane takes the ballot).
+            for (int c0 = 0; c0 < D; c0 += kThreads) {
+                const int c = c0 + threadIdx.x;
+                const bool high = c < D && is_high(blk, c);
+                const int r = rank_in_warp(blk, c, high);
+                if (c >= D) continue;
+                if (high && h0 == 0) {
+                    lo_of[c] = ld_f16_at(blk, kMask + 4 * r);
+                    const float st = ld_f16_at(blk, kMask + 4 * r + 2);
+                    for (int g = 0; g < G; ++g) {
+                        const float qs = q[g * D + c] * st;
+                        qt[g * kPrep + 2 * r] = qs;
+                        qt[g * kPrep + 2 * r + 1] = 2.f * qs;
+                    }
+                } else if (!high) {
+                    lo_of[c] = 0.f;
+                    float *zc = reinterpret_cast<float *>(z) + (c - r) * 8;
+                    for (int hh = 0; hh < 8; ++hh) zc[hh] = h0 + hh < G ? q[(h0 + hh) * D + c] : 0.f;
                 }
-            } else {
-                for (int g = 0; g < G; ++g) qt[g * kPrep + D + dh + (c - r)] = q[g * D + c];
             }
-        }
-        __syncthreads();
-        // The real input's symmetry halves the DFT: z_i ± z_{dl-i} in place (i in [1, dl/2)).
-        for (int item = threadIdx.x; item < (dl / 2 - 1) * G; item += kThreads) {
-            float *z = qt + (item % G) * kPrep + D + dh;
-            const int i = 1 + item / G;
-            const float a = z[i], b = z[dl - i];
-            z[i] = a + b, z[dl - i] = a - b;
-        }
-        __syncthreads();
-        // Thread per (bin k of Q = rfft(q_lo), head). The sign weights [2dh, D + dh) do not
-        // overlap the scratch [D + dh, 2D) other threads still read.
-        for (int item = threadIdx.x; item < (dl / 2 + 1) * G; item += kThreads) {
-            const int k = item / G, h = item % G;
-            const float *z = qt + h * kPrep + D + dh;
-            float re = z[0] + (k & 1 ? -z[dl / 2] : z[dl / 2]), im = 0.f;
-            for (int i = 1, m = k; i < dl / 2; ++i) {
-                re = fmaf(z[i], cos_t[m], re);
-                im = fmaf(-z[dl - i], sin_t[m], im);
-                m += k;
-                if (m >= dl) m -= dl;
+            __syncthreads();
+            // The real input's symmetry halves the DFT: z_i ± z_{dl-i} in place (i in [1, dl/2)).
+            for (int item = threadIdx.x; item < (dl / 2 - 1) * 8; item += kThreads) {
+                float *zh = reinterpret_cast<float *>(z) + item % 8;
+                const int i = 1 + item / 8;
+                const float a = zh[i * 8], b = zh[(dl - i) * 8];
+                zh[i * 8] = a + b, zh[(dl - i) * 8] = a - b;
             }
-            // w_0 = Re Q_0/dl, w_1 = Re Q_{dl/2}/dl, w_2k = 2 Re Q_k/dl, w_2k+1 = 2 Im Q_k/dl.
-            const bool edge = k == 0 || 2 * k == dl;
-            const int j = k == 0 ? 0 : edge ? 1 : 2 * k;
-            const float twice_w = (edge ? 2.f : 4.f) / dl;
-            float *w = qt + h * kPrep + 2 * dh;
-            w[j] = twice_w * re * ld_f16_at(blk, L.scales + 2 * j);
-            if (!edge) w[j + 1] = twice_w * im * ld_f16_at(blk, L.scales + 2 * j + 2);
+            __syncthreads();
+            // Thread per bin k of Q = rfft(q_lo), for eight heads: each twiddle and each
+            // position's eight values read once.
+            for (int k = threadIdx.x; k <= dl / 2; k += kThreads) {
+                float re[8], im[8] = {};
+                const float sign = k & 1 ? -1.f : 1.f;
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    const float4 a = z[half], b = z[dl + half];  // positions 0 and dl/2
+                    re[4 * half] = a.x + sign * b.x, re[4 * half + 1] = a.y + sign * b.y;
+                    re[4 * half + 2] = a.z + sign * b.z, re[4 * half + 3] = a.w + sign * b.w;
+                }
+                for (int i = 1, m = k; i < dl / 2; ++i) {
+                    const float2 c = tw[m];
+#pragma unroll
+                    for (int half = 0; half < 2; ++half) {
+                        const float4 zp = z[2 * i + half], zm = z[2 * (dl - i) + half];
+                        const float p[4] = {zp.x, zp.y, zp.z, zp.w}, n[4] = {zm.x, zm.y, zm.z, zm.w};
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            re[4 * half + e] = fmaf(p[e], c.x, re[4 * half + e]);
+                            im[4 * half + e] = fmaf(-n[e], c.y, im[4 * half + e]);
+                        }
+                    }
+                    m += k;
+                    if (m >= dl) m -= dl;
+                }
+                // w_0 = Re Q_0/dl, w_1 = Re Q_{dl/2}/dl, w_2k = 2 Re Q_k/dl, w_2k+1 = 2 Im Q_k/dl.
+                const bool edge = k == 0 || 2 * k == dl;
+                const int j = k == 0 ? 0 : edge ? 1 : 2 * k;
+                const float twice_w = (edge ? 2.f : 4.f) / dl;
+                const float s_re = ld_f16_at(blk, L.scales + 2 * j);
+                const float s_im = edge ? 0.f : ld_f16_at(blk, L.scales + 2 * j + 2);
+#pragma unroll
+                for (int hh = 0; hh < 8; ++hh) {
+                    if (h0 + hh >= G) break;
+                    float *w = qt + (h0 + hh) * kPrep + 2 * dh;
+                    w[j] = twice_w * re[hh] * s_re;
+                    if (!edge) w[j + 1] = twice_w * im[hh] * s_im;
+                }
+            }
+            __syncthreads();
         }
-        __syncthreads();
         for (int g = warp; g < G; g += kWarps) {
             float sum = 0.f, amax = 0.f;
             for (int c = lane; c < D; c += 32) sum += q[g * D + c] * lo_of[c];
@@ -353,7 +392,7 @@ struct FmtK1_5Mix {
             sum = warp_sum(sum), amax = warp_max(amax);
             int e = 0;
             frexpf(amax, &e);
-            if (lane == 0) qt[g * kPrep + 2 * D] = sum, qt[g * kPrep + 2 * D + 1] = amax > 0.f ? ldexpf(1.f, 14 - e) : 1.f;
+            if (lane == 0) qt[g * kPrep + kConst] = sum, qt[g * kPrep + kConst + 1] = amax > 0.f ? ldexpf(1.f, 14 - e) : 1.f;
         }
     }
 
@@ -365,50 +404,63 @@ struct FmtK1_5Mix {
 
     // On the tensor cores: a record's D + Dh bits are exact 0/1 f16 operands against the
     // weights as B (the f16 split of decode_mma.cuh: scaled by a power of two, hi + lo parts,
-    // about 22 bits), eight heads per n-tile. Warp w scores the 16-token tiles w, w + kWarps
-    // of the chunk, both under each k-step's B. Slots as q1_calib's keys: thread t takes bits
-    // t, t + 8 (slots 2t, 2t + 1) and t + 4, t + 12 (slots 2t + 8, 2t + 9) of halfword s.
-    __device__ static void scores(const uint8_t *blk, int n, int t0, int t1, const float *,
-                                  const float *qt, int G, float *s) {
-        const Layout L = read(blk);
-        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    // about 22 bits), eight heads h0.. per n-tile. Slots as q1_calib's keys: thread t takes
+    // bits t, t + 8 (slots 2t, 2t + 1) and t + 4, t + 12 (slots 2t + 8, 2t + 9) of halfword s.
+    // sum[j]: the C fragment (tokens g, g + 8 x heads h0 + 2t, + 1) of the 16-token tile at
+    // tile[j], j < tiles, under the heads' powers of two; both tiles share each k-step's B.
+    __device__ static void logit_tiles(const uint8_t *blk, const Layout &L, int n, const int (&tile)[2], int tiles,
+                                       const float *qt, int G, int h0, int lane, float (&sum)[2][4]) {
+        const int g = lane >> 2, t = lane & 3;
         const int nbits = D + L.dh, steps = (nbits + 15) / 16;
         const uint8_t *recs = blk + L.codes;
         const bool aligned = ((reinterpret_cast<uintptr_t>(recs) | L.stride) & 1) == 0;
-        const int tile[2] = {t0 + 16 * warp, t0 + 16 * (warp + kWarps)};
-        if (tile[0] >= t1) return;
-        const int tiles = tile[1] < t1 ? 2 : 1;
         const uint8_t *rec[2][2];
 #pragma unroll
         for (int j = 0; j < 2; ++j)
 #pragma unroll
             for (int r = 0; r < 2; ++r) rec[j][r] = recs + (int64_t)min(tile[j] + g + 8 * r, n - 1) * L.stride;
-        for (int h0 = 0; h0 < G; h0 += 8) {
-            const int h = h0 + g;
-            const float *w = qt + min(h, G - 1) * kPrep;
-            const float sq = h < G ? w[2 * D + 1] : 0.f;
-            float part[2][2][4] = {};  // [tile][hi, lo]
-            for (int st = 0; st < steps; ++st) {
-                float x[4];
+        const int h = h0 + g;
+        const float *w = qt + min(h, G - 1) * kPrep;
+        const float sq = h < G ? w[kConst + 1] : 0.f;
+        float part[2][2][4] = {};  // [tile][hi, lo]
+        for (int st = 0; st < steps; ++st) {
+            float x[4];
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int b = 16 * st + t + key_slot(i);
-                    x[i] = b < nbits ? w[b] * sq : 0.f;
-                }
-                uint32_t bh0, bh1, bl0, bl1;
-                split_half2(x[0], x[1], bh0, bl0);
-                split_half2(x[2], x[3], bh1, bl1);
-#pragma unroll
-                for (int j = 0; j < 2; ++j) {
-                    if (j >= tiles) break;
-                    const uint32_t x0 = __byte_perm(halfword(rec[j][0], st, L.stride, aligned), 0u, 0x4110u);
-                    const uint32_t x1 = __byte_perm(halfword(rec[j][1], st, L.stride, aligned), 0u, 0x4110u);
-                    const uint32_t a[4] = {bits_to_half2(x0, t), bits_to_half2(x1, t), bits_to_half2(x0, t + 4),
-                                           bits_to_half2(x1, t + 4)};
-                    mma_16816(part[j][0], a, bh0, bh1);
-                    mma_16816(part[j][1], a, bl0, bl1);
-                }
+            for (int i = 0; i < 4; ++i) {
+                const int b = 16 * st + t + key_slot(i);
+                x[i] = b < nbits ? w[b] * sq : 0.f;
             }
+            uint32_t bh0, bh1, bl0, bl1;
+            split_half2(x[0], x[1], bh0, bl0);
+            split_half2(x[2], x[3], bh1, bl1);
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                if (j >= tiles) break;
+                const uint32_t x0 = __byte_perm(halfword(rec[j][0], st, L.stride, aligned), 0u, 0x4110u);
+                const uint32_t x1 = __byte_perm(halfword(rec[j][1], st, L.stride, aligned), 0u, 0x4110u);
+                const uint32_t a[4] = {bits_to_half2(x0, t), bits_to_half2(x1, t), bits_to_half2(x0, t + 4),
+                                       bits_to_half2(x1, t + 4)};
+                mma_16816(part[j][0], a, bh0, bh1);
+                mma_16816(part[j][1], a, bl0, bl1);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) sum[j][e] = part[j][0][e] + part[j][1][e];
+    }
+
+    // Generic kernel: warp w scores the 16-token tiles w, w + kWarps of the chunk into s.
+    __device__ static void scores(const uint8_t *blk, int n, int t0, int t1, const float *,
+                                  const float *qt, int G, float *s) {
+        const Layout L = read(blk);
+        const int warp = threadIdx.x >> 5, t = (threadIdx.x & 31) & 3, g = (threadIdx.x & 31) >> 2;
+        const int tile[2] = {t0 + 16 * warp, t0 + 16 * (warp + kWarps)};
+        if (tile[0] >= t1) return;
+        const int tiles = tile[1] < t1 ? 2 : 1;
+        for (int h0 = 0; h0 < G; h0 += 8) {
+            float sum[2][4];
+            logit_tiles(blk, L, n, tile, tiles, qt, G, h0, threadIdx.x & 31, sum);
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
                 if (j >= tiles) break;
@@ -417,11 +469,35 @@ struct FmtK1_5Mix {
                     const int tok = tile[j] + g + 8 * (e >> 1), head = h0 + 2 * t + (e & 1);
                     if (tok < t1 && head < G) {
                         const float *wh = qt + head * kPrep;
-                        s[head * kChunk + (tok - t0)] = (part[j][0][e] + part[j][1][e]) / wh[2 * D + 1] + wh[2 * D];
+                        s[head * kChunk + (tok - t0)] = sum[j][e] / wh[kConst + 1] + wh[kConst];
                     }
                 }
             }
         }
+    }
+
+    // decode_prepared.cuh: the logits v[j] (C fragments: tokens g, g + 8 x heads 2t, 2t + 1) of
+    // the tiles at t0 and t0 + 16 from the weights `prepare` left in qt; -inf past n, 0 for heads
+    // past G (whose columns are never read).
+    __device__ static void mma_unit_logits(const uint8_t *blk, int n, int t0, const float *qt, int G, int lane,
+                                           float (&v)[2][4]) {
+        const int g = lane >> 2, t = lane & 3;
+        const int tile[2] = {t0, t0 + 16}, tiles = n - t0 > 16 ? 2 : 1;
+        float sum[2][4];
+        logit_tiles(blk, read(blk), n, tile, tiles, qt, G, 0, lane, sum);
+        float inv[2], base[2];
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int head = 2 * t + hh;
+            const float *wh = qt + min(head, G - 1) * kPrep;
+            inv[hh] = head < G ? 1.f / wh[kConst + 1] : 0.f;
+            base[hh] = head < G ? wh[kConst] : 0.f;
+        }
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                v[j][e] = tile[j] + g + 8 * (e >> 1) < n ? sum[j][e] * inv[e & 1] + base[e & 1] : -INFINITY;
     }
 
     __device__ static void accumulate(const uint8_t *, int, int, int, const float *, int, float *,

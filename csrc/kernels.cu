@@ -7,7 +7,9 @@
 #include <mutex>
 #include <utility>
 
+#include "block_stage.cuh"
 #include "decode_mma.cuh"
+#include "decode_prepared.cuh"
 #include "decode_tiles.cuh"
 #include "formats.cuh"
 
@@ -160,15 +162,7 @@ __global__ void __launch_bounds__(kThreads)
 // kChunk tokens: scores, scale and calibrate, online-softmax update, accumulate values.
 // Partial (max, sum, acc) per item and head go to scratch; combine_kernel merges them. The
 // formats' scores and accumulate may use the tensor cores inside a chunk (k1_5_mix and
-// v1_58_tern do: vidkv caches have no tiled kernel).
-
-// Bytes a block holds, from its descriptor and (where its layout depends on it) its header:
-// a format's stored_bytes, else its size with no protected tokens and default parameters.
-template <class F>
-__device__ int64_t stored_bytes_of(const uint8_t *blk, int n, int role) {
-    if constexpr (requires { F::stored_bytes(blk, n, role); }) return F::stored_bytes(blk, n, role);
-    else return F::bytes(n, role, 0, QuantParams{});
-}
+// v1_58_tern do, for the vidkv caches decode_prepared.cuh does not take).
 
 // The formats a generic instance reads, as calls by format id: every format of the table
 // (AnyFormat), or one key and one value format with f16 (FormatPair: the compiler then sizes
@@ -244,46 +238,6 @@ struct FormatPair {
         return role == KEY ? stored_bytes_of<KF>(blk, n, role) : stored_bytes_of<VF>(blk, n, role);
     }
 };
-
-// The generic kernel reads a block from shared memory where its K and V bytes fit one stage:
-// the next block's copies are in flight (cp.async) while this one is computed, so the many
-// small reads of the formats' code wait on shared memory, not on DRAM.
-constexpr int kBlockStage = 8 * 1024;
-
-// Thread 0 sizes block b of the item (0, 0 past its end) into sizes[0..1].
-template <class Formats>
-__device__ void size_block(const kvb_cuda_decode_args &a, const kvb_cuda_work &w, int b, int64_t *sizes) {
-    if (threadIdx.x != 0) return;
-    sizes[0] = sizes[1] = 0;
-    if (b >= w.n_blocks) return;
-    const kvb_cuda_block blk = a.blocks[w.first_block + b];
-    sizes[0] = Formats::stored_bytes(blk.k_format, a.arena + blk.k_offset, blk.n, KEY);
-    sizes[1] = Formats::stored_bytes(blk.v_format, a.arena + blk.v_offset, blk.n, VALUE);
-}
-
-// Bytes of dynamic shared memory this launch has.
-__device__ uint32_t dynamic_smem_bytes() {
-    uint32_t bytes;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
-    return bytes;
-}
-
-// Start copying block b's K and V bytes (sizes[0], sizes[1]) into `stage` where the launch has
-// stages (`staging`) and they fit one; whether they do.
-__device__ bool stage_block(const kvb_cuda_decode_args &a, const kvb_cuda_work &w, int b, const int64_t *sizes,
-                            uint8_t *stage, bool staging) {
-    const int64_t kb = (sizes[0] + 15) & ~15LL, vb = sizes[1];
-    if (!staging || b >= w.n_blocks || kb + vb > kBlockStage) return false;
-    const kvb_cuda_block blk = a.blocks[w.first_block + b];
-    for (int64_t p = 16 * threadIdx.x; p < kb + vb; p += 16 * kThreads) {
-        const bool key = p < kb;
-        const int64_t at = key ? p : p - kb, len = key ? sizes[0] : vb;
-        const uint8_t *src = a.arena + (key ? blk.k_offset : blk.v_offset) + at;
-        const int64_t left = len - at;
-        cp_async16(stage + p, src, left >= 16 ? 16 : left > 0 ? (int)left : 0);
-    }
-    return true;
-}
 
 __global__ void init_span_range(float *range, int n) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
@@ -590,8 +544,19 @@ extern "C" int kvb_cuda_attention_decode(const kvb_cuda_decode_args *args, kvb_c
         decode_tiles_kernel<D, KF, VF><<<a.n_work, TileDecode<D, KF, VF>::kWarps * 32, smem, s>>>(a);
         err = launch_combine<D>(a, s);
     };
+    auto launch_prepared = [&]<int D, class KF, class VF>() {
+        const size_t smem = PreparedDecode<D, KF, VF>::smem_bytes((a.formats_used >> F16) & 1);
+        set_smem((const void *)decode_prepared_kernel<D, KF, VF>, smem);
+        if (err != cudaSuccess) return;
+        decode_prepared_kernel<D, KF, VF><<<a.n_work, kThreads, smem, s>>>(a);
+        err = launch_combine<D>(a, s);
+    };
+    // VidKV caches: k1_5_mix keys, v1_58_tern values, f16 recent tokens.
+    constexpr uint32_t kVidkv = (1u << K1_5_MIX) | (1u << V1_58_TERN);
     bool ok = with_head_dim(a.head_dim, [&]<int D>() {
         if constexpr (D <= 128) {
+            if (tiles && quantized != 0 && (quantized & ~kVidkv) == 0)
+                return launch_prepared.template operator()<D, FmtK1_5Mix<D>, FmtV1_58Tern<D>>();
             if (tiles && quantized == 1u << KIVI2) return launch_tiles.template operator()<D, FmtKivi2<D>, FmtKivi2<D>>();
             if (tiles && quantized == 1u << Q2_HAD) return launch_tiles.template operator()<D, FmtQ2Had<D>, FmtQ2Had<D>>();
             constexpr uint32_t kHad = (1u << Q2_HAD) | (1u << Q4_HAD);
@@ -641,9 +606,8 @@ extern "C" int kvb_cuda_attention_decode(const kvb_cuda_decode_args *args, kvb_c
         }
         const size_t smem_range = decode_floats_bytes<D>(G);
         const size_t smem = fits_smem(decode_smem<D>(G)) ? decode_smem<D>(G) : smem_range;
-        // VidKV caches (k1_5_mix keys, v1_58_tern values, f16 recent tokens) take their own
-        // instance.
-        constexpr uint32_t kVidkv = (1u << K1_5_MIX) | (1u << V1_58_TERN);
+        // VidKV caches the kernels above do not take (head dim 256, more than 8 query heads per
+        // KV head, generic_only) have an instance of their own.
         const auto kernel = (a.formats_used & ~(1u << F16)) == kVidkv
                                 ? decode_kernel<D, FormatPair<D, FmtK1_5Mix<D>, FmtV1_58Tern<D>, 4>>
                                 : decode_kernel<D, AnyFormat<D>>;

@@ -226,11 +226,8 @@ struct FmtV1_58Tern {
                 }
                 // Digits (0..2) of channels c (low half) and c + 8 (high half) per token; 1 (a
                 // zero value) where the token has no trit.
-                mma_tokens(o_tern, pv, [](uint32_t x) { return trits_to_half2(x); }, [&](int j, int c) {
-                    const uint8_t *r = blk + row[j];
-                    const uint32_t pair = (uint32_t)r[c] | (uint32_t)r[c + 8] << 16;
-                    return pow3[j] != 0 ? ((((pair * pow3[j]) & 0x00FF00FFu) * 3u) >> 8) & 0x00030003u : 0x00010001u;
-                });
+                mma_tokens(o_tern, pv, [](uint32_t x) { return trits_to_half2(x); },
+                           [&](int j, int c) { return trit_pair(blk + row[j], c, pow3[j]); });
             }
             for (int k0 = 0; k0 < n_coded; k0 += 16) {
                 const uint8_t *rows[4];
@@ -243,10 +240,8 @@ struct FmtV1_58Tern {
                     p_prot += pv[j];
                 }
                 // 2-bit codes of channels c and c + 8 (the same bit offset) per token.
-                mma_tokens(o_code, pv, [](uint32_t x) { return codes2_to_half2(x, 0); }, [&](int j, int c) {
-                    const uint8_t *r = rows[j] + c / 4;
-                    return (((uint32_t)r[0] | (uint32_t)r[2] << 16) >> (2 * (c & 3))) & 0x00030003u;
-                });
+                mma_tokens(o_code, pv, [](uint32_t x) { return codes2_to_half2(x, 0); },
+                           [&](int j, int c) { return code_pair(rows[j], c); });
             }
             // Σ p over protected tokens for head g, then heads 2t, 2t + 1 from their lanes.
             p_prot += __shfl_xor_sync(kAll, p_prot, 1);
@@ -266,6 +261,138 @@ struct FmtV1_58Tern {
                 }
             }
         }
+    }
+
+    // Digits (0..2) of channels c (low half) and c + 8 (high half) of the token whose trit row
+    // is `row` and whose digit pow3 selects (3^i); 1 (a zero value) for pow3 = 0, a token
+    // without a trit.
+    __device__ static uint32_t trit_pair(const uint8_t *row, int c, uint32_t pow3) {
+        const uint32_t pair = (uint32_t)row[c] | (uint32_t)row[c + 8] << 16;
+        return pow3 != 0 ? ((((pair * pow3) & 0x00FF00FFu) * 3u) >> 8) & 0x00030003u : 0x00010001u;
+    }
+
+    // 2-bit codes of channels c and c + 8 (the same bit offset) of a protected token's row.
+    __device__ static uint32_t code_pair(const uint8_t *row, int c) {
+        const uint8_t *r = row + c / 4;
+        return (((uint32_t)r[0] | (uint32_t)r[2] << 16) >> (2 * (c & 3))) & 0x00030003u;
+    }
+
+    // The f16 at `lo` (low half) and at `hi` (high half), bytewise: fields may start at odd bytes.
+    __device__ static uint32_t f16_pair(const uint8_t *lo, const uint8_t *hi) {
+        return (uint32_t)lo[0] | (uint32_t)lo[1] << 8 | (uint32_t)hi[0] << 16 | (uint32_t)hi[1] << 24;
+    }
+
+    // decode_prepared.cuh: acc (channels 16m + g, + 8 x heads 2t, 2t + 1) += the values of the
+    // 32-token unit at u0 weighted by p (its two tiles' probabilities, C fragments: tokens
+    // g, g + 8 x heads 2t, 2t + 1; 0 past n), with A operands that carry each channel's scale:
+    // unprotected tokens as γ·(trit − 1) (exact in f16) against P; the unit's protected tokens,
+    // compacted sixteen a tile, as s·code (rounded to f16, half the error of P's own rounding)
+    // against their probabilities, then lo·Σ p. `scratch` holds the warp's [32 tokens][8 heads]
+    // probabilities and its protected tokens' order.
+    __device__ static void mma_unit_values(const uint8_t *blk, int n, int u0, const float (&p)[2][4],
+                                           float (&acc)[D / 16][4], float *scratch, int lane) {
+        const Layout L = Layout::read(blk, n);
+        const int g = lane >> 2, t = lane & 3, tok = u0 + lane;
+        const bool valid = tok < n, prot = valid && L.is_protected(blk, tok);
+        const unsigned flags = __ballot_sync(kAll, prot);
+        int before = 0;  // protected tokens before the unit
+        if (L.n_p > 0) {
+            int cnt = 0;
+            for (int b = lane; b < (u0 >> 3); b += 32) cnt += __popc(blk[2 + b]);
+            before = (int)__reduce_add_sync(kAll, (unsigned)cnt);
+        }
+        const int rank = __popc(flags & ((1u << lane) - 1)), u = tok - before - rank;
+        // A token without a trit reads γ's bytes (every block has them) and discards them.
+        const int my_row = valid && !prot ? L.trits + u / 5 * D : L.gamma;
+        const uint32_t my_pow3 = valid && !prot ? (uint32_t)(0x511b090301ull >> (8 * (u % 5))) & 255u : 0u;
+        uint32_t gamma[D / 16];  // γ of channels 16m + g (low half), + 8 (high half)
+#pragma unroll
+        for (int m = 0; m < D / 16; ++m) {
+            const uint8_t *at = blk + L.gamma + 2 * (16 * m + g);
+            gamma[m] = f16_pair(at, at + 16);
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            if (u0 + 16 * i >= n) break;
+            const uint32_t b0 = movmatrix_trans(half2_bits(p[i][0], p[i][1]));
+            const uint32_t b1 = movmatrix_trans(half2_bits(p[i][2], p[i][3]));
+            const uint8_t *row[4];
+            uint32_t pow3[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int src = 16 * i + 2 * t + (j & 1) + 8 * (j >> 1);
+                row[j] = blk + __shfl_sync(kAll, my_row, src);
+                pow3[j] = __shfl_sync(kAll, my_pow3, src);
+            }
+#pragma unroll
+            for (int m = 0; m < D / 16; ++m) {
+                uint32_t x[4];
+#pragma unroll
+                for (int j = 0; j < 4; ++j) x[j] = trit_pair(row[j], 16 * m + g, pow3[j]);
+                uint32_t a[4];
+                scaled_operand(x, gamma[m], [](uint32_t y) { return trits_to_half2(y); }, a);
+                mma_16816(acc[m], a, b0, b1);
+            }
+        }
+        const int n_coded = __popc(flags);
+        if (n_coded == 0) return;
+        // The unit's probabilities [token][head] and its protected tokens in order.
+        int *order = reinterpret_cast<int *>(scratch + 32 * 8);
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) scratch[(16 * i + g + 8 * (e >> 1)) * 8 + 2 * t + (e & 1)] = p[i][e];
+        if (prot) order[rank] = lane;
+        __syncwarp();
+        float p_prot = 0.f;
+        for (int k0 = 0; k0 < n_coded; k0 += 16) {
+            const uint8_t *rows[4];
+            float pv[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int k = k0 + 2 * t + (j & 1) + 8 * (j >> 1);
+                rows[j] = blk + L.prot + (int64_t)(before + min(k, n_coded - 1)) * kRow2;
+                pv[j] = k < n_coded ? __half2float(__float2half_rn(scratch[order[k] * 8 + g])) : 0.f;
+                p_prot += pv[j];
+            }
+            const uint32_t b0 = half2_bits(pv[0], pv[1]), b1 = half2_bits(pv[2], pv[3]);
+#pragma unroll
+            for (int m = 0; m < D / 16; ++m) {
+                uint32_t x[4];
+#pragma unroll
+                for (int j = 0; j < 4; ++j) x[j] = code_pair(rows[j], 16 * m + g);
+                const uint8_t *at = blk + L.minmax + 4 * (16 * m + g) + 2;
+                uint32_t a[4];
+                scaled_operand(x, f16_pair(at, at + 32), [](uint32_t y) { return codes2_to_half2(y, 0); }, a);
+                mma_16816(acc[m], a, b0, b1);
+            }
+        }
+        // Σ p over protected tokens for head g, then heads 2t, 2t + 1 from their lanes.
+        p_prot += __shfl_xor_sync(kAll, p_prot, 1);
+        p_prot += __shfl_xor_sync(kAll, p_prot, 2);
+        const float pp[2] = {__shfl_sync(kAll, p_prot, 8 * t), __shfl_sync(kAll, p_prot, 8 * t + 4)};
+#pragma unroll
+        for (int m = 0; m < D / 16; ++m)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const float lo = ld_f16_at(blk, L.minmax + 4 * (16 * m + g + 8 * r));
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) acc[m][2 * r + hh] += lo * pp[hh];
+            }
+        __syncwarp();
+    }
+
+    // The A fragment of one m-tile from x[j], token j's channels c (low half) and c + 8 (high
+    // half) as 16-bit values that to_half2 turns into f16 pairs, times the channels' scales
+    // (c low, c + 8 high, f16): rows c take the low scale, rows c + 8 the high one.
+    template <class ToHalf2>
+    __device__ static void scaled_operand(const uint32_t (&x)[4], uint32_t scales, ToHalf2 to_half2,
+                                          uint32_t (&a)[4]) {
+        const uint32_t lo = __byte_perm(scales, 0u, 0x1010), hi = __byte_perm(scales, 0u, 0x3232);
+        a[0] = hmul2_bits(to_half2(__byte_perm(x[0], x[1], 0x5410)), lo);
+        a[1] = hmul2_bits(to_half2(__byte_perm(x[0], x[1], 0x7632)), hi);
+        a[2] = hmul2_bits(to_half2(__byte_perm(x[2], x[3], 0x5410)), lo);
+        a[3] = hmul2_bits(to_half2(__byte_perm(x[2], x[3], 0x7632)), hi);
     }
 
     // o[mi] += A·P for this warp's m-tiles mi (channels 16m..16m + 15, m = warp + kWarps·mi) and
@@ -290,6 +417,12 @@ struct FmtV1_58Tern {
             mma_16816(o[mi], a, b_hi[0], b_hi[1]);
             mma_16816(o[mi], a, b_lo[0], b_lo[1]);
         }
+    }
+
+    // f16x2 product of two f16x2 operands.
+    __device__ static uint32_t hmul2_bits(uint32_t a, uint32_t b) {
+        const __half2 h = __hmul2(*reinterpret_cast<const __half2 *>(&a), *reinterpret_cast<const __half2 *>(&b));
+        return *reinterpret_cast<const uint32_t *>(&h);
     }
 
     // f16x2 of trit digits d (0..2) at bits [0, 2) and [16, 18): d - 1, exact (as codes2_to_half2).

@@ -577,10 +577,11 @@ fn cpu_outputs(
 }
 
 /// Whether the tiled tensor-core kernels take a cache of f16 blocks and `kf`/`vf` blocks:
-/// kivi2, or the AKVQ formats (q2_had and q4_had, mixed or not).
+/// kivi2, the AKVQ formats (q2_had and q4_had, mixed or not), or VidKV's (k1_5_mix keys,
+/// v1_58_tern values: decode_prepared.cuh).
 fn tiled_pair(kf: FormatId, vf: FormatId) -> bool {
     use FormatId::*;
-    [&[Kivi2][..], &[Q2Had, Q4Had]]
+    [&[Kivi2][..], &[Q2Had, Q4Had], &[K1_5Mix, V1_58Tern]]
         .iter()
         .any(|family| [kf, vf].iter().all(|f| *f == F16 || family.contains(f)))
 }
