@@ -43,8 +43,8 @@ struct PreparedDecode {
     // Logits of the unit at u0 of an f16 key block (a cache's recent tokens), as decode_tiles.cuh
     // computes them. The query's fragments are made per unit: held across the block's loop,
     // they spilled the quantized blocks' registers.
-    __device__ static void f16_unit_logits(const float *qs, const uint8_t *blk, int n, int u0,
-                                                        uint8_t *tile, int lane, float (&v)[2][4]) {
+    __device__ static void f16_unit_logits(const float *qs, const uint8_t *blk, int n, int u0, uint8_t *tile,
+                                           int lane, float (&v)[2][4]) {
         using M = MmaDecode<D>;
         const int g = lane >> 2, t = lane & 3;
         typename M::Query q;

@@ -286,7 +286,7 @@ struct FmtV1_58Tern {
     // 32-token unit at u0 weighted by p (its two tiles' probabilities, C fragments: tokens
     // g, g + 8 x heads 2t, 2t + 1; 0 past n), with A operands that carry each channel's scale:
     // unprotected tokens as γ·(trit − 1) (exact in f16) against P; the unit's protected tokens,
-    // compacted sixteen a tile, as s·code (rounded to f16, half the error of P's own rounding)
+    // compacted sixteen a tile, as s·code (rounded to f16, as P is: at most 2^-11 relative)
     // against their probabilities, then lo·Σ p. `scratch` holds the warp's [32 tokens][8 heads]
     // probabilities and its protected tokens' order.
     __device__ static void mma_unit_values(const uint8_t *blk, int n, int u0, const float (&p)[2][4],
