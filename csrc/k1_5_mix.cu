@@ -79,7 +79,8 @@ struct FmtK1_5Mix {
     }
 
     // The 2-bit channels below channel c = c0 + lane, for every lane of the warp (all call),
-    // `high` its mask bit: the bits below the warp's first channel, a byte per lane, then the warp's own by ballot.
+    // `high` its mask bit: the bits below the warp's first channel, a byte per lane, then the
+    // warp's own by ballot.
     __device__ static int rank_in_warp(const uint8_t *mask, int c, bool high) {
         const int lane = threadIdx.x & 31, first_byte = (c - lane) >> 3;
         const unsigned below = __reduce_add_sync(kAll, lane < first_byte ? (unsigned)__popc(mask[lane]) : 0u);

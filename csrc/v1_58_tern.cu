@@ -42,6 +42,14 @@ struct FmtV1_58Tern {
         __device__ MinMax minmax_of(const uint8_t *blk, int c) const {
             return {ld_f16_at(blk, minmax + 4 * c), ld_f16_at(blk, minmax + 4 * c + 2)};
         }
+        // Protected tokens before token t0, counted by the whole warp (every lane calls).
+        __device__ int protected_before(const uint8_t *blk, int t0, int lane) const {
+            if (n_p == 0) return 0;
+            int cnt = 0;
+            for (int b = lane; b < (t0 >> 3); b += 32) cnt += __popc(blk[2 + b]);
+            if (lane == 0 && (t0 & 7)) cnt += __popc(blk[2 + (t0 >> 3)] & ((1u << (t0 & 7)) - 1));
+            return (int)__reduce_add_sync(kAll, (unsigned)cnt);
+        }
     };
 
     __host__ __device__ static int64_t bytes(int n, int, int n_protected, QuantParams) {
@@ -53,10 +61,17 @@ struct FmtV1_58Tern {
         return bytes(n, role, blk[0] | blk[1] << 8, QuantParams{});
     }
 
+    // 3^i, i < 5: the multiplier that selects digit i of a TQ1_0 byte.
+    __device__ static uint32_t pow3(int i) { return (uint32_t)(0x511b090301ull >> (8 * i)) & 255u; }
+
     // Digit i of a TQ1_0 byte: ·3^i (mod 256) drops the leading digits, ·3 >> 8 reads the next.
-    __device__ static int trit(unsigned byte, int i) {
-        const unsigned pow3 = (unsigned)(0x511b090301ull >> (8 * i)) & 255u;  // 3^i, i < 5
-        return (int)((((byte * pow3) & 255u) * 3u) >> 8);
+    __device__ static int trit(unsigned byte, int i) { return (int)((((byte * pow3(i)) & 255u) * 3u) >> 8); }
+
+    // Σ p over protected tokens of head g, summed over its four lanes, as heads 2t, 2t + 1 need it.
+    __device__ static void protected_sums(float p_prot, int t, float (&pp)[2]) {
+        p_prot += __shfl_xor_sync(kAll, p_prot, 1);
+        p_prot += __shfl_xor_sync(kAll, p_prot, 2);
+        pp[0] = __shfl_sync(kAll, p_prot, 8 * t), pp[1] = __shfl_sync(kAll, p_prot, 8 * t + 4);
     }
 
     static constexpr int kQuantSmem = 4 * (kMaxN + 3 * D);  // order, then gamma, lo, step
@@ -187,14 +202,9 @@ struct FmtV1_58Tern {
         __shared__ int tok_row[kChunk];
         __shared__ uint8_t tok_pow3[kChunk], coded[kChunk];
         __shared__ int warp_codes[kWarps];
-        int base = 0, n_coded = 0;
+        const int base = L.protected_before(blk, t0, lane);
+        int n_coded = 0;
         {
-            if (L.n_p > 0) {
-                int cnt = 0;
-                for (int b = lane; b < (t0 >> 3); b += 32) cnt += __popc(blk[2 + b]);
-                if (lane == 0 && (t0 & 7)) cnt += __popc(blk[2 + (t0 >> 3)] & ((1u << (t0 & 7)) - 1));
-                base = (int)__reduce_add_sync(kAll, (unsigned)cnt);
-            }
             const int tok = t0 + threadIdx.x;
             const bool valid = tok < t1, code = valid && L.is_protected(blk, tok);
             const unsigned codes = __ballot_sync(kAll, code);
@@ -207,7 +217,7 @@ struct FmtV1_58Tern {
             // A token without a trit still has its row read (and its digit discarded): γ's 2D
             // bytes, which every block has, where the trit section may be empty.
             tok_row[threadIdx.x] = valid && !code ? L.trits + u / 5 * D : L.gamma;
-            tok_pow3[threadIdx.x] = valid && !code ? (uint8_t)(0x511b090301ull >> (8 * (u % 5))) : 0;
+            tok_pow3[threadIdx.x] = valid && !code ? (uint8_t)pow3(u % 5) : 0;
             __syncthreads();
         }
         for (int h0 = 0; h0 < G; h0 += 8) {
@@ -243,10 +253,8 @@ struct FmtV1_58Tern {
                 mma_tokens(o_code, pv, [](uint32_t x) { return codes2_to_half2(x, 0); },
                            [&](int j, int c) { return code_pair(rows[j], c); });
             }
-            // Σ p over protected tokens for head g, then heads 2t, 2t + 1 from their lanes.
-            p_prot += __shfl_xor_sync(kAll, p_prot, 1);
-            p_prot += __shfl_xor_sync(kAll, p_prot, 2);
-            const float pp[2] = {__shfl_sync(kAll, p_prot, 8 * t), __shfl_sync(kAll, p_prot, 8 * t + 4)};
+            float pp[2];
+            protected_sums(p_prot, t, pp);
 #pragma unroll
             for (int mi = 0; mi < kMyTiles; ++mi) {
                 const int m = warp + kWarps * mi;
@@ -295,16 +303,11 @@ struct FmtV1_58Tern {
         const int g = lane >> 2, t = lane & 3, tok = u0 + lane;
         const bool valid = tok < n, prot = valid && L.is_protected(blk, tok);
         const unsigned flags = __ballot_sync(kAll, prot);
-        int before = 0;  // protected tokens before the unit
-        if (L.n_p > 0) {
-            int cnt = 0;
-            for (int b = lane; b < (u0 >> 3); b += 32) cnt += __popc(blk[2 + b]);
-            before = (int)__reduce_add_sync(kAll, (unsigned)cnt);
-        }
+        const int before = L.protected_before(blk, u0, lane);
         const int rank = __popc(flags & ((1u << lane) - 1)), u = tok - before - rank;
         // A token without a trit reads γ's bytes (every block has them) and discards them.
         const int my_row = valid && !prot ? L.trits + u / 5 * D : L.gamma;
-        const uint32_t my_pow3 = valid && !prot ? (uint32_t)(0x511b090301ull >> (8 * (u % 5))) & 255u : 0u;
+        const uint32_t my_pow3 = valid && !prot ? pow3(u % 5) : 0u;
         uint32_t gamma[D / 16];  // γ of channels 16m + g (low half), + 8 (high half)
 #pragma unroll
         for (int m = 0; m < D / 16; ++m) {
@@ -367,10 +370,8 @@ struct FmtV1_58Tern {
                 mma_16816(acc[m], a, b0, b1);
             }
         }
-        // Σ p over protected tokens for head g, then heads 2t, 2t + 1 from their lanes.
-        p_prot += __shfl_xor_sync(kAll, p_prot, 1);
-        p_prot += __shfl_xor_sync(kAll, p_prot, 2);
-        const float pp[2] = {__shfl_sync(kAll, p_prot, 8 * t), __shfl_sync(kAll, p_prot, 8 * t + 4)};
+        float pp[2];
+        protected_sums(p_prot, t, pp);
 #pragma unroll
         for (int m = 0; m < D / 16; ++m)
 #pragma unroll
