@@ -395,15 +395,16 @@ __global__ void __launch_bounds__(kThreads, Formats::kMinCtas) decode_kernel(kvb
 }
 
 // Merge the items of each (sequence, query head): out = Σ e^(m_i - M) acc_i / Σ e^(m_i - M) l_i.
-// Warps take items in turn (a lane reads channels lane + 32k of each item, so an item is one
-// coalesced read), then the warps' sums meet in shared memory.
-constexpr int kCombineThreads = 256;
+// A warp takes kCombineRun items at a time (a lane reads channels lane + 32k of each item, so an
+// item is one coalesced read) and keeps its own running max: every load of a run goes out at
+// once, with no pass for the max first. The warps then meet in shared memory, each rescaled to
+// the largest max. Sized so that one run per warp covers the items a step usually has.
+constexpr int kCombineThreads = 512, kCombineRun = 8;
 
 template <int D>
 __global__ void __launch_bounds__(kCombineThreads) combine_kernel(kvb_cuda_decode_args a) {
-    constexpr int kPer = (D + 31) / 32, kWarps = kCombineThreads / 32;
-    __shared__ float sums[kWarps][D + 1];  // Σ e·acc per channel, then Σ e·l
-    __shared__ float red[kWarps];
+    constexpr int kPer = (D + 31) / 32, kWarps = kCombineThreads / 32, kRun = kCombineRun;
+    __shared__ float sums[kWarps][D + 2];  // a warp's Σ e·acc per channel, Σ e·l, its max
     const int G = a.n_head / a.n_head_kv;
     const int seq = blockIdx.x / a.n_head, h = blockIdx.x % a.n_head, kv = h / G, g = h % G;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -411,38 +412,52 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(kvb_cuda_decod
     const int i0 = a.work_begin[seq * a.n_head_kv + kv], i1 = a.work_begin[seq * a.n_head_kv + kv + 1];
     wait_prerequisites();
     auto item = [&](int i) { return scr.partial + ((size_t)i * G + g) * (D + 2); };
-    float M = -INFINITY;
-    for (int i = i0 + threadIdx.x; i < i1; i += kCombineThreads) M = fmaxf(M, item(i)[0]);
-    M = warp_max(M);
-    if (lane == 0) red[warp] = M;
-    __syncthreads();
+    float M = -INFINITY, L = 0.f, v[kPer] = {};
+    for (int r0 = i0 + warp * kRun; r0 < i1; r0 += kWarps * kRun) {
+        float m[kRun], l[kRun], x[kRun][kPer];
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, red[w]);
-    float L = 0.f, v[kPer] = {};
-    if (M != -INFINITY) {
-#pragma unroll 4
-        for (int i = i0 + warp; i < i1; i += kWarps) {
-            const float *p = item(i);
-            const float e = __expf(p[0] - M);
-            L += p[1] * e;
+        for (int u = 0; u < kRun; ++u) {
+            const float *p = item(min(r0 + u, i1 - 1));
+            m[u] = r0 + u < i1 ? p[0] : -INFINITY;
+            l[u] = p[1];
 #pragma unroll
-            for (int k = 0; k < kPer; ++k)
-                if (lane + 32 * k < D) v[k] += p[2 + lane + 32 * k] * e;
+            for (int k = 0; k < kPer; ++k) x[u][k] = lane + 32 * k < D ? p[2 + lane + 32 * k] : 0.f;
         }
+        float mr = M;
+#pragma unroll
+        for (int u = 0; u < kRun; ++u) mr = fmaxf(mr, m[u]);
+        if (mr == -INFINITY) continue;  // items without a token so far
+        const float keep = __expf(M - mr);
+        L *= keep;
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) v[k] *= keep;
+#pragma unroll
+        for (int u = 0; u < kRun; ++u) {
+            const float e = __expf(m[u] - mr);
+            L += l[u] * e;
+#pragma unroll
+            for (int k = 0; k < kPer; ++k) v[k] += x[u][k] * e;
+        }
+        M = mr;
     }
 #pragma unroll
     for (int k = 0; k < kPer; ++k)
         if (lane + 32 * k < D) sums[warp][lane + 32 * k] = v[k];
-    if (lane == 0) sums[warp][D] = L;
+    if (lane == 0) sums[warp][D] = L, sums[warp][D + 1] = M;
     __syncthreads();
+    float top = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) top = fmaxf(top, sums[w][D + 1]);
     float *out = a.out + ((size_t)seq * a.n_head + h) * D;
-    float total = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) total += sums[w][D];
     for (int c = threadIdx.x; c < D; c += kCombineThreads) {
-        float acc = 0.f;
+        float acc = 0.f, total = 0.f;
+        if (top != -INFINITY) {
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) acc += sums[w][c];
+            for (int w = 0; w < kWarps; ++w) {
+                const float e = __expf(sums[w][D + 1] - top);
+                acc += sums[w][c] * e, total += sums[w][D] * e;
+            }
+        }
         out[c] = total > 0.f ? acc / total : 0.f;
     }
 }
