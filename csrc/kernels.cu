@@ -476,7 +476,119 @@ cudaError_t launch_combine(const kvb_cuda_decode_args &a, cudaStream_t s) {
     return err != cudaSuccess ? err : earlier;
 }
 
+// ---- the decode dispatch: which kernels a call runs ---------------------------------------
 
+// A kernel of a decode step: all take kvb_cuda_decode_args, a CTA per work item. item_cost is
+// what a work item costs its multiprocessor besides its blocks, in block-times, for the
+// planner (kvb_cuda_decode_fit): the query, the merge of the warps and the partial, about a
+// block where a block reads fast; none in decode_prepared.cuh, whose blocks' own preparing
+// and tensor-core work dwarf it (more, shorter items measured faster there).
+struct DecodeKernel {
+    const void *fn = nullptr;
+    int threads = 0;
+    size_t smem = 0;
+    float item_cost = 1.f;
+};
+
+// The kernels of a split decode (every call but LOCAL's one pass): the range pass of calibrated
+// spans where there are any, then the main kernel, then combine. The launcher runs them and the
+// planner sizes work items by the main kernel's CTAs per multiprocessor
+// (kvb_cuda_decode_fit_of), so both read this one choice. Allows each kernel's shared
+// memory.
+struct SplitKernels {
+    DecodeKernel range, main;
+};
+
+template <int D>
+cudaError_t split_kernels(const kvb_cuda_decode_args &a, SplitKernels &k) {
+    const int G = a.n_head / a.n_head_kv;
+    const bool has_f16 = (a.formats_used >> F16) & 1;
+    auto pick = [](DecodeKernel &dk, const void *fn, int threads, size_t smem, float item_cost = 1.f) {
+        dk = DecodeKernel{fn, threads, smem, item_cost};
+        return allow_smem(fn, smem);
+    };
+    constexpr uint32_t kVidkv = (1u << K1_5_MIX) | (1u << V1_58_TERN);
+    if constexpr (D <= 128) {
+        // The tiled kernels read kivi2 or the AKVQ formats (q2_had, q4_had, either mixed), f16
+        // blocks beside them, and no calibration; decode_prepared.cuh the vidkv caches
+        // (k1_5_mix keys, v1_58_tern values, f16 recent tokens).
+        const uint32_t quantized = a.formats_used & ~(1u << F16);
+        const bool tiles = !a.generic_only && G <= MmaDecode<64>::kHeads && a.n_spans == 0;
+        constexpr uint32_t kHad = (1u << Q2_HAD) | (1u << Q4_HAD);
+        auto tiled = [&]<class KF, class VF>() {
+            using T = TileDecode<D, KF, VF>;
+            return pick(k.main, (const void *)decode_tiles_kernel<D, KF, VF>, T::kWarps * 32, T::smem_bytes(has_f16));
+        };
+        if (tiles && quantized != 0 && (quantized & ~kVidkv) == 0) {
+            using P = PreparedDecode<D, FmtK1_5Mix<D>, FmtV1_58Tern<D>>;
+            return pick(k.main, (const void *)decode_prepared_kernel<D, FmtK1_5Mix<D>, FmtV1_58Tern<D>>, kThreads,
+                        P::smem_bytes(has_f16), 0.f);
+        }
+        if (tiles && quantized == 1u << KIVI2) return tiled.template operator()<FmtKivi2<D>, FmtKivi2<D>>();
+        if (tiles && quantized == 1u << Q2_HAD) return tiled.template operator()<FmtQ2Had<D>, FmtQ2Had<D>>();
+        if (tiles && quantized != 0 && (quantized & ~kHad) == 0)
+            return tiled.template operator()<FmtHadMix<D>, FmtHadMix<D>>();
+        constexpr uint32_t kMmaFormats = (1u << F16) | (1u << Q1_CALIB);
+        if (!a.generic_only && G <= MmaDecode<64>::kHeads && a.formats_used != 0 &&
+            (a.formats_used & ~kMmaFormats) == 0) {
+            constexpr int kThreadsMma = kPassWarps<Pass::kAttend> * 32;
+            using A = MmaDecode<D, kPassWarps<Pass::kAttend>>;
+            if (a.n_spans > 0) {
+                const size_t smem_range = A::smem_bytes(has_f16, kPassParts<Pass::kRange>, false);
+                const cudaError_t err =
+                    pick(k.range, (const void *)decode_mma_kernel<D, Pass::kRange>, kThreadsMma, smem_range);
+                if (err != cudaSuccess) return err;
+            }
+            return pick(k.main, (const void *)decode_mma_kernel<D, Pass::kAttend>, kThreadsMma,
+                        A::smem_bytes(has_f16, kPassParts<Pass::kAttend>, false));
+        }
+    }
+    const size_t smem_range = decode_floats_bytes<D>(G);
+    const size_t smem = fits_smem(decode_smem<D>(G)) ? decode_smem<D>(G) : smem_range;
+    if (a.n_spans > 0) {
+        const cudaError_t err = pick(k.range, (const void *)span_range_kernel<D>, kThreads, smem_range);
+        if (err != cudaSuccess) return err;
+    }
+    // VidKV caches the kernels above do not take (head dim 256, more than 8 query heads per KV
+    // head, generic_only) have an instance of their own.
+    const void *fn = (a.formats_used & ~(1u << F16)) == kVidkv
+                         ? (const void *)decode_kernel<D, FormatPair<D, FmtK1_5Mix<D>, FmtV1_58Tern<D>, 4>>
+                         : (const void *)decode_kernel<D, AnyFormat<D>>;
+    return pick(k.main, fn, kThreads, smem);
+}
+
+// Whether a call calibrates its spans in one pass (LOCAL): every item one whole span on the
+// tensor-core kernel, whose logits fit shared memory (else the split path's range pass runs
+// first).
+template <int D>
+bool one_pass(const kvb_cuda_decode_args &a) {
+    constexpr uint32_t kMmaFormats = (1u << F16) | (1u << Q1_CALIB);
+    using L = MmaDecode<D, kPassWarps<Pass::kLocal>>;
+    return !a.generic_only && a.n_head / a.n_head_kv <= L::kHeads && a.formats_used != 0 &&
+           (a.formats_used & ~kMmaFormats) == 0 && a.local_spans && a.n_spans > 0 &&
+           fits_smem(L::smem_bytes((a.formats_used >> F16) & 1, kPassParts<Pass::kLocal>, true));
+}
+
+// LOCAL: the one-pass kernel (a cluster of two CTAs per item where the items are fewer than
+// the multiprocessors), then combine.
+template <int D>
+cudaError_t launch_local(const kvb_cuda_decode_args &a, cudaStream_t s) {
+    using L = MmaDecode<D, kPassWarps<Pass::kLocal>>;
+    const void *fn = (const void *)decode_mma_kernel<D, Pass::kLocal>;
+    const size_t smem = L::smem_bytes((a.formats_used >> F16) & 1, kPassParts<Pass::kLocal>, true);
+    cudaError_t err = allow_smem(fn, smem);
+    if (err != cudaSuccess) return err;
+    const int ctas = local_ctas(a.n_work);
+    cudaLaunchAttribute cluster{};
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = ctas, cluster.val.clusterDim.y = 1, cluster.val.clusterDim.z = 1;
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(a.n_work * ctas), cfg.blockDim = dim3(L::kWarps * 32);
+    cfg.dynamicSmemBytes = smem, cfg.stream = s;
+    if (ctas > 1) cfg.attrs = &cluster, cfg.numAttrs = 1;
+    if ((err = cudaLaunchKernelEx(&cfg, decode_mma_kernel<D, Pass::kLocal>, a)) != cudaSuccess) return err;
+    return launch_combine<D>(a, s);
+}
 
 }  // namespace kvb
 
@@ -539,103 +651,46 @@ extern "C" int kvb_cuda_attention_decode(const kvb_cuda_decode_args *args, kvb_c
         a.n_head / a.n_head_kv > kMaxG || a.n_work < 1 || a.n_spans < 0)
         return KVB_CUDA_INVALID_ARGUMENT;
     cudaStream_t s = static_cast<cudaStream_t>(stream);
-    const int G = a.n_head / a.n_head_kv;
     cudaError_t err = cudaSuccess;
-    auto set_smem = [&](const void *kernel, size_t bytes) {
-        if (err == cudaSuccess) err = allow_smem(kernel, bytes);
-    };
-    constexpr uint32_t kMmaFormats = (1u << F16) | (1u << Q1_CALIB);
-    const bool mma = !a.generic_only && G <= MmaDecode<64>::kHeads && a.formats_used != 0 &&
-                     (a.formats_used & ~kMmaFormats) == 0;
-    // The tiled kernels read kivi2 or the AKVQ formats (q2_had, q4_had, either mixed), f16
-    // blocks beside them, and no calibration.
-    const uint32_t quantized = a.formats_used & ~(1u << F16);
-    const bool tiles = !a.generic_only && G <= MmaDecode<64>::kHeads && a.n_spans == 0;
-    auto launch_tiles = [&]<int D, class KF, class VF>() {
-        const bool has_f16 = (a.formats_used >> F16) & 1;
-        const size_t smem = TileDecode<D, KF, VF>::smem_bytes(has_f16);
-        set_smem((const void *)decode_tiles_kernel<D, KF, VF>, smem);
-        if (err != cudaSuccess) return;
-        decode_tiles_kernel<D, KF, VF><<<a.n_work, TileDecode<D, KF, VF>::kWarps * 32, smem, s>>>(a);
-        err = launch_combine<D>(a, s);
-    };
-    auto launch_prepared = [&]<int D, class KF, class VF>() {
-        const size_t smem = PreparedDecode<D, KF, VF>::smem_bytes((a.formats_used >> F16) & 1);
-        set_smem((const void *)decode_prepared_kernel<D, KF, VF>, smem);
-        if (err != cudaSuccess) return;
-        decode_prepared_kernel<D, KF, VF><<<a.n_work, kThreads, smem, s>>>(a);
-        err = launch_combine<D>(a, s);
-    };
-    // VidKV caches: k1_5_mix keys, v1_58_tern values, f16 recent tokens.
-    constexpr uint32_t kVidkv = (1u << K1_5_MIX) | (1u << V1_58_TERN);
     bool ok = with_head_dim(a.head_dim, [&]<int D>() {
         if constexpr (D <= 128) {
-            if (tiles && quantized != 0 && (quantized & ~kVidkv) == 0)
-                return launch_prepared.template operator()<D, FmtK1_5Mix<D>, FmtV1_58Tern<D>>();
-            if (tiles && quantized == 1u << KIVI2) return launch_tiles.template operator()<D, FmtKivi2<D>, FmtKivi2<D>>();
-            if (tiles && quantized == 1u << Q2_HAD) return launch_tiles.template operator()<D, FmtQ2Had<D>, FmtQ2Had<D>>();
-            constexpr uint32_t kHad = (1u << Q2_HAD) | (1u << Q4_HAD);
-            if (tiles && quantized != 0 && (quantized & ~kHad) == 0)
-                return launch_tiles.template operator()<D, FmtHadMix<D>, FmtHadMix<D>>();
-            if (mma) {
-                const bool has_f16 = (a.formats_used >> F16) & 1;
-                constexpr int kThreadsMma = kPassWarps<Pass::kAttend> * 32;
-                using L = MmaDecode<D, kPassWarps<Pass::kLocal>>;
-                const size_t smem_local = L::smem_bytes(has_f16, kPassParts<Pass::kLocal>, true);
-                // A span's logits on chip need more shared memory than some GPUs have; there the
-                // range pass runs first.
-                if (a.local_spans && a.n_spans > 0 && fits_smem(smem_local)) {
-                    set_smem((const void *)decode_mma_kernel<D, Pass::kLocal>, smem_local);
-                    if (err != cudaSuccess) return;
-                    const int ctas = local_ctas(a.n_work);
-                    if (ctas == 1) {
-                        decode_mma_kernel<D, Pass::kLocal><<<a.n_work, L::kWarps * 32, smem_local, s>>>(a);
-                    } else {
-                        cudaLaunchAttribute cluster{};
-                        cluster.id = cudaLaunchAttributeClusterDimension;
-                        cluster.val.clusterDim.x = ctas, cluster.val.clusterDim.y = 1, cluster.val.clusterDim.z = 1;
-                        cudaLaunchConfig_t cfg{};
-                        cfg.gridDim = dim3(a.n_work * ctas), cfg.blockDim = dim3(L::kWarps * 32);
-                        cfg.dynamicSmemBytes = smem_local, cfg.stream = s;
-                        cfg.attrs = &cluster, cfg.numAttrs = 1;
-                        err = cudaLaunchKernelEx(&cfg, decode_mma_kernel<D, Pass::kLocal>, a);
-                        if (err != cudaSuccess) return;
-                    }
-                } else {
-                    using A = MmaDecode<D, kPassWarps<Pass::kAttend>>;
-                    const size_t smem = A::smem_bytes(has_f16, kPassParts<Pass::kAttend>, false);
-                    const size_t smem_range = A::smem_bytes(has_f16, kPassParts<Pass::kRange>, false);
-                    set_smem((const void *)decode_mma_kernel<D, Pass::kAttend>, smem);
-                    set_smem((const void *)decode_mma_kernel<D, Pass::kRange>, smem_range);
-                    if (err != cudaSuccess) return;
-                    if (a.n_spans > 0) {
-                        int n = a.n_seq * a.n_spans * a.n_head;
-                        init_span_range<<<(n + 255) / 256, 256, 0, s>>>(a.scratch, n);
-                        decode_mma_kernel<D, Pass::kRange><<<a.n_work, kThreadsMma, smem_range, s>>>(a);
-                    }
-                    decode_mma_kernel<D, Pass::kAttend><<<a.n_work, kThreadsMma, smem, s>>>(a);
-                }
-                err = launch_combine<D>(a, s);
+            if (one_pass<D>(a)) {
+                err = launch_local<D>(a, s);
                 return;
             }
         }
-        const size_t smem_range = decode_floats_bytes<D>(G);
-        const size_t smem = fits_smem(decode_smem<D>(G)) ? decode_smem<D>(G) : smem_range;
-        // VidKV caches the kernels above do not take (head dim 256, more than 8 query heads per
-        // KV head, generic_only) have an instance of their own.
-        const auto kernel = (a.formats_used & ~(1u << F16)) == kVidkv
-                                ? decode_kernel<D, FormatPair<D, FmtK1_5Mix<D>, FmtV1_58Tern<D>, 4>>
-                                : decode_kernel<D, AnyFormat<D>>;
-        set_smem((const void *)kernel, smem);
-        set_smem((const void *)span_range_kernel<D>, smem_range);
-        if (err != cudaSuccess) return;
-        if (a.n_spans > 0) {
-            int n = a.n_seq * a.n_spans * a.n_head;
+        SplitKernels k;
+        if ((err = split_kernels<D>(a, k)) != cudaSuccess) return;
+        void *params[] = {const_cast<kvb_cuda_decode_args *>(&a)};
+        if (k.range.fn) {
+            const int n = a.n_seq * a.n_spans * a.n_head;
             init_span_range<<<(n + 255) / 256, 256, 0, s>>>(a.scratch, n);
-            span_range_kernel<D><<<a.n_work, kThreads, smem_range, s>>>(a);
+            if ((err = cudaLaunchKernel(k.range.fn, a.n_work, k.range.threads, params, k.range.smem, s)) != cudaSuccess)
+                return;
         }
-        kernel<<<a.n_work, kThreads, smem, s>>>(a);
+        if ((err = cudaLaunchKernel(k.main.fn, a.n_work, k.main.threads, params, k.main.smem, s)) != cudaSuccess)
+            return;
         err = launch_combine<D>(a, s);
+    });
+    return ok ? (int)err : (int)KVB_CUDA_INVALID_ARGUMENT;
+}
+
+extern "C" int kvb_cuda_decode_fit_of(uint32_t formats_used, int32_t head_dim, int32_t n_head,
+                                      int32_t n_head_kv, int32_t n_spans, kvb_cuda_decode_fit *fit) {
+    if (!fit || n_head_kv < 1 || n_head % n_head_kv != 0 || n_head / n_head_kv > kMaxG || n_spans < 0)
+        return KVB_CUDA_INVALID_ARGUMENT;
+    kvb_cuda_decode_args a{};
+    a.formats_used = formats_used, a.head_dim = head_dim, a.n_head = n_head, a.n_head_kv = n_head_kv;
+    a.n_spans = n_spans;
+    cudaError_t err = cudaSuccess;
+    const bool ok = with_head_dim(head_dim, [&]<int D>() {
+        SplitKernels k;
+        int ctas = 0;
+        if ((err = split_kernels<D>(a, k)) != cudaSuccess ||
+            (err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, k.main.fn, k.main.threads, k.main.smem)) !=
+                cudaSuccess)
+            return;
+        fit->ctas_per_sm = ctas, fit->item_cost_blocks = k.main.item_cost;
     });
     return ok ? (int)err : (int)KVB_CUDA_INVALID_ARGUMENT;
 }

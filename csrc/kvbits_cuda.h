@@ -137,6 +137,17 @@ enum { KVB_CUDA_LOCAL_SPAN_TOKENS = 2048 };
  * the GPU. */
 int kvb_cuda_local_ctas(int32_t n_work);
 
+/* How the main kernel of a split decode (not a one-pass one) of these formats and shapes runs
+ * on the current device, for planners that size its work items: its CTAs per multiprocessor,
+ * and what a work item costs its multiprocessor besides its blocks, in block-times. */
+typedef struct {
+    int32_t ctas_per_sm;
+    float item_cost_blocks;
+} kvb_cuda_decode_fit;
+
+int kvb_cuda_decode_fit_of(uint32_t formats_used, int32_t head_dim, int32_t n_head,
+                           int32_t n_head_kv, int32_t n_spans, kvb_cuda_decode_fit *fit);
+
 /* Scratch the decode launcher needs for these sizes. */
 size_t kvb_cuda_decode_scratch_bytes(int32_t n_work, int32_t n_seq, int32_t n_head,
                                      int32_t head_dim, int32_t n_spans);

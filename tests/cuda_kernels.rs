@@ -1217,3 +1217,44 @@ fn one_pass_needs_whole_calibrated_spans_per_item() {
     // Not calibrated at all: nothing to calibrate in one pass.
     assert!(!kernels::one_pass_spans(&with_text[1..], &[item(0, 1)]));
 }
+
+/// The planner's item length (no GPU needed): whole blocks, at most `MAX_ITEM_TOKENS`; a block
+/// per item where every block gets a CTA of one wave at no item cost; and the H200's measured
+/// cases (132 multiprocessors, two CTAs of the f16 kernel on each), where the rule before left
+/// 1.5 or 2 waves.
+#[test]
+fn item_lengths_fill_whole_waves() {
+    use kernels::DecodeFit;
+    const BLOCK: usize = 128;
+    for sms in [41, 66, 132] {
+        for ctas_per_sm in 1..=4 {
+            for item_cost in [0.0, 1.0] {
+                let fit = DecodeFit {
+                    ctas_per_sm,
+                    item_cost,
+                };
+                let slots = sms * ctas_per_sm;
+                for pairs in [1, 4, 8, 32, 64] {
+                    for tokens in [1, 100, 4096, 16384, 50_000, 65536, 131072] {
+                        let item = kernels::item_tokens(tokens, BLOCK, pairs, sms, fit);
+                        let blocks = tokens.div_ceil(BLOCK);
+                        let case = format!("{pairs} x {tokens} tokens on {sms} x {fit:?}");
+                        assert!(item.is_multiple_of(BLOCK), "{item} tokens: {case}");
+                        assert!(item <= kernels::MAX_ITEM_TOKENS, "{item}: {case}");
+                        if pairs * blocks <= slots && item_cost == 0.0 {
+                            assert_eq!(item, BLOCK, "{case}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // (tokens, pairs) -> tokens per item for the f16 kernel: one wave of 256 items in each.
+    let f16 = DecodeFit {
+        ctas_per_sm: 2,
+        item_cost: 1.0,
+    };
+    for (tokens, pairs, item) in [(65536, 4, 1024), (131072, 4, 2048), (4096, 32, 512)] {
+        assert_eq!(kernels::item_tokens(tokens, BLOCK, pairs, 132, f16), item);
+    }
+}

@@ -232,7 +232,11 @@ impl DecodeBench {
         let item_blocks = if preset.calibrate && kernels::one_pass_pays(pairs * spans, sms) {
             SPAN / BLOCK
         } else {
-            kernels::item_tokens(tokens, pairs, sms).div_ceil(BLOCK)
+            let formats = (1 << preset.k as u32) | (1 << preset.v as u32);
+            let n_spans = if preset.calibrate { spans } else { 0 };
+            let (d, n_head, h) = (shape.head_dim, shape.n_head, shape.n_head_kv);
+            let fit = kernels::decode_fit(formats, d, n_head, h, n_spans)?;
+            kernels::item_tokens(tokens, BLOCK, pairs, sms, fit) / BLOCK
         };
         let (arenas, plan, bytes) = build_cache(shape, tokens, batch, preset, item_blocks, stream)?;
         Ok(DecodeBench {

@@ -639,7 +639,7 @@ impl DeviceCache {
     }
 
     /// The table of `layer`'s blocks and their work items, as [`BlockPlan`] describes them.
-    fn block_plan(&self, layer: usize) -> BlockPlan {
+    fn block_plan(&self, layer: usize, n_head: usize) -> Result<BlockPlan, Error> {
         let cfg = &self.cfg;
         let h = cfg.n_head_kv;
         let lay = &self.layers[layer];
@@ -672,16 +672,22 @@ impl DeviceCache {
         let one_pass = calibrated
             .then(|| per_head(&local_items))
             .filter(|items| kernels::one_pass_spans(&descs, &items.concat()));
-        let tokens = kernels::item_tokens(lay.n_tokens - lay.n_res, h, self.sms);
-        let split = per_head(&|d: &[BlockDesc], first, g| split_by_tokens(d, first, g, tokens));
         let formats_used = kernels::formats_used(&descs);
-        BlockPlan {
+        // Sized for the kernel as it runs between appends, with recent f16 tokens beside the
+        // blocks.
+        let with_recent = formats_used | 1 << FormatId::F16 as u32;
+        let n_spans = if calibrated { lay.n_spans } else { 0 };
+        let fit = kernels::decode_fit(with_recent, cfg.head_dim, n_head, h, n_spans)?;
+        let (block, blocks_tokens) = (cfg.block_len(), lay.n_tokens - lay.n_res);
+        let tokens = kernels::item_tokens(blocks_tokens, block, h, self.sms, fit);
+        let split = per_head(&|d: &[BlockDesc], first, g| split_by_tokens(d, first, g, tokens));
+        Ok(BlockPlan {
             descs,
             one_pass,
             split,
             formats_used,
             calibrated,
-        }
+        })
     }
 
     /// Brings `layer`'s decode plan up to date: the block part when blocks changed, the
@@ -690,8 +696,9 @@ impl DeviceCache {
     /// other blocks in items of at most as many tokens, where that gives every SM an item;
     /// else as [`kernels::item_tokens`] splits them.
     fn replan(&mut self, layer: usize, n_head: usize, stream: &Stream) -> Result<(), Error> {
-        if self.arenas[layer].blocks.is_none() {
-            let plan = self.block_plan(layer);
+        let asked_heads = self.arenas[layer].plan.as_ref().map(|p| p.n_head);
+        if self.arenas[layer].blocks.is_none() || asked_heads.is_some_and(|n| n != n_head) {
+            let plan = self.block_plan(layer, n_head)?;
             let arena = &mut self.arenas[layer];
             arena.blocks = Some(plan);
             arena.blocks_sent = false;

@@ -43,17 +43,78 @@ pub fn local_ctas(n_work: usize) -> usize {
     usize::try_from(ctas).unwrap_or(1).max(1)
 }
 
-/// The longest work item of a split decode (no one-pass calibration), in tokens. Items of
-/// about four per SM grow with the cache: at batch 8 and 65536 tokens or more they ran 31 to
-/// 61 blocks, and the last wave's few long items kept the GPU waiting on them. Capped at 2048
-/// tokens, those steps took 11-34% less on the H200 (every preset and f16).
+/// The longest work item of a split decode (no one-pass calibration), in tokens. At batch 8
+/// and 65536 tokens or more, items of 31 to 61 blocks left the GPU waiting on the last wave's
+/// few long items; capped at 2048 tokens, those steps took 11-34% less on the H200.
 pub const MAX_ITEM_TOKENS: usize = 2048;
 
+/// How the main kernel of a split decode runs on the device, for sizing its work items (see
+/// [`item_tokens`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DecodeFit {
+    /// CTAs of the kernel that one multiprocessor runs at once.
+    pub ctas_per_sm: usize,
+    /// What a work item costs its multiprocessor besides its blocks (its query, the merge of
+    /// its warps, its partial), in block-times.
+    pub item_cost: f64,
+}
+
+/// The [`DecodeFit`] of a split decode of blocks of `formats_used` on the current device.
+pub fn decode_fit(
+    formats_used: u32,
+    head_dim: usize,
+    n_head: usize,
+    n_head_kv: usize,
+    n_spans: usize,
+) -> Result<DecodeFit, Error> {
+    let int = |x: usize| i32::try_from(x).unwrap_or(i32::MAX);
+    let mut fit = sys::kvb_cuda_decode_fit {
+        ctas_per_sm: 0,
+        item_cost_blocks: 0.0,
+    };
+    // SAFETY: a query of the current device; `fit` is a valid out-pointer.
+    check(
+        unsafe {
+            sys::kvb_cuda_decode_fit_of(
+                formats_used,
+                int(head_dim),
+                int(n_head),
+                int(n_head_kv),
+                int(n_spans),
+                &mut fit,
+            )
+        },
+        "decode fit",
+    )?;
+    Ok(DecodeFit {
+        ctas_per_sm: usize::try_from(fit.ctas_per_sm).unwrap_or(0).max(1),
+        item_cost: f64::from(fit.item_cost_blocks),
+    })
+}
+
 /// Tokens per work item of a split decode over `pairs` (sequence, KV head) pairs of `tokens`
-/// cached tokens each: about four items per SM, none longer than [`MAX_ITEM_TOKENS`].
-pub fn item_tokens(tokens: usize, pairs: usize, sms: usize) -> usize {
-    let items = (4 * sms).div_ceil(pairs.max(1)).max(1);
-    tokens.div_ceil(items).clamp(1, MAX_ITEM_TOKENS)
+/// cached tokens each, in blocks of `block` tokens, on `sms` multiprocessors: whole blocks, at
+/// most [`MAX_ITEM_TOKENS`], the length of the least estimated time, of equals the longest
+/// (fewer partials to merge). Items run in waves of `sms × fit.ctas_per_sm` CTAs, a wave as
+/// long as its longest item plus about a block (each CTA's start and end), and every item
+/// costs its multiprocessor `fit.item_cost` blocks more:
+/// `time = waves · (length + 1) + items / sms · item_cost`, in block-times. The rule before,
+/// about four items per multiprocessor, left 1.5 or 2 waves where the kernel fits two or
+/// three CTAs: on the H200 our f16 steps took 11-44% longer at 65536 and 131072 tokens,
+/// batch 1, and 4096 at batch 8, kivi2's 7-24% longer at batch 1 from 16384 tokens.
+pub fn item_tokens(tokens: usize, block: usize, pairs: usize, sms: usize, fit: DecodeFit) -> usize {
+    let (block, sms) = (block.max(1), sms.max(1));
+    let blocks = tokens.div_ceil(block).max(1);
+    let slots = sms * fit.ctas_per_sm.max(1);
+    let time = |b: usize| {
+        let items = pairs.max(1) * blocks.div_ceil(b);
+        (items.div_ceil(slots) * (b + 1)) as f64 + items as f64 / sms as f64 * fit.item_cost
+    };
+    let longest = (MAX_ITEM_TOKENS / block).clamp(1, blocks);
+    let best = (1..=longest)
+        .rev()
+        .min_by(|&x, &y| time(x).total_cmp(&time(y)));
+    best.unwrap_or(1) * block
 }
 
 /// Whether `n_work` one-pass items (one per calibrated span) beat a finer split that runs a
