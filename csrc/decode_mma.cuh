@@ -122,7 +122,15 @@ struct MmaDecode {
     struct Team {
         int warp, warps;
     };
-    __device__ static bool shares_blocks(const kvb_cuda_work &w, int warps) { return 4 * w.n_blocks <= warps; }
+    // Whether the warps of an item take its chunks in turn instead of whole blocks each: in
+    // items of few blocks (a quarter block per warp or less), and in f16 caches where whole
+    // blocks would not share out evenly (a warp prepares an f16 query once; one entering a
+    // quantized block prepares the query for it, so sharing larger items of those costs more
+    // than it gains). Items of two f16 blocks had left half the warps idle; sharing every f16
+    // item made long ones 7% slower (each warp then walks every block's descriptor).
+    __device__ static bool shares_blocks(const kvb_cuda_decode_args &a, const kvb_cuda_work &w, int warps) {
+        return 4 * w.n_blocks <= warps || (a.formats_used == 1u << F16 && w.n_blocks % warps != 0);
+    }
 
     // First chunk of the first block this sweep reads (with kCalibOnly, calibrated blocks
     // only) among item-relative blocks rel, rel + skip, ...
@@ -136,7 +144,7 @@ struct MmaDecode {
             // logits its key sweep left): a token's rows take twice the wider of K and V.
             const int wider = max(row_bytes(blk.k_format), row_bytes(blk.v_format));
             int cap = ((stage - kScales) / (kParts == kBoth ? 2 * wider : wider)) & ~15;
-            if (shares_blocks(w, team.warps)) cap = min(cap, kSharedTokens);
+            if (shares_blocks(a, w, team.warps)) cap = min(cap, kSharedTokens);
             int tok0 = 0;
             for (int i = 0; i < rel; ++i) tok0 += a.blocks[w.first_block + i].n;
             return {w.first_block + rel, 0, min(blk.n, cap), cap, tok0, blk};
@@ -161,14 +169,12 @@ struct MmaDecode {
         return c;
     }
 
-    // A warp's chunks: of an item of few blocks (a quarter block per warp or less), every
-    // team.warps-th chunk, so that all warps have work; else every chunk of blocks warp,
-    // warp + warps, ... (a warp prepares the query of each block it enters: sharing larger
-    // items costs more than it gains).
+    // A warp's chunks: where the warps share blocks (shares_blocks), every team.warps-th
+    // chunk; else every chunk of blocks warp, warp + warps, ...
     template <int kParts, bool kCalibOnly>
     __device__ static Chunk first_chunk(const kvb_cuda_decode_args &a, const kvb_cuda_work &w, const Team &team,
                                         int stage) {
-        if (!shares_blocks(w, team.warps))
+        if (!shares_blocks(a, w, team.warps))
             return block_chunk<kParts, kCalibOnly>(a, w, team.warp, team.warps, stage, team);
         const Chunk first = block_chunk<kParts, kCalibOnly>(a, w, 0, 1, stage, team);
         return chunk_after<kParts, kCalibOnly>(a, w, first, team.warp, stage, team);
@@ -176,7 +182,7 @@ struct MmaDecode {
     template <int kParts, bool kCalibOnly>
     __device__ static Chunk next_chunk(const kvb_cuda_decode_args &a, const kvb_cuda_work &w, const Chunk &c,
                                        const Team &team, int stage) {
-        if (shares_blocks(w, team.warps)) return chunk_after<kParts, kCalibOnly>(a, w, c, team.warps, stage, team);
+        if (shares_blocks(a, w, team.warps)) return chunk_after<kParts, kCalibOnly>(a, w, c, team.warps, stage, team);
         if (c.c0 + c.len < c.blk.n) return chunk_after<kParts, kCalibOnly>(a, w, c, 1, stage, team);
         return block_chunk<kParts, kCalibOnly>(a, w, c.b - w.first_block + team.warps, team.warps, stage, team);
     }
