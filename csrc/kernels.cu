@@ -480,7 +480,7 @@ cudaError_t launch_combine(const kvb_cuda_decode_args &a, cudaStream_t s) {
 
 // A kernel of a decode step: all take kvb_cuda_decode_args, a CTA per work item. item_cost is
 // what a work item costs its multiprocessor besides its blocks, in block-times, for the
-// planner (kvb_cuda_decode_fit): the query, the merge of the warps and the partial, about a
+// planner (kvb_cuda_decode_fit_of): the query, the merge of the warps and the partial, about a
 // block where a block reads fast; none in decode_prepared.cuh, whose blocks' own preparing
 // and tensor-core work dwarf it (more, shorter items measured faster there).
 struct DecodeKernel {

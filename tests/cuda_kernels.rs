@@ -1218,8 +1218,9 @@ fn one_pass_needs_whole_calibrated_spans_per_item() {
     assert!(!kernels::one_pass_spans(&with_text[1..], &[item(0, 1)]));
 }
 
-/// The planner's item length (no GPU needed): whole blocks, at most `MAX_ITEM_TOKENS`; a block
-/// per item where every block gets a CTA of one wave at no item cost; and the H200's measured
+/// The planner's item length (no GPU needed): whole blocks, at most `MAX_ITEM_TOKENS` (one
+/// block where a block is longer); a block per item where every block gets a CTA of one wave
+/// at no item cost; and the H200's measured
 /// cases (132 multiprocessors, two CTAs of the f16 kernel on each), where the rule before left
 /// 1.5 or 2 waves.
 #[test]
@@ -1257,4 +1258,6 @@ fn item_lengths_fill_whole_waves() {
     for (tokens, pairs, item) in [(65536, 4, 1024), (131072, 4, 2048), (4096, 32, 512)] {
         assert_eq!(kernels::item_tokens(tokens, BLOCK, pairs, 132, f16), item);
     }
+    // Blocks longer than MAX_ITEM_TOKENS: one block per item.
+    assert_eq!(kernels::item_tokens(65536, 4096, 4, 132, f16), 4096);
 }

@@ -61,7 +61,8 @@ struct Arena {
     /// The decode plan of the layer, built on first use, and whether the layer changed since.
     plan: Option<DecodePlan>,
     stale: bool,
-    /// The blocks part of the plan (`None` once blocks changed), and whether `plan` holds it.
+    /// The blocks part of the plan (`None` once blocks changed; rebuilt for other query
+    /// heads), and whether `plan` holds it.
     blocks: Option<BlockPlan>,
     blocks_sent: bool,
 }
@@ -678,10 +679,14 @@ impl DeviceCache {
         let with_recent = formats_used | 1 << FormatId::F16 as u32;
         let n_spans = if calibrated { lay.n_spans } else { 0 };
         let fit = kernels::decode_fit(with_recent, cfg.head_dim, n_head, h, n_spans)?;
-        let (block, blocks_tokens) = (cfg.block_len(), lay.n_tokens - lay.n_res);
+        // Blocks of a span each (BlockTokens::All) vary in length: items then take about
+        // MAX_ITEM_TOKENS, as split_by_tokens fills them.
+        let block = cfg.block_len().min(kernels::MAX_ITEM_TOKENS);
+        let blocks_tokens = lay.n_tokens - lay.n_res;
         let tokens = kernels::item_tokens(blocks_tokens, block, h, self.sms, fit);
         let split = per_head(&|d: &[BlockDesc], first, g| split_by_tokens(d, first, g, tokens));
         Ok(BlockPlan {
+            n_head,
             descs,
             one_pass,
             split,
@@ -696,8 +701,8 @@ impl DeviceCache {
     /// other blocks in items of at most as many tokens, where that gives every SM an item;
     /// else as [`kernels::item_tokens`] splits them.
     fn replan(&mut self, layer: usize, n_head: usize, stream: &Stream) -> Result<(), Error> {
-        let asked_heads = self.arenas[layer].plan.as_ref().map(|p| p.n_head);
-        if self.arenas[layer].blocks.is_none() || asked_heads.is_some_and(|n| n != n_head) {
+        let blocks = self.arenas[layer].blocks.as_ref();
+        if blocks.is_none_or(|b| b.n_head != n_head) {
             let plan = self.block_plan(layer, n_head)?;
             let arena = &mut self.arenas[layer];
             arena.blocks = Some(plan);
@@ -768,9 +773,12 @@ impl DeviceCache {
     }
 }
 
-/// The blocks part of a layer's decode plan, rebuilt only when blocks change: their
-/// descriptors (head by head), and per head the work items over them in either split.
+/// The blocks part of a layer's decode plan, rebuilt only when blocks or the query heads
+/// change: their descriptors (head by head), and per head the work items over them in either
+/// split.
 struct BlockPlan {
+    /// Query heads the items were sized for (the kernel's fit depends on them).
+    n_head: usize,
     descs: Vec<BlockDesc>,
     /// One item per calibrated span, the other blocks in items of at most
     /// `LOCAL_TOKENS`; `None` where that does not give a one-pass plan.

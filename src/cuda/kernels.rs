@@ -94,10 +94,10 @@ pub fn decode_fit(
 
 /// Tokens per work item of a split decode over `pairs` (sequence, KV head) pairs of `tokens`
 /// cached tokens each, in blocks of `block` tokens, on `sms` multiprocessors: whole blocks, at
-/// most [`MAX_ITEM_TOKENS`], the length of the least estimated time, of equals the longest
-/// (fewer partials to merge). Items run in waves of `sms × fit.ctas_per_sm` CTAs, a wave as
-/// long as its longest item plus about a block (each CTA's start and end), and every item
-/// costs its multiprocessor `fit.item_cost` blocks more:
+/// most [`MAX_ITEM_TOKENS`] (one block where a block is longer), the length of the least
+/// estimated time, the longest of equal ones (fewer partials to merge). Items run in waves of
+/// `sms × fit.ctas_per_sm` CTAs, a wave as long as its longest item plus about a block (each
+/// CTA's start and end), and every item costs its multiprocessor `fit.item_cost` blocks more:
 /// `time = waves · (length + 1) + items / sms · item_cost`, in block-times. The rule before,
 /// about four items per multiprocessor, left 1.5 or 2 waves where the kernel fits two or
 /// three CTAs: on the H200 our f16 steps took 11-44% longer at 65536 and 131072 tokens,
