@@ -101,7 +101,7 @@ pub fn decode_fit(
 /// `time = waves · (length + 1) + items / sms · item_cost`, in block-times. The rule before,
 /// about four items per multiprocessor, left 1.5 or 2 waves where the kernel fits two or
 /// three CTAs: on the H200 our f16 steps took 11-44% longer at 65536 and 131072 tokens,
-/// batch 1, and 4096 at batch 8, kivi2's 7-24% longer at batch 1 from 16384 tokens.
+/// batch 1, and 4096 at batch 8, kivi2's 11-32% longer at batch 1 from 16384 tokens.
 pub fn item_tokens(tokens: usize, block: usize, pairs: usize, sms: usize, fit: DecodeFit) -> usize {
     let (block, sms) = (block.max(1), sms.max(1));
     let blocks = tokens.div_ceil(block).max(1);
