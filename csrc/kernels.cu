@@ -490,6 +490,21 @@ struct DecodeKernel {
     float item_cost = 1.f;
 };
 
+// Whether decode_mma.cuh's tensor-core kernels take the call: f16 and q1_calib blocks only,
+// at most 8 query heads per KV head, not generic_only. Both its split and one-pass paths ask.
+inline bool mma_call(const kvb_cuda_decode_args &a) {
+    constexpr uint32_t kMmaFormats = (1u << F16) | (1u << Q1_CALIB);
+    return !a.generic_only && a.n_head / a.n_head_kv <= MmaDecode<64>::kHeads && a.formats_used != 0 &&
+           (a.formats_used & ~kMmaFormats) == 0;
+}
+
+// Shared memory of the one-pass (LOCAL) kernel for the call's formats.
+template <int D>
+size_t local_smem(const kvb_cuda_decode_args &a) {
+    return MmaDecode<D, kPassWarps<Pass::kLocal>>::smem_bytes((a.formats_used >> F16) & 1, kPassParts<Pass::kLocal>,
+                                                               true);
+}
+
 // The kernels of a split decode (every call but LOCAL's one pass): the range pass of calibrated
 // spans where there are any, then the main kernel, then combine. The launcher runs them and the
 // planner sizes work items by the main kernel's CTAs per multiprocessor
@@ -528,9 +543,7 @@ cudaError_t split_kernels(const kvb_cuda_decode_args &a, SplitKernels &k) {
         if (tiles && quantized == 1u << Q2_HAD) return tiled.template operator()<FmtQ2Had<D>, FmtQ2Had<D>>();
         if (tiles && quantized != 0 && (quantized & ~kHad) == 0)
             return tiled.template operator()<FmtHadMix<D>, FmtHadMix<D>>();
-        constexpr uint32_t kMmaFormats = (1u << F16) | (1u << Q1_CALIB);
-        if (!a.generic_only && G <= MmaDecode<64>::kHeads && a.formats_used != 0 &&
-            (a.formats_used & ~kMmaFormats) == 0) {
+        if (mma_call(a)) {
             constexpr int kThreadsMma = kPassWarps<Pass::kAttend> * 32;
             using A = MmaDecode<D, kPassWarps<Pass::kAttend>>;
             if (a.n_spans > 0) {
@@ -562,11 +575,7 @@ cudaError_t split_kernels(const kvb_cuda_decode_args &a, SplitKernels &k) {
 // first).
 template <int D>
 bool one_pass(const kvb_cuda_decode_args &a) {
-    constexpr uint32_t kMmaFormats = (1u << F16) | (1u << Q1_CALIB);
-    using L = MmaDecode<D, kPassWarps<Pass::kLocal>>;
-    return !a.generic_only && a.n_head / a.n_head_kv <= L::kHeads && a.formats_used != 0 &&
-           (a.formats_used & ~kMmaFormats) == 0 && a.local_spans && a.n_spans > 0 &&
-           fits_smem(L::smem_bytes((a.formats_used >> F16) & 1, kPassParts<Pass::kLocal>, true));
+    return mma_call(a) && a.local_spans && a.n_spans > 0 && fits_smem(local_smem<D>(a));
 }
 
 // LOCAL: the one-pass kernel (a cluster of two CTAs per item where the items are fewer than
@@ -575,7 +584,7 @@ template <int D>
 cudaError_t launch_local(const kvb_cuda_decode_args &a, cudaStream_t s) {
     using L = MmaDecode<D, kPassWarps<Pass::kLocal>>;
     const void *fn = (const void *)decode_mma_kernel<D, Pass::kLocal>;
-    const size_t smem = L::smem_bytes((a.formats_used >> F16) & 1, kPassParts<Pass::kLocal>, true);
+    const size_t smem = local_smem<D>(a);
     cudaError_t err = allow_smem(fn, smem);
     if (err != cudaSuccess) return err;
     const int ctas = local_ctas(a.n_work);
