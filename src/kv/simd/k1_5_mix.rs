@@ -2,13 +2,15 @@
 //! and head, the query goes through the adjoint of the inverse FFT once (one plan for the
 //! block) and is folded with the steps and scales; a token scores
 //! `base + Σ_j qs_j·code_j + Σ_k 2f_k·bit_k` (a sign `±1` is `2·bit − 1`, the `−Σ f` is in the
-//! base), both runs of codes dotted for `L` tokens at once ([`token_dots`]). Keys only: sums
-//! (never asked of a key format) run the reference.
+//! base). The 2-bit codes are dotted for `L` tokens at once ([`token_dots`]); the sign bits go
+//! through q1_calib's nibble tables ([`bit_scores`]), four bits per permute instead of an FMA
+//! each. Keys only: sums (never asked of a key format) run the reference.
 
 use std::marker::PhantomData;
 
 use super::f16::f16s_to_f32;
 use super::lanes::{self, Lanes, Scores, code_weights, row_index, store_lanes, token_dots};
+use super::q1_calib::{BitRows, bit_scores};
 use super::{Kernel, PerHead};
 use crate::kv::formats::k1_5_mix::{Layout, Spectrum};
 use crate::kv::{FormatId, Shape};
@@ -46,9 +48,9 @@ impl Scores for Keys {
         let (pairs, scales) = (&mut pairs[..2 * dh], &mut scales[..dl]);
         f16s_to_f32(&block[l.params..l.params + 4 * dh], pairs);
         f16s_to_f32(&block[l.scales..l.scales + 2 * dl], scales);
-        let (cw2, cw1) = (const { code_weights::<2>() }, const { code_weights::<1>() });
-        // Weights of the 2-bit codes, then of the coefficient bits, interleaved by head.
-        let mut w = [0f32; 7 * 256];
+        let cw2 = const { code_weights::<2>() };
+        // Weights of the 2-bit codes interleaved by head; of the coefficient bits, by head.
+        let (mut w, mut wb) = ([0f32; 7 * 256], [0f32; 7 * 256]);
         let mut base = [0f32; H];
         let mut spectrum = Spectrum::new(dl);
         let mut wl = [0f64; 256];
@@ -64,24 +66,32 @@ impl Scores for Keys {
             for (k, (&wk, &scale)) in wl.iter().zip(&*scales).enumerate() {
                 let f = wk as f32 * scale;
                 acc -= f;
-                w[(dh + k) * H + h] = 2.0 * f * cw1[k % 32];
+                wb[h * dl + k] = 2.0 * f;
             }
             *b = acc;
         }
         let rows = &block[l.codes..l.codes + n * l.stride];
         for t0 in (0..n).step_by(V::L) {
             let mt = V::L.min(n - t0);
-            // SAFETY: lanes read rows `t0..t0 + mt`, inside `rows`; each run's end has four bytes
-            // of its row before it (the 2-bit run alone holds `dh / 4 ≥ 4`).
+            // SAFETY: lanes read rows `t0..t0 + mt`, inside `rows`; the 2-bit run holds
+            // `dh / 4 ≥ 4` bytes.
             unsafe {
                 let idx = row_index::<V>(0, l.stride, t0, mt);
                 let mut acc = base.map(|b| V::splat(b));
                 token_dots::<V, H, 2>(rows.as_ptr(), idx, 0, dh, &w, &[], &mut acc);
-                token_dots::<V, H, 1>(rows.as_ptr(), idx, dh / 4, dl, &w[dh * H..], &[], &mut acc);
                 for (h, a) in acc.into_iter().enumerate() {
                     store_lanes::<V>(&mut out[h * stride + t0..][..mt], a);
                 }
             }
         }
+        let signs = BitRows {
+            bytes: rows,
+            first: dh / 4,
+            stride: l.stride,
+            len: dl / 8,
+        };
+        // SAFETY: `V`'s features are this path's (AVX-512 F/BW for 16 lanes, else AVX2 and
+        // FMA); the sign run has the 2-bit run's four bytes before it.
+        unsafe { bit_scores(&signs, n, &wb, &[0.0; H], true, out, stride, V::L == 16) }
     }
 }

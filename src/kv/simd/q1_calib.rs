@@ -86,14 +86,59 @@ fn scores(block: &[u8], shape: Shape, q: &[f32], out: &mut [f32], stride: usize,
         for h in 0..nh {
             assert!(h * stride + n <= out.len());
         }
+        let rows = BitRows {
+            bytes: bits,
+            first: 0,
+            stride: d / 8,
+            len: d / 8,
+        };
         // SAFETY: `kernel` hands out each path only where its `Isa` is supported; `out`
         // holds every row written (asserted above) and `bits` every token's codes.
-        unsafe {
-            if wide {
-                x86::scores512(bits, n, d, &w[..nh * d], &base[..nh], out, stride)
-            } else {
-                x86::scores256(bits, n, d, &w[..nh * d], &base[..nh], out, stride)
-            }
+        unsafe { bit_scores(&rows, n, &w[..nh * d], &base[..nh], false, out, stride, wide) }
+    }
+}
+
+/// Where the 1-bit codes of a block's tokens lie: token `t`'s `8·len` codes from byte `first`
+/// of its row at `t·stride`, code `c` at bit `c % 8` of byte `c / 8`. A run shorter than four
+/// bytes needs four bytes of its row before its end.
+pub(super) struct BitRows<'a> {
+    pub(super) bytes: &'a [u8],
+    pub(super) first: usize,
+    pub(super) stride: usize,
+    pub(super) len: usize,
+}
+
+/// `out[h·stride + t] = base_h + Σ_c w[h·8·len + c]·bit_tc` for the `n` tokens of `rows` and
+/// the heads of `base` (at most [`HEADS`]), plus what `out` held where `add`: the scores of
+/// q1_calib, and the sign bits of k1_5_mix's coefficients on top of its 2-bit codes'.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW (`wide`) or AVX2 and FMA; `rows` holds the `n` rows, `out` every
+/// head's `n` scores.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn bit_scores(
+    rows: &BitRows,
+    n: usize,
+    w: &[f32],
+    base: &[f32],
+    add: bool,
+    out: &mut [f32],
+    stride: usize,
+    wide: bool,
+) {
+    assert!(n == 0 || (n - 1) * rows.stride + rows.first + rows.len <= rows.bytes.len());
+    assert!(rows.len >= 4 || rows.first + rows.len >= 4);
+    assert!(w.len() >= base.len() * 8 * rows.len && base.len() <= HEADS);
+    assert!(rows.len * 8 <= MAX_D);
+    for h in 0..base.len() {
+        assert!(h * stride + n <= out.len());
+    }
+    // SAFETY: the caller's features; the reads and writes asserted above.
+    unsafe {
+        if wide {
+            x86::scores512(rows, n, w, base, add, out, stride)
+        } else {
+            x86::scores256(rows, n, w, base, add, out, stride)
         }
     }
 }
@@ -139,17 +184,18 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::mem::MaybeUninit;
 
-    use super::{HEADS, MAX_D, Sums};
+    use super::{BitRows, HEADS, MAX_D, Sums};
 
-    /// Where word `wd` of a token's `row` code bytes is read, and whether its codes are the
-    /// high half: d = 80 and 112 end on half a word, read as the row's last four bytes so
-    /// that no read passes the row.
+    /// Where word `wd` of a token's run of codes is read (bytes from its row's start), the
+    /// bits its codes are shifted down by, and how many nibbles it holds: a run that ends
+    /// inside a word reads the run's last four bytes, so that no read passes the run.
     #[inline]
-    fn word(row: usize, wd: usize) -> (usize, bool) {
-        if 4 * wd + 4 <= row {
-            (4 * wd, false)
+    fn word(rows: &BitRows, wd: usize) -> (usize, u32, usize) {
+        if 4 * wd + 4 <= rows.len {
+            (rows.first + 4 * wd, 0, 8)
         } else {
-            (row - 4, true)
+            let over = 4 * wd + 4 - rows.len;
+            (rows.first + rows.len - 4, 8 * over as u32, 8 - 2 * over)
         }
     }
 
@@ -163,63 +209,60 @@ mod x86 {
         _mm512_mask_add_ps(t, 0xFF00, t, _mm512_set1_ps(w[3]))
     }
 
-    /// Scores of up to [`HEADS`] heads (`base.len()`), 16 tokens per vector.
+    /// [`bit_scores`](super::bit_scores) of up to [`HEADS`] heads (`base.len()`), 16 tokens
+    /// per vector.
     #[target_feature(enable = "avx512f,avx512bw")]
     pub(super) unsafe fn scores512(
-        bits: &[u8],
+        rows: &BitRows,
         n: usize,
-        d: usize,
         w: &[f32],
         base: &[f32],
+        add: bool,
         out: &mut [f32],
         stride: usize,
     ) {
         // SAFETY: the caller's contract, passed on.
-        unsafe { by_heads!(base.len(), scores512_h(bits, n, d, w, base, out, stride)) }
+        unsafe { by_heads!(base.len(), scores512_h(rows, n, w, base, add, out, stride)) }
     }
 
     /// [`scores512`] for `H` heads: accumulators in registers.
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn scores512_h<const H: usize>(
-        bits: &[u8],
+        rows: &BitRows,
         n: usize,
-        d: usize,
         w: &[f32],
         base: &[f32],
+        add: bool,
         out: &mut [f32],
         stride: usize,
     ) {
-        let (row, words) = (d / 8, d.div_ceil(32));
+        let (codes_per_head, words) = (8 * rows.len, rows.len.div_ceil(4));
         // Tables: [nibble][head] of 16 floats.
         let mut tab = [MaybeUninit::<__m512>::uninit(); HEADS * MAX_D / 4];
         for h in 0..H {
-            for k in 0..d / 4 {
-                tab[k * H + h].write(table512(&w[h * d + 4 * k..]));
+            for k in 0..codes_per_head / 4 {
+                tab[k * H + h].write(table512(&w[h * codes_per_head + 4 * k..]));
             }
         }
         let lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        let offsets = _mm512_mullo_epi32(lane, _mm512_set1_epi32(row as i32));
+        let offsets = _mm512_mullo_epi32(lane, _mm512_set1_epi32(rows.stride as i32));
         for t0 in (0..n).step_by(16) {
             let m = (n - t0).min(16);
             let mask: __mmask16 = if m == 16 { 0xFFFF } else { (1u16 << m) - 1 };
-            let at = bits[t0 * row..].as_ptr();
+            let at = rows.bytes[t0 * rows.stride..].as_ptr();
             // Every word of the 16 tokens first: the gathers' latencies overlap.
             let mut codes = [_mm512_setzero_si512(); MAX_D / 32];
             for (wd, code) in codes[..words].iter_mut().enumerate() {
-                let (at_word, high_half) = word(row, wd);
+                let (at_word, shift, _) = word(rows, wd);
                 let idx = _mm512_add_epi32(offsets, _mm512_set1_epi32(at_word as i32));
-                // SAFETY: lanes in `mask` read 4 bytes of token `t0 + lane`'s row, inside `bits`.
+                // SAFETY: lanes in `mask` read 4 bytes of token `t0 + lane`'s run, inside `bytes`.
                 let c = unsafe {
                     _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), mask, idx, at.cast())
                 };
-                *code = if high_half {
-                    _mm512_srli_epi32::<16>(c)
-                } else {
-                    c
-                };
+                *code = _mm512_srl_epi32(c, _mm_cvtsi32_si128(shift as i32));
             }
             let mut acc = [_mm512_setzero_ps(); H];
-            for (k, tabs) in tab[..H * (d / 4)].chunks_exact(H).enumerate() {
+            for (k, tabs) in tab[..H * (codes_per_head / 4)].chunks_exact(H).enumerate() {
                 // vpermps reads the low 4 bits of each lane: the nibble after the shift.
                 let nib = _mm512_srlv_epi32(codes[k / 8], _mm512_set1_epi32(4 * (k % 8) as i32));
                 for (a, t) in acc.iter_mut().zip(tabs) {
@@ -229,10 +272,15 @@ mod x86 {
                 }
             }
             for (h, a) in acc.iter().enumerate() {
-                let s = _mm512_add_ps(*a, _mm512_set1_ps(base[h]));
-                let o = &mut out[h * stride + t0..h * stride + t0 + m];
-                // SAFETY: the masked store writes the `m` floats of `o`.
-                unsafe { _mm512_mask_storeu_ps(o.as_mut_ptr(), mask, s) };
+                let o = out[h * stride + t0..h * stride + t0 + m].as_mut_ptr();
+                // SAFETY: the masked load and store touch the `m` floats of `o`.
+                unsafe {
+                    let mut s = _mm512_add_ps(*a, _mm512_set1_ps(base[h]));
+                    if add {
+                        s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(mask, o));
+                    }
+                    _mm512_mask_storeu_ps(o, mask, s);
+                }
             }
         }
     }
@@ -360,41 +408,42 @@ mod x86 {
         (lo, _mm256_add_ps(lo, _mm256_set1_ps(w[3])))
     }
 
-    /// Scores of up to [`HEADS`] heads, 8 tokens per vector.
+    /// [`scores512`] on AVX2, 8 tokens per vector.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn scores256(
-        bits: &[u8],
+        rows: &BitRows,
         n: usize,
-        d: usize,
         w: &[f32],
         base: &[f32],
+        add: bool,
         out: &mut [f32],
         stride: usize,
     ) {
         // SAFETY: the caller's contract, passed on.
-        unsafe { by_heads!(base.len(), scores256_h(bits, n, d, w, base, out, stride)) }
+        unsafe { by_heads!(base.len(), scores256_h(rows, n, w, base, add, out, stride)) }
     }
 
     #[target_feature(enable = "avx2,fma")]
     unsafe fn scores256_h<const H: usize>(
-        bits: &[u8],
+        rows: &BitRows,
         n: usize,
-        d: usize,
         w: &[f32],
         base: &[f32],
+        add: bool,
         out: &mut [f32],
         stride: usize,
     ) {
-        let (row, words) = (d / 8, d.div_ceil(32));
+        let (codes_per_head, words) = (8 * rows.len, rows.len.div_ceil(4));
+        let nibbles = codes_per_head / 4;
         let mut tab = [MaybeUninit::<(__m256, __m256)>::uninit(); HEADS * MAX_D / 4];
         for h in 0..H {
-            for k in 0..d / 4 {
-                tab[h * (d / 4) + k].write(table256(&w[h * d + 4 * k..]));
+            for k in 0..nibbles {
+                tab[h * nibbles + k].write(table256(&w[h * codes_per_head + 4 * k..]));
             }
         }
         let offsets = _mm256_mullo_epi32(
             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-            _mm256_set1_epi32(row as i32),
+            _mm256_set1_epi32(rows.stride as i32),
         );
         for t0 in (0..n).step_by(8) {
             let m = (n - t0).min(8);
@@ -402,27 +451,23 @@ mod x86 {
                 _mm256_set1_epi32(m as i32),
                 _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
             );
-            let at = bits[t0 * row..].as_ptr();
+            let at = rows.bytes[t0 * rows.stride..].as_ptr();
             let mut acc = [_mm256_setzero_ps(); H];
             for wd in 0..words {
-                let (at_word, high_half) = word(row, wd);
+                let (at_word, shift, in_word) = word(rows, wd);
                 let idx = _mm256_add_epi32(offsets, _mm256_set1_epi32(at_word as i32));
-                // SAFETY: lanes in `mask` read 4 bytes of token `t0 + lane`'s row, inside `bits`.
+                // SAFETY: lanes in `mask` read 4 bytes of token `t0 + lane`'s run, inside `bytes`.
                 let code = unsafe {
                     _mm256_mask_i32gather_epi32::<1>(_mm256_setzero_si256(), at.cast(), idx, mask)
                 };
-                let (code, nibbles) = if high_half {
-                    (_mm256_srli_epi32::<16>(code), 4)
-                } else {
-                    (code, 8)
-                };
-                for j in 0..nibbles {
+                let code = _mm256_srl_epi32(code, _mm_cvtsi32_si128(shift as i32));
+                for j in 0..in_word {
                     let nib = _mm256_srlv_epi32(code, _mm256_set1_epi32(4 * j as i32));
                     let high = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(nib));
                     let k = wd * 8 + j;
                     for (h, a) in acc.iter_mut().enumerate() {
-                        // SAFETY: tables 0..d/4 of heads 0..H were written above.
-                        let (tl, th) = unsafe { tab[h * (d / 4) + k].assume_init() };
+                        // SAFETY: tables 0..nibbles of heads 0..H were written above.
+                        let (tl, th) = unsafe { tab[h * nibbles + k].assume_init() };
                         let v = _mm256_blendv_ps(
                             _mm256_permutevar8x32_ps(tl, nib),
                             _mm256_permutevar8x32_ps(th, nib),
@@ -433,12 +478,15 @@ mod x86 {
                 }
             }
             for (h, a) in acc.iter().enumerate() {
+                let o = &mut out[h * stride + t0..h * stride + t0 + m];
                 let mut s = [0f32; 8];
                 // SAFETY: `s` holds 8 floats.
                 unsafe {
                     _mm256_storeu_ps(s.as_mut_ptr(), _mm256_add_ps(*a, _mm256_set1_ps(base[h])))
                 };
-                out[h * stride + t0..h * stride + t0 + m].copy_from_slice(&s[..m]);
+                for (o, &x) in o.iter_mut().zip(&s) {
+                    *o = if add { *o + x } else { x };
+                }
             }
         }
     }
