@@ -52,12 +52,11 @@ impl Scores for Keys {
         // Weights of the 2-bit codes interleaved by head; of the coefficient bits, by head.
         let (mut w, mut wb) = ([0f32; 7 * 256], [0f32; 7 * 256]);
         let mut base = [0f32; H];
-        let mut spectrum = Spectrum::new(dl);
         let mut wl = [0f64; 256];
         let wl = &mut wl[..dl];
         for (h, b) in base.iter_mut().enumerate() {
             let qh = &q[h * d..(h + 1) * d];
-            spectrum.adjoint(l.lo.iter().map(|&c| qh[c]), wl);
+            Spectrum::with(dl, |s| s.adjoint(l.lo.iter().map(|&c| qh[c]), wl));
             let mut acc = 0f32;
             for (j, &c) in l.hi.iter().enumerate() {
                 acc += qh[c] * pairs[2 * j];

@@ -94,7 +94,18 @@ fn scores(block: &[u8], shape: Shape, q: &[f32], out: &mut [f32], stride: usize,
         };
         // SAFETY: `kernel` hands out each path only where its `Isa` is supported; `out`
         // holds every row written (asserted above) and `bits` every token's codes.
-        unsafe { bit_scores(&rows, n, &w[..nh * d], &base[..nh], false, out, stride, wide) }
+        unsafe {
+            bit_scores(
+                &rows,
+                n,
+                &w[..nh * d],
+                &base[..nh],
+                false,
+                out,
+                stride,
+                wide,
+            )
+        }
     }
 }
 
