@@ -277,7 +277,7 @@ mod x86 {
                 // vpermps reads the low 4 bits of each lane: the nibble after the shift.
                 let nib = _mm512_srlv_epi32(codes[k / 8], _mm512_set1_epi32(4 * (k % 8) as i32));
                 for (a, t) in acc.iter_mut().zip(tabs) {
-                    // SAFETY: tables 0..H·d/4 were written above.
+                    // SAFETY: the tables of every nibble and head were written above.
                     let t = unsafe { t.assume_init() };
                     *a = _mm512_add_ps(*a, _mm512_permutexvar_ps(nib, t));
                 }
