@@ -366,7 +366,11 @@ pub(crate) unsafe fn token_dots<V: Lanes, const H: usize, const BITS: usize>(
 
 /// `acc[h] += w[h]·x` for every head.
 #[inline(always)]
-unsafe fn heads_fma<V: Lanes, const H: usize>(x: V::F, w: *const f32, acc: &mut [V::F; H]) {
+pub(crate) unsafe fn heads_fma<V: Lanes, const H: usize>(
+    x: V::F,
+    w: *const f32,
+    acc: &mut [V::F; H],
+) {
     for (h, a) in acc.iter_mut().enumerate() {
         // SAFETY: the caller's `w` holds `H` weights.
         *a = unsafe { V::fma(V::splat(*w.add(h)), x, *a) };

@@ -1,14 +1,14 @@
 //! Fast `v1_58_tern` sums (see `formats/v1_58_tern.rs`), straight from the codes: channels
-//! are lanes; a trit byte of `L` channels is widened once per token and its digit read by
-//! TQ1_0's multiply-and-shift, and every head's softmax weight is added under it with the
-//! accumulators in registers ([`channel_sums`]). The per-channel scales apply once per block.
-//! Salient tokens' 2-bit codes are summed the same way. Scores (never asked of a value
-//! format) run the reference.
+//! are lanes; a trit byte of `L` channels (five tokens) is widened once and its five digits
+//! read in turn by TQ1_0's multiply-and-shift, and every head's softmax weight is added under
+//! each digit with the accumulators in registers ([`trit_sums`]). The per-channel scales
+//! apply once per block. Salient tokens' 2-bit codes are summed by [`channel_sums`]. Scores
+//! (never asked of a value format) run the reference.
 
 use std::marker::PhantomData;
 
 use super::f16::f16s_to_f32;
-use super::lanes::{self, Codes, Lanes, Packed, Sums, channel_sums};
+use super::lanes::{self, Lanes, Packed, Sums, channel_sums, heads_fma};
 use super::{Kernel, PerHead};
 use crate::kv::formats::v1_58_tern::{Layout, Row};
 use crate::kv::{FormatId, Shape};
@@ -53,10 +53,7 @@ impl Sums for Values {
             }
         });
         let (mut terns, mut codes) = (vec![0f32; H * d], vec![0f32; H * d]);
-        let trits = Trits {
-            base: block[l.trits..l.trits + n_u.div_ceil(5) * d].as_ptr(),
-            d,
-        };
+        let trits = &block[l.trits..l.trits + n_u.div_ceil(5) * d];
         let salient = Packed::<2> {
             base: block[l.protected..l.protected + l.n_p * d / 4].as_ptr(),
             first: 0,
@@ -64,7 +61,7 @@ impl Sums for Values {
         };
         // SAFETY: each row read lies in its part of the block (sliced above).
         unsafe {
-            channel_sums::<V, H>(0..d, n_u, &trits, &wu, &mut terns, d);
+            trit_sums::<V, H>(trits, d, n_u, &wu, &mut terns);
             channel_sums::<V, H>(0..d, l.n_p, &salient, &wp, &mut codes, d);
         }
         let mut sum_p = [0f32; H];
@@ -86,23 +83,40 @@ impl Sums for Values {
     }
 }
 
-/// The trit rows of a block: row `u`'s trits of `L` channels from `c`, as −1, 0 or 1.
-struct Trits {
-    base: *const u8,
+/// `out[h·d + c] += Σ_u w[u·H + h]·trit_uc` over the `n_u` ternary rows of `trits` (row
+/// `u`'s trit of channel `c` is digit `u % 5` of byte `(u / 5)·d + c`), `L` channels at a time.
+/// A byte's digits come out in order: with `m = byte`, each step takes `t = 3m`, its digit
+/// `t >> 8` and `m = t & 255` (TQ1_0); the trit is the digit less one.
+///
+/// # Safety
+/// The CPU has `V`'s features; `d` is a multiple of `L`.
+#[inline(always)]
+unsafe fn trit_sums<V: Lanes, const H: usize>(
+    trits: &[u8],
     d: usize,
-}
-
-impl Codes for Trits {
-    #[inline(always)]
-    unsafe fn at<V: Lanes>(&self, u: usize, c: usize) -> V::F {
-        // SAFETY: the caller's trit rows hold `L` bytes from channel `c`.
-        unsafe {
-            let b = V::bytes(self.base.add(u / 5 * self.d + c));
-            let m = V::and(V::mullo(b, V::splat_i(POW3[u % 5])), V::splat_i(0xFF));
-            let digit = V::cvt(V::srl(V::mullo(m, V::splat_i(3)), 8));
-            V::add(digit, V::splat(-1.0))
+    n_u: usize,
+    w: &[f32],
+    out: &mut [f32],
+) {
+    assert!(trits.len() >= n_u.div_ceil(5) * d && w.len() >= n_u * H && out.len() >= H * d);
+    // SAFETY: every byte read lies in `trits` and every weight in `w` (asserted).
+    unsafe {
+        let (three, low, minus_one) = (V::splat_i(3), V::splat_i(0xFF), V::splat(-1.0));
+        for c0 in (0..d).step_by(V::L) {
+            let mut acc = [V::zero(); H];
+            for g in 0..n_u.div_ceil(5) {
+                let mut m = V::bytes(trits.as_ptr().add(g * d + c0));
+                for u in 5 * g..(5 * g + 5).min(n_u) {
+                    let t = V::mullo(m, three);
+                    m = V::and(t, low);
+                    let trit = V::add(V::cvt(V::srl(t, 8)), minus_one);
+                    heads_fma::<V, H>(trit, w.as_ptr().add(u * H), &mut acc);
+                }
+            }
+            for (h, a) in acc.iter().enumerate() {
+                let o = out.as_mut_ptr().add(h * d + c0);
+                V::store(o, V::add(V::load(o), *a));
+            }
         }
     }
 }
-
-const POW3: [i32; 5] = [1, 3, 9, 27, 81];
