@@ -1,10 +1,10 @@
 //! Fast `k1_5_mix` scores (see `formats/k1_5_mix.rs`), straight from the codes: per block
-//! and head, the query goes through the adjoint of the inverse FFT once (one plan for the
-//! block) and is folded with the steps and scales; a token scores
+//! and head, the query goes through the adjoint of the inverse FFT once (one transform per
+//! thread, [`Spectrum::with`]) and is folded with the steps and scales; a token scores
 //! `base + Σ_j qs_j·code_j + Σ_k 2f_k·bit_k` (a sign `±1` is `2·bit − 1`, the `−Σ f` is in the
 //! base). The 2-bit codes are dotted for `L` tokens at once ([`token_dots`]); the sign bits go
-//! through q1_calib's nibble tables ([`bit_scores`]), four bits per permute instead of an FMA
-//! each. Keys only: sums (never asked of a key format) run the reference.
+//! through q1_calib's nibble tables ([`bit_scores`]), four bits per table lookup (one permute
+//! on AVX-512, two and a blend on AVX2) instead of an FMA each. Keys only: sums (never asked of a key format) run the reference.
 
 use std::marker::PhantomData;
 
@@ -54,21 +54,23 @@ impl Scores for Keys {
         let mut base = [0f32; H];
         let mut wl = [0f64; 256];
         let wl = &mut wl[..dl];
-        for (h, b) in base.iter_mut().enumerate() {
-            let qh = &q[h * d..(h + 1) * d];
-            Spectrum::with(dl, |s| s.adjoint(l.lo.iter().map(|&c| qh[c]), wl));
-            let mut acc = 0f32;
-            for (j, &c) in l.hi.iter().enumerate() {
-                acc += qh[c] * pairs[2 * j];
-                w[j * H + h] = qh[c] * pairs[2 * j + 1] * cw2[j % 16];
+        Spectrum::with(dl, |spectrum| {
+            for (h, b) in base.iter_mut().enumerate() {
+                let qh = &q[h * d..(h + 1) * d];
+                spectrum.adjoint(l.lo.iter().map(|&c| qh[c]), wl);
+                let mut acc = 0f32;
+                for (j, &c) in l.hi.iter().enumerate() {
+                    acc += qh[c] * pairs[2 * j];
+                    w[j * H + h] = qh[c] * pairs[2 * j + 1] * cw2[j % 16];
+                }
+                for (k, (&wk, &scale)) in wl.iter().zip(&*scales).enumerate() {
+                    let f = wk as f32 * scale;
+                    acc -= f;
+                    wb[h * dl + k] = 2.0 * f;
+                }
+                *b = acc;
             }
-            for (k, (&wk, &scale)) in wl.iter().zip(&*scales).enumerate() {
-                let f = wk as f32 * scale;
-                acc -= f;
-                wb[h * dl + k] = 2.0 * f;
-            }
-            *b = acc;
-        }
+        });
         let rows = &block[l.codes..l.codes + n * l.stride];
         for t0 in (0..n).step_by(V::L) {
             let mt = V::L.min(n - t0);

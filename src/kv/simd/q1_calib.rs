@@ -7,7 +7,8 @@
 //!
 //! Sums, `out_c += lo_c·Σ_t p_t + (hi_c − lo_c)·Σ_t p_t·bit_tc`: lanes are channels, the bits
 //! of a token are the lane mask of an add of its broadcast weight (AVX-512 mask registers
-//! take them as they are stored; AVX2 expands each byte to eight 0/1 floats for an FMA).
+//! take them as they are stored, and half the adds are FMAs by one to use the multiply
+//! pipes too; AVX2 expands each byte to eight 0/1 floats for an FMA).
 
 use super::f16::f16s_to_f32;
 use super::{Kernel, dot, sum};
@@ -83,17 +84,13 @@ fn scores(block: &[u8], shape: Shape, q: &[f32], out: &mut [f32], stride: usize,
         let nh = qp.len() / d;
         weights(&r, qp, d, &mut base, &mut w);
         let out = &mut out[pass * HEADS * stride..];
-        for h in 0..nh {
-            assert!(h * stride + n <= out.len());
-        }
         let rows = BitRows {
             bytes: bits,
             first: 0,
             stride: d / 8,
             len: d / 8,
         };
-        // SAFETY: `kernel` hands out each path only where its `Isa` is supported; `out`
-        // holds every row written (asserted above) and `bits` every token's codes.
+        // SAFETY: `kernel` hands out each path only where its `Isa` is supported.
         unsafe {
             bit_scores(
                 &rows,
@@ -124,8 +121,8 @@ pub(super) struct BitRows<'a> {
 /// q1_calib, and the sign bits of k1_5_mix's coefficients on top of its 2-bit codes'.
 ///
 /// # Safety
-/// The CPU has AVX-512 F/BW (`wide`) or AVX2 and FMA; `rows` holds the `n` rows, `out` every
-/// head's `n` scores.
+/// The CPU has AVX-512 F/BW (`wide`) or AVX2 and FMA. The reads and writes are checked: a
+/// `rows` or `out` too short for `n` tokens panics.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn bit_scores(
     rows: &BitRows,

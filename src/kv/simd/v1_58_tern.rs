@@ -59,7 +59,8 @@ impl Sums for Values {
             first: 0,
             stride: d / 4,
         };
-        // SAFETY: each row read lies in its part of the block (sliced above).
+        // SAFETY: `V`'s features are the caller's; `trit_sums` checks its reads, and each
+        // salient row read lies in its part of the block (sliced above).
         unsafe {
             trit_sums::<V, H>(trits, d, n_u, &wu, &mut terns);
             channel_sums::<V, H>(0..d, l.n_p, &salient, &wp, &mut codes, d);
@@ -89,7 +90,7 @@ impl Sums for Values {
 /// `t >> 8` and `m = t & 255` (TQ1_0); the trit is the digit less one.
 ///
 /// # Safety
-/// The CPU has `V`'s features; `d` is a multiple of `L`.
+/// The CPU has `V`'s features.
 #[inline(always)]
 unsafe fn trit_sums<V: Lanes, const H: usize>(
     trits: &[u8],
@@ -99,6 +100,8 @@ unsafe fn trit_sums<V: Lanes, const H: usize>(
     out: &mut [f32],
 ) {
     assert!(trits.len() >= n_u.div_ceil(5) * d && w.len() >= n_u * H && out.len() >= H * d);
+    // Every head dim is a multiple of 16, so a row's bytes come in whole vectors.
+    assert!(d % V::L == 0);
     // SAFETY: every byte read lies in `trits` and every weight in `w` (asserted).
     unsafe {
         let (three, low, minus_one) = (V::splat_i(3), V::splat_i(0xFF), V::splat(-1.0));
