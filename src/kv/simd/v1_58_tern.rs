@@ -101,7 +101,7 @@ unsafe fn trit_sums<V: Lanes, const H: usize>(
 ) {
     assert!(trits.len() >= n_u.div_ceil(5) * d && w.len() >= n_u * H && out.len() >= H * d);
     // Every head dim is a multiple of 16, so a row's bytes come in whole vectors.
-    assert!(d % V::L == 0);
+    assert!(d.is_multiple_of(V::L));
     // SAFETY: every byte read lies in `trits` and every weight in `w` (asserted).
     unsafe {
         let (three, low, minus_one) = (V::splat_i(3), V::splat_i(0xFF), V::splat(-1.0));
