@@ -4,7 +4,8 @@
 //! `base + Σ_j qs_j·code_j + Σ_k 2f_k·bit_k` (a sign `±1` is `2·bit − 1`, the `−Σ f` is in the
 //! base). The 2-bit codes are dotted for `L` tokens at once ([`token_dots`]); the sign bits go
 //! through q1_calib's nibble tables ([`bit_scores`]), four bits per table lookup (one permute
-//! on AVX-512, two and a blend on AVX2) instead of an FMA each. Keys only: sums (never asked of a key format) run the reference.
+//! on AVX-512, two and a blend on AVX2) instead of an FMA each. Keys only: sums (never asked
+//! of a key format) run the reference.
 
 use std::marker::PhantomData;
 
