@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(quant_threads<F>(), quant_min_ctas<F>())
     const kvb_cuda_quant_job job = jobs[blockIdx.x];
     const Src x{job.x, job.x_stride, is_f16};
     uint8_t *out = arena + job.out_offset;
-    if constexpr (quant_parts<F>() > 1) F::quantize(x, job.n, job.role, job.protect, p, out, smem, blockIdx.y);
+    if constexpr (requires { F::kQuantParts; }) F::quantize(x, job.n, job.role, job.protect, p, out, smem, blockIdx.y);
     else F::quantize(x, job.n, job.role, job.protect, p, out, smem);
 }
 

@@ -3,6 +3,8 @@
 // Scores by post-scaling: q·x̂_t = Σ q·lo + Σ (q·(hi-lo))·bit, never dequantizing.
 #pragma once
 
+#include <type_traits>
+
 #include "common.cuh"
 #include "mma.cuh"
 
@@ -18,107 +20,143 @@ struct FmtQ1Calib {
         return 4LL * D + (int64_t)n * kRow;
     }
 
-    // Eight channels of token t as f32: one 16-byte load from f16 rows, two from f32 rows.
+    // Eight channels of token t as loaded (one 16-byte load from f16 rows, two from f32 rows),
+    // kept packed while held, and as f32.
     template <bool kF16>
-    __device__ static void load8(Src x, int t, int c0, float (&v)[8]) {
-        const int64_t i = (int64_t)t * x.stride + c0;
-        if constexpr (kF16) {
-            const uint4 u = *reinterpret_cast<const uint4 *>(static_cast<const __half *>(x.data) + i);
-            const __half2 *h = reinterpret_cast<const __half2 *>(&u);
+    struct Raw8 {
+        uint4 w[kF16 ? 1 : 2];
+        Raw8() = default;
+        __device__ Raw8(Src x, int t, int c0) {
+            const int64_t i = (int64_t)t * x.stride + c0;
+            const char *p = static_cast<const char *>(x.data) + (kF16 ? 2 : 4) * i;
 #pragma unroll
-            for (int k = 0; k < 4; ++k) v[2 * k] = __low2float(h[k]), v[2 * k + 1] = __high2float(h[k]);
-        } else {
-            const float4 *f = reinterpret_cast<const float4 *>(static_cast<const float *>(x.data) + i);
-            const float4 a = f[0], b = f[1];
-            v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+            for (int k = 0; k < (kF16 ? 1 : 2); ++k) w[k] = reinterpret_cast<const uint4 *>(p)[k];
         }
-    }
+        __device__ void unpack(float (&v)[8]) const {
+            const uint32_t *u = reinterpret_cast<const uint32_t *>(w);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                if constexpr (kF16) {
+                    const float2 f = __half22float2(*reinterpret_cast<const __half2 *>(&u[k]));
+                    v[2 * k] = f.x, v[2 * k + 1] = f.y;
+                } else {
+                    v[2 * k] = __uint_as_float(u[2 * k]), v[2 * k + 1] = __uint_as_float(u[2 * k + 1]);
+                }
+            }
+        }
+    };
 
-    // One CTA per 16 channels of the block (a block is D/16 CTAs: enough of them to fill the
-    // GPU for a span of a few thousand tokens). Threads pair up on a token, 8 channels each,
-    // 16-byte loads; ranges meet by warp shuffles then across warps. The first kHeld tokens of
-    // each thread stay in registers for the bits (all of a 128-token block); tokens past them
-    // are read a second time (from L2).
-    static constexpr int kQuantParts = D / 16;
-    static constexpr int kPartWarps = kThreads / 32;
-    // The parts' ranges per warp and midpoints, or the scalar path's lo and hi.
-    static constexpr int kQuantSmem = 4 * (3 * kPartWarps * 16 > 2 * D ? 3 * kPartWarps * 16 : 2 * D);
-
+    // A lane's running range of its 8 channels: as f16 pairs from f16 rows (min and max of f16
+    // values are exact in f16, at half the instructions and shuffles), as f32 otherwise.
     template <bool kF16>
-    __device__ static void quantize_part(Src x, int n, float alpha, uint8_t *out, float *smem, int part) {
-        constexpr int kTokens = kThreads / 2;  // tokens side by side
-        constexpr int kHeld = 2;
-        const int j = threadIdx.x & 1, tg = threadIdx.x >> 1, c0 = 16 * part + 8 * j;
-        float lo[8], hi[8], held[kHeld][8];
+    struct Range {
+        using T = std::conditional_t<kF16, __half2, float>;
+        static constexpr int kN = kF16 ? 4 : 8;
+        T lo[kN], hi[kN];
+        __device__ Range() {
 #pragma unroll
-        for (int k = 0; k < 8; ++k) lo[k] = INFINITY, hi[k] = -INFINITY;
-        auto see = [&](const float (&v)[8]) {
-#pragma unroll
-            for (int k = 0; k < 8; ++k) lo[k] = fminf(lo[k], v[k]), hi[k] = fmaxf(hi[k], v[k]);
-        };
-#pragma unroll
-        for (int u = 0; u < kHeld; ++u) load8<kF16>(x, min(tg + u * kTokens, n - 1), c0, held[u]);
-#pragma unroll
-        for (int u = 0; u < kHeld; ++u) see(held[u]);
-        for (int t = tg + kHeld * kTokens; t < n; t += kTokens) {
-            float v[8];
-            load8<kF16>(x, t, c0, v);
-            see(v);
+            for (int k = 0; k < kN; ++k) {
+                if constexpr (kF16) lo[k] = __float2half2_rn(INFINITY), hi[k] = __float2half2_rn(-INFINITY);
+                else lo[k] = INFINITY, hi[k] = -INFINITY;
+            }
         }
-        // Lanes of one channel half differ in bits 1..4: reduce over them.
+        __device__ void see(const Raw8<kF16> &r) {
+            const T *v = reinterpret_cast<const T *>(r.w);
 #pragma unroll
-        for (int k = 0; k < 8; ++k)
+            for (int k = 0; k < kN; ++k) {
+                if constexpr (kF16) lo[k] = __hmin2(lo[k], v[k]), hi[k] = __hmax2(hi[k], v[k]);
+                else lo[k] = fminf(lo[k], v[k]), hi[k] = fmaxf(hi[k], v[k]);
+            }
+        }
+        // Over the lanes that differ in bits 1..4 (those of one channel half).
+        __device__ void reduce() {
 #pragma unroll
             for (int m = 2; m < 32; m *= 2) {
-                lo[k] = fminf(lo[k], __shfl_xor_sync(0xffffffffu, lo[k], m));
-                hi[k] = fmaxf(hi[k], __shfl_xor_sync(0xffffffffu, hi[k], m));
+#pragma unroll
+                for (int k = 0; k < kN; ++k) {
+                    const T l = __shfl_xor_sync(0xffffffffu, lo[k], m), h = __shfl_xor_sync(0xffffffffu, hi[k], m);
+                    if constexpr (kF16) lo[k] = __hmin2(lo[k], l), hi[k] = __hmax2(hi[k], h);
+                    else lo[k] = fminf(lo[k], l), hi[k] = fmaxf(hi[k], h);
+                }
             }
-        float *mn = smem, *mx = smem + kPartWarps * 16, *mid = smem + 2 * kPartWarps * 16;
-        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-        if (lane < 2)
-#pragma unroll
-            for (int k = 0; k < 8; ++k) mn[warp * 16 + 8 * j + k] = lo[k], mx[warp * 16 + 8 * j + k] = hi[k];
-        __syncthreads();
-        if (threadIdx.x < 16) {
-            const int c = threadIdx.x;
-            float l = INFINITY, h = -INFINITY;
-#pragma unroll
-            for (int w = 0; w < kPartWarps; ++w) l = fminf(l, mn[w * 16 + c]), h = fmaxf(h, mx[w * 16 + c]);
-            l = round_f16(alpha * l);
-            h = round_f16(alpha * h);
-            // Blocks start 16-byte aligned, so the scales are aligned f16 stores.
-            reinterpret_cast<__half *>(out)[16 * part + c] = __float2half_rn(l);
-            reinterpret_cast<__half *>(out)[D + 16 * part + c] = __float2half_rn(h);
-            mid[c] = (l + h) * 0.5f;
         }
-        __syncthreads();
-        auto store_bits = [&](int t, const float (&v)[8]) {
+        __device__ float low(int k) const {
+            if constexpr (kF16) return k & 1 ? __high2float(lo[k / 2]) : __low2float(lo[k / 2]);
+            else return lo[k];
+        }
+        __device__ float high(int k) const {
+            if constexpr (kF16) return k & 1 ? __high2float(hi[k / 2]) : __low2float(hi[k / 2]);
+            else return hi[k];
+        }
+    };
+
+    // A warp per 16 channels of the block (four to a CTA): lanes pair up on a token, 8
+    // channels each by 16-byte loads, and hold their first kHeld tokens (all of a 128-token
+    // block from f16 rows) between the range and the bits; tokens past them are read again.
+    // Ranges meet by warp shuffles alone, so no CTA barrier, and every load of a 4096-token
+    // span is in flight in one wave.
+    static constexpr int kQuantParts = (D / 16 + kThreads / 32 - 1) / (kThreads / 32);
+    static constexpr int kQuantSmem = 4 * 2 * D;  // the scalar path's lo and hi
+    // 108 registers (the held tokens, unpacked again for the bits), no spills: 16 warps per
+    // multiprocessor still keep 64 KB of loads in flight on each.
+    static constexpr int kQuantMinCtas = 4;
+
+    template <bool kF16>
+    __device__ static void quantize_part(Src x, int n, float alpha, uint8_t *out, int part) {
+        constexpr int kTokens = 16;  // tokens side by side in a warp
+        constexpr int kHeld = kF16 ? 8 : 4;
+        const int lane = threadIdx.x & 31, j = lane & 1, tg = lane >> 1, c0 = 16 * part + 8 * j;
+        Range<kF16> range;
+        Raw8<kF16> held[kHeld];
+#pragma unroll
+        for (int u = 0; u < kHeld; ++u) held[u] = Raw8<kF16>(x, min(tg + u * kTokens, n - 1), c0);
+#pragma unroll
+        for (int u = 0; u < kHeld; ++u) range.see(held[u]);
+        for (int t = tg + kHeld * kTokens; t < n; t += kTokens) range.see(Raw8<kF16>(x, t, c0));
+        range.reduce();
+        float lo[8], hi[8], mid[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            lo[k] = round_f16(alpha * range.low(k));
+            hi[k] = round_f16(alpha * range.high(k));
+            mid[k] = (lo[k] + hi[k]) * 0.5f;
+        }
+        // Blocks start 16-byte aligned: each lane of token group 0 stores its 8 lo and 8 hi.
+        if (tg == 0) {
+            __half2 l[4], h[4];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) l[k] = __floats2half2_rn(lo[2 * k], lo[2 * k + 1]), h[k] = __floats2half2_rn(hi[2 * k], hi[2 * k + 1]);
+            reinterpret_cast<uint4 *>(out)[c0 / 8] = *reinterpret_cast<const uint4 *>(l);
+            reinterpret_cast<uint4 *>(out)[(D + c0) / 8] = *reinterpret_cast<const uint4 *>(h);
+        }
+        // The two lanes of a token meet in one 16-bit store (kBits and kRow are even).
+        auto store_bits = [&](int t, const Raw8<kF16> &r) {
+            float v[8];
+            r.unpack(v);
             unsigned byte = 0;
 #pragma unroll
-            for (int k = 0; k < 8; ++k) byte |= (v[k] > mid[8 * j + k] ? 1u : 0u) << k;
-            out[kBits + (int64_t)t * kRow + c0 / 8] = (uint8_t)byte;
+            for (int k = 0; k < 8; ++k) byte |= (v[k] > mid[k] ? 1u : 0u) << k;
+            const unsigned pair = byte | __shfl_xor_sync(0xffffffffu, byte, 1) << 8;
+            if (j == 0 && t < n) *reinterpret_cast<uint16_t *>(out + kBits + (int64_t)t * kRow + 2 * part) = (uint16_t)pair;
         };
 #pragma unroll
-        for (int u = 0; u < kHeld; ++u)
-            if (tg + u * kTokens < n) store_bits(tg + u * kTokens, held[u]);
-        for (int t = tg + kHeld * kTokens; t < n; t += kTokens) {
-            float v[8];
-            load8<kF16>(x, t, c0, v);
-            store_bits(t, v);
-        }
+        for (int u = 0; u < kHeld; ++u) store_bits(tg + u * kTokens, held[u]);
+        for (int t0 = kHeld * kTokens; t0 < n; t0 += kTokens) store_bits(t0 + tg, Raw8<kF16>(x, min(t0 + tg, n - 1), c0));
     }
 
-    // Rows whose 8-channel groups are not 16-byte aligned take the scalar loop, in part 0.
+    // Rows whose 8-channel groups are not 16-byte aligned take the scalar loop, in CTA 0.
     __device__ static void quantize(Src x, int n, int role, const uint8_t *, QuantParams p,
-                                    uint8_t *out, float *smem, int part) {
+                                    uint8_t *out, float *smem, int cta) {
         const float alpha = role == KEY ? p.calib_alpha_k : p.calib_alpha_v;
         const int elem = x.is_f16 ? 2 : 4;
         if ((reinterpret_cast<uintptr_t>(x.data) | (uintptr_t)(x.stride * elem)) % 16 == 0) {
-            if (x.is_f16) quantize_part<true>(x, n, alpha, out, smem, part);
-            else quantize_part<false>(x, n, alpha, out, smem, part);
+            const int part = cta * (kThreads / 32) + (threadIdx.x >> 5);
+            if (part >= D / 16) return;
+            if (x.is_f16) quantize_part<true>(x, n, alpha, out, part);
+            else quantize_part<false>(x, n, alpha, out, part);
             return;
         }
-        if (part != 0) return;
+        if (cta != 0) return;
         float *lo = smem, *hi = smem + D;
         for (int c = threadIdx.x; c < D; c += kThreads) {
             float mn = INFINITY, mx = -INFINITY;
