@@ -162,10 +162,16 @@ __device__ __forceinline__ float cta_sum(float v, float *red) {
 
 // Asymmetric min-max with f16-stored offset and step (src/kv/formats/minmax.rs):
 // code = round(clamp((x - lo) / step, 0, levels)) against the rounded values, 0 when step = 0.
+// The quotient is the IEEE one without a division per value: q = (x − lo)·inv with inv =
+// RN(1/step) is within 1.5 ulps, one FMA correction brings it within one, and a second gives
+// the correctly rounded quotient (Markstein: for q within an ulp, the remainder
+// fma(−step, q, x − lo) is exact and fma(remainder, inv, q) = RN((x − lo)/step)). Codes turn
+// only on quotients near 0.5, 1.5, …, where every term is a normal f32, so they equal the CPU's.
 struct MinMax {
-    float lo, step;
+    float lo, step, inv;
+    __device__ static MinMax of(float lo, float step) { return {lo, step, step > 0.f ? 1.f / step : 0.f}; }
     __device__ static MinMax make(float lo, float hi, int levels) {
-        return {round_f16(lo), round_f16((hi - lo) / (float)levels)};
+        return of(round_f16(lo), round_f16((hi - lo) / (float)levels));
     }
     // make over the range of v[0 .. L) as the CPU's fold finds it: the first of equal values,
     // so that a zero's sign matches.
@@ -177,9 +183,13 @@ struct MinMax {
             if (j < L) lo = v[j] < lo ? v[j] : lo, hi = v[j] > hi ? v[j] : hi;
         return make(lo, hi, levels);
     }
+    // Without a branch: where step is 0 or NaN, inv = 0 turns every quotient into 0 or NaN,
+    // both clamped to code 0.
     __device__ unsigned code(float x, int levels) const {
-        if (!(step > 0.f)) return 0;
-        return (unsigned)roundf(fminf(fmaxf((x - lo) / step, 0.f), (float)levels));
+        const float a = __fsub_rn(x, lo), q0 = __fmul_rn(a, inv);
+        const float q1 = __fmaf_rn(__fmaf_rn(-step, q0, a), inv, q0);
+        const float q = __fmaf_rn(__fmaf_rn(-step, q1, a), inv, q1);
+        return (unsigned)roundf(fminf(fmaxf(q, 0.f), (float)levels));
     }
     __device__ float value(unsigned q) const { return (float)q * step + lo; }
 };

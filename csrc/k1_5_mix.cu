@@ -242,7 +242,7 @@ struct FmtK1_5Mix {
 #pragma unroll
                     for (int k = 0; k < 4; ++k) {
                         const int j = 4 * b + k;
-                        byte |= MinMax{lo[j], step[j]}.code(x.at(t, hi_ch[j]), kLevels) << (2 * k);
+                        byte |= MinMax::of(lo[j], step[j]).code(x.at(t, hi_ch[j]), kLevels) << (2 * k);
                     }
                 } else {
                     const double *ct = coef + tt * dl + 8 * (b - code_bytes);

@@ -148,7 +148,7 @@ struct FmtV1_58Tern {
             unsigned byte = 0;
 #pragma unroll
             for (int k = 0; k < 4; ++k)
-                byte |= MinMax{lo[c0 + k], step[c0 + k]}.code(x.at(t, c0 + k), kLevels) << (2 * k);
+                byte |= MinMax::of(lo[c0 + k], step[c0 + k]).code(x.at(t, c0 + k), kLevels) << (2 * k);
             out[L.prot + i] = (uint8_t)byte;
         }
     }
