@@ -56,37 +56,57 @@ struct FmtKivi2 {
     }
 
     // Keys: a thread per (group, channel), the group's 32 tokens of its channel loaded at once
-    // (a warp's channels are consecutive: each token's loads coalesce). The code words of 16
-    // channels are ORed across the half-warp that holds them: D % 16 == 0, so every half-warp
-    // is 16 consecutive channels of one group.
+    // (a warp's channels are consecutive: each token's loads coalesce). A token's codes leave
+    // as two ballots (bit planes over the warp's channels) that lane `token` keeps and
+    // interleaves into its code words: D % 16 == 0, so each half-warp is 16 consecutive
+    // channels of one group, one word per token.
     static constexpr int kQuantParts = Values::kQuantParts;
-    __device__ static void quantize(Src x, int n, int role, const uint8_t *protect, QuantParams p,
-                                    uint8_t *out, float *smem, int part) {
-        if (role != KEY) return Values::quantize(x, n, role, protect, p, out, smem, part);
+    template <class T>
+    __device__ static void quantize_keys(const T *x, int64_t stride, int n, uint8_t *out, int part) {
         const int n_items = (n + 31) / 32 * D, lane = threadIdx.x & 31;
-        // The bound is warp-uniform: every lane takes part in the shuffles.
+        // The bound is warp-uniform: every lane takes part in the ballots.
         for (int i0 = part * kThreads + (threadIdx.x & ~31); i0 < n_items; i0 += kQuantParts * kThreads) {
             const int i = min(i0 + lane, n_items - 1);
             const int g = i / D, c = i % D, tb = 32 * g, m = min(32, n - tb);
-            uint8_t *grp = out + (int64_t)g * kKeyGroup;
+            const T *col = x + (int64_t)tb * stride + c;
             float v[32];
 #pragma unroll
-            for (int r = 0; r < 32; ++r) v[r] = r < m ? x.at(tb + r, c) : 0.f;
+            for (int r = 0; r < 32; ++r) v[r] = r < m ? (float)col[r * stride] : 0.f;
             const MinMax mm = MinMax::over(v, m, kLevels);
-            const bool mine = i0 + lane < n_items;
-            if (mine) {
+            uint8_t *grp = out + (int64_t)g * kKeyGroup;
+            if (i0 + lane < n_items) {
                 reinterpret_cast<__half *>(grp)[c] = __float2half_rn(mm.lo);
                 reinterpret_cast<__half *>(grp)[D + c] = __float2half_rn(mm.step);
             }
-            uint32_t *words = reinterpret_cast<uint32_t *>(grp + 4 * D + c / 4);
+            uint32_t low = 0, high = 0;  // token `lane`'s code bits 0 and 1 over the warp's channels
 #pragma unroll
             for (int r = 0; r < 32; ++r) {
-                uint32_t w = mm.code(v[r], kLevels) << (2 * (lane & 15));
+                const unsigned code = mm.code(v[r], kLevels);
+                const uint32_t b0 = __ballot_sync(0xffffffffu, code & 1), b1 = __ballot_sync(0xffffffffu, code & 2);
+                if (lane == r) low = b0, high = b1;
+            }
+            auto spread = [](uint32_t b) {  // bits 0..15 to the even bits
+                b = (b | b << 8) & 0x00ff00ffu;
+                b = (b | b << 4) & 0x0f0f0f0fu;
+                b = (b | b << 2) & 0x33333333u;
+                return (b | b << 1) & 0x55555555u;
+            };
 #pragma unroll
-                for (int o = 1; o < 16; o <<= 1) w |= __shfl_xor_sync(0xffffffffu, w, o);
-                if (mine && (lane & 15) == 0 && r < m) words[r * kTokRow / 4] = w;
+            for (int h = 0; h < 2; ++h) {
+                const int item = i0 + 16 * h, gh = item / D, ch = item % D;
+                if (item < n_items && lane < min(32, n - 32 * gh)) {
+                    const uint32_t word = spread((low >> 16 * h) & 0xffffu) | spread((high >> 16 * h) & 0xffffu) << 1;
+                    uint8_t *at = out + (int64_t)gh * kKeyGroup + 4 * D + lane * kTokRow + ch / 4;
+                    *reinterpret_cast<uint32_t *>(at) = word;
+                }
             }
         }
+    }
+    __device__ static void quantize(Src x, int n, int role, const uint8_t *protect, QuantParams p,
+                                    uint8_t *out, float *smem, int part) {
+        if (role != KEY) return Values::quantize(x, n, role, protect, p, out, smem, part);
+        if (x.is_f16) quantize_keys(static_cast<const __half *>(x.data), x.stride, n, out, part);
+        else quantize_keys(static_cast<const float *>(x.data), x.stride, n, out, part);
     }
 
     __device__ static void dequantize(const uint8_t *blk, int n, int role, __half *out, int64_t stride) {
