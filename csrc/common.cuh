@@ -169,9 +169,9 @@ __device__ __forceinline__ float cta_sum(float v, float *red) {
 // only on quotients near 0.5, 1.5, …, where every term is a normal f32, so they equal the CPU's.
 struct MinMax {
     float lo, step, inv;
-    __device__ static MinMax of(float lo, float step) { return {lo, step, step > 0.f ? 1.f / step : 0.f}; }
     __device__ static MinMax make(float lo, float hi, int levels) {
-        return of(round_f16(lo), round_f16((hi - lo) / (float)levels));
+        const float step = round_f16((hi - lo) / (float)levels);
+        return {round_f16(lo), step, step > 0.f ? 1.f / step : 0.f};
     }
     // make over the range of v[0 .. L) as the CPU's fold finds it: the first of equal values,
     // so that a zero's sign matches.

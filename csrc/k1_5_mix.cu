@@ -150,7 +150,7 @@ struct FmtK1_5Mix {
     static constexpr int kRangeParts = kQuantThreads / D;
     // Bytes of shared memory `quantize` lays out below (doubles counted as two floats).
     static constexpr int kQuantSmem = 4 * (2 * (3 + kFftTokens) * kMaxDl + 2 * D + kFftTokens * (kMaxDl + 1) +
-                                           3 * kMaxDh + kMaxDl + 2 * kRangeParts * D);
+                                           4 * kMaxDh + kMaxDl + 2 * kRangeParts * D);
     __device__ static void quantize(Src x, int n, int, const uint8_t *, QuantParams p, uint8_t *out,
                                     float *smem) {
         const Layout L(high_channels(p.mix_fraction));
@@ -159,8 +159,8 @@ struct FmtK1_5Mix {
         double *coef = sums + kMaxDl;  // [kFftTokens][dl]
         float *mn = reinterpret_cast<float *>(coef + kFftTokens * kMaxDl), *mx = mn + D;
         float *z = mx + D;  // [kFftTokens][dl + 1]: padded rows, so that chains read distinct banks
-        float *lo = z + kFftTokens * (kMaxDl + 1), *step = lo + kMaxDh;
-        int *hi_ch = reinterpret_cast<int *>(step + kMaxDh), *lo_ch = hi_ch + kMaxDh;
+        MinMax *range = reinterpret_cast<MinMax *>(z + kFftTokens * (kMaxDl + 1));  // per 2-bit channel
+        int *hi_ch = reinterpret_cast<int *>(range + kMaxDh), *lo_ch = hi_ch + kMaxDh;
         float *part_mn = reinterpret_cast<float *>(lo_ch + kMaxDl), *part_mx = part_mn + kRangeParts * D;
 
         // Ranges: blockDim.x / D threads per channel (at least one), each every such-th token
@@ -209,8 +209,7 @@ struct FmtK1_5Mix {
         __half *params = reinterpret_cast<__half *>(out + kMask);
         for (int j = threadIdx.x; j < L.dh; j += blockDim.x) {
             const int c = hi_ch[j];
-            const MinMax mm = MinMax::make(mn[c], mx[c], kLevels);
-            lo[j] = mm.lo, step[j] = mm.step;
+            const MinMax mm = range[j] = MinMax::make(mn[c], mx[c], kLevels);
             params[2 * j] = __float2half_rn(mm.lo);
             params[2 * j + 1] = __float2half_rn(mm.step);
         }
@@ -242,7 +241,7 @@ struct FmtK1_5Mix {
 #pragma unroll
                     for (int k = 0; k < 4; ++k) {
                         const int j = 4 * b + k;
-                        byte |= MinMax::of(lo[j], step[j]).code(x.at(t, hi_ch[j]), kLevels) << (2 * k);
+                        byte |= range[j].code(x.at(t, hi_ch[j]), kLevels) << (2 * k);
                     }
                 } else {
                     const double *ct = coef + tt * dl + 8 * (b - code_bytes);

@@ -74,13 +74,14 @@ struct FmtV1_58Tern {
         pp[0] = __shfl_sync(kAll, p_prot, 8 * t), pp[1] = __shfl_sync(kAll, p_prot, 8 * t + 4);
     }
 
-    static constexpr int kQuantSmem = 4 * (kMaxN + 3 * D);  // order, then gamma, lo, step
+    static constexpr int kQuantSmem = 4 * (kMaxN + 4 * D);  // order, then gamma, the MinMax ranges
     __device__ static void quantize(Src x, int n, int, const uint8_t *protect, QuantParams,
                                     uint8_t *out, float *smem) {
         const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
         // order[0, n_u): unprotected tokens in order; order[n_u, n): protected ones.
         int *order = reinterpret_cast<int *>(smem);
-        float *gamma = smem + kMaxN, *lo = gamma + D, *step = lo + D;
+        float *gamma = smem + kMaxN;
+        MinMax *range = reinterpret_cast<MinMax *>(gamma + D);  // of the protected tokens, per channel
         auto flag = [&](int t) { return protect && t < n && protect[t]; };
         int n_p = 0;
         for (int c0 = 0; c0 < n; c0 += 32) n_p += __popc(__ballot_sync(kAll, flag(c0 + lane)));
@@ -120,8 +121,7 @@ struct FmtV1_58Tern {
                     const float v = x.at(order[i], c);
                     mn = fminf(mn, v), mx = fmaxf(mx, v);
                 }
-                const MinMax mm = MinMax::make(mn, mx, kLevels);
-                lo[c] = mm.lo, step[c] = mm.step;
+                const MinMax mm = range[c] = MinMax::make(mn, mx, kLevels);
                 st_f16_at(out, L.minmax + 4 * c, mm.lo);
                 st_f16_at(out, L.minmax + 4 * c + 2, mm.step);
             }
@@ -148,7 +148,7 @@ struct FmtV1_58Tern {
             unsigned byte = 0;
 #pragma unroll
             for (int k = 0; k < 4; ++k)
-                byte |= MinMax::of(lo[c0 + k], step[c0 + k]).code(x.at(t, c0 + k), kLevels) << (2 * k);
+                byte |= range[c0 + k].code(x.at(t, c0 + k), kLevels) << (2 * k);
             out[L.prot + i] = (uint8_t)byte;
         }
     }
