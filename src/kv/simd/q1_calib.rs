@@ -207,14 +207,20 @@ mod x86 {
         }
     }
 
-    /// The 16 subset sums of `w[0..4]`, entry `i` summing the `w[b]` whose bit `b` is set in `i`.
+    /// The 16 subset sums of `w[0..4]`, entry `i` summing the `w[b]` whose bit `b` is set in
+    /// `i`: a product and three FMAs against the entries' constant 0/1 bit columns (masked
+    /// adds compile to shuffles and blends, twice the work).
     #[inline]
     #[target_feature(enable = "avx512f")]
     fn table512(w: &[f32]) -> __m512 {
-        let mut t = _mm512_maskz_mov_ps(0xAAAA, _mm512_set1_ps(w[0]));
-        t = _mm512_mask_add_ps(t, 0xCCCC, t, _mm512_set1_ps(w[1]));
-        t = _mm512_mask_add_ps(t, 0xF0F0, t, _mm512_set1_ps(w[2]));
-        _mm512_mask_add_ps(t, 0xFF00, t, _mm512_set1_ps(w[3]))
+        let column = |b: u16| {
+            let set = [0xAAAA, 0xCCCC, 0xF0F0, 0xFF00][b as usize];
+            _mm512_maskz_mov_ps(set, _mm512_set1_ps(1.0))
+        };
+        let t = _mm512_mul_ps(column(0), _mm512_set1_ps(w[0]));
+        let t = _mm512_fmadd_ps(column(1), _mm512_set1_ps(w[1]), t);
+        let t = _mm512_fmadd_ps(column(2), _mm512_set1_ps(w[2]), t);
+        _mm512_fmadd_ps(column(3), _mm512_set1_ps(w[3]), t)
     }
 
     /// [`bit_scores`](super::bit_scores) of up to [`HEADS`] heads (`base.len()`), 16 tokens
@@ -389,30 +395,27 @@ mod x86 {
         }
     }
 
-    /// Entries 0..8 and 8..16 of the subset sums of `w[0..4]`.
+    /// Entries 0..8 and 8..16 of the subset sums of `w[0..4]`, as [`table512`]: bit 3 of an
+    /// entry is the choice of half.
     #[inline]
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     fn table256(w: &[f32]) -> (__m256, __m256) {
-        let m = |b: i32| {
-            _mm256_castsi256_ps(_mm256_setr_epi32(
-                -(b & 1),
-                -((b >> 1) & 1),
-                -((b >> 2) & 1),
-                -((b >> 3) & 1),
-                -((b >> 4) & 1),
-                -((b >> 5) & 1),
-                -((b >> 6) & 1),
-                -((b >> 7) & 1),
-            ))
+        let column = |b: i32| {
+            let one = |i: i32| ((i >> b) & 1) as f32;
+            _mm256_setr_ps(
+                one(0),
+                one(1),
+                one(2),
+                one(3),
+                one(4),
+                one(5),
+                one(6),
+                one(7),
+            )
         };
-        // Lane i of the low half: bit b of i set; bit 3 is the choice of half.
-        let lo = _mm256_add_ps(
-            _mm256_add_ps(
-                _mm256_and_ps(m(0xAA), _mm256_set1_ps(w[0])),
-                _mm256_and_ps(m(0xCC), _mm256_set1_ps(w[1])),
-            ),
-            _mm256_and_ps(m(0xF0), _mm256_set1_ps(w[2])),
-        );
+        let lo = _mm256_mul_ps(column(0), _mm256_set1_ps(w[0]));
+        let lo = _mm256_fmadd_ps(column(1), _mm256_set1_ps(w[1]), lo);
+        let lo = _mm256_fmadd_ps(column(2), _mm256_set1_ps(w[2]), lo);
         (lo, _mm256_add_ps(lo, _mm256_set1_ps(w[3])))
     }
 
