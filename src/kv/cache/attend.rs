@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::{KvCache, Layer, Modality};
 use crate::Error;
-use crate::kv::simd::softmax::{exp_shifted, min_max};
+use crate::kv::simd::softmax::{self, exp_shifted, min_max};
 use crate::kv::simd::{self, Isa};
 use crate::kv::{FormatId, Role, Shape};
 
@@ -94,16 +94,7 @@ fn calibrate(x: &mut [f32], delta: f32) {
         .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
             (lo.min(v), hi.max(v))
         });
-    calibrate_range(x, lo, hi, delta);
-}
-
-/// [`calibrate`] of (part of) a span whose logits range over `[lo, hi]`.
-fn calibrate_range(x: &mut [f32], lo: f32, hi: f32, delta: f32) {
-    let range = hi - lo;
-    if range > delta {
-        let s = (range - delta) / range;
-        x.iter_mut().for_each(|v| *v = lo + (*v - lo) * s);
-    }
+    softmax::calibrate(x, lo, hi, delta, Isa::Scalar);
 }
 
 fn shape(n: usize, d: usize, role: Role) -> Shape {
@@ -630,7 +621,7 @@ impl KvCache {
                 for hh in 0..group {
                     let (lo, hi) = range[hh * n_spans + span];
                     let x = &mut sc[hh * it.len + off..][..s.n];
-                    calibrate_range(x, lo, hi, delta);
+                    softmax::calibrate(x, lo, hi, delta, isa);
                 }
             }
             off += s.n;

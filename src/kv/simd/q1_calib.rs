@@ -30,6 +30,7 @@ struct Ranges {
     span: [f32; MAX_D],
 }
 
+#[inline]
 fn ranges(block: &[u8], d: usize) -> Ranges {
     let mut r = Ranges {
         lo: [0.0; MAX_D],
@@ -45,35 +46,43 @@ fn ranges(block: &[u8], d: usize) -> Ranges {
 }
 
 /// Per head of a pass: `base = q·lo` and `w = q·(hi − lo)`.
+#[inline]
 fn weights(r: &Ranges, q: &[f32], d: usize, base: &mut [f32; HEADS], w: &mut [f32]) {
     for (h, qh) in q.chunks_exact(d).enumerate() {
         base[h] = dot(qh, &r.lo[..d]);
-        for c in 0..d {
-            w[h * d + c] = qh[c] * r.span[c];
+        for ((w, &x), &s) in w[h * d..(h + 1) * d].iter_mut().zip(qh).zip(&r.span[..d]) {
+            *w = x * s;
         }
     }
 }
 
 impl Kernel for Q1CalibAvx512 {
     fn scores(&self, block: &[u8], shape: Shape, q: &[f32], out: &mut [f32], stride: usize) {
-        scores(block, shape, q, out, stride, true)
+        // SAFETY: `kernel` hands out this path only where its `Isa` (AVX2 at least) is supported.
+        unsafe { scores(block, shape, q, out, stride, true) }
     }
 
     fn accumulate(&self, block: &[u8], shape: Shape, p: &[f32], stride: usize, out: &mut [f32]) {
-        accumulate(block, shape, p, stride, out, true)
+        // SAFETY: as for `scores`.
+        unsafe { accumulate(block, shape, p, stride, out, true) }
     }
 }
 
 impl Kernel for Q1CalibAvx2 {
     fn scores(&self, block: &[u8], shape: Shape, q: &[f32], out: &mut [f32], stride: usize) {
-        scores(block, shape, q, out, stride, false)
+        // SAFETY: `kernel` hands out this path only where its `Isa` (AVX2 at least) is supported.
+        unsafe { scores(block, shape, q, out, stride, false) }
     }
 
     fn accumulate(&self, block: &[u8], shape: Shape, p: &[f32], stride: usize, out: &mut [f32]) {
-        accumulate(block, shape, p, stride, out, false)
+        // SAFETY: as for `scores`.
+        unsafe { accumulate(block, shape, p, stride, out, false) }
     }
 }
 
+/// Compiled for AVX2, as every caller runs: the per-block work around the kernels (ranges,
+/// weights, sums of weights) is vectorised too.
+#[target_feature(enable = "avx2,fma,f16c")]
 fn scores(block: &[u8], shape: Shape, q: &[f32], out: &mut [f32], stride: usize, wide: bool) {
     let (n, d) = (shape.n, shape.d);
     let r = ranges(block, d);
@@ -151,6 +160,7 @@ pub(super) unsafe fn bit_scores(
     }
 }
 
+#[target_feature(enable = "avx2,fma,f16c")]
 fn accumulate(block: &[u8], shape: Shape, p: &[f32], stride: usize, out: &mut [f32], wide: bool) {
     let (n, d) = (shape.n, shape.d);
     let r = ranges(block, d);
@@ -276,9 +286,17 @@ mod x86 {
                 *code = _mm512_srl_epi32(c, _mm_cvtsi32_si128(shift as i32));
             }
             let mut acc = [_mm512_setzero_ps(); H];
-            for (k, tabs) in tab[..H * (codes_per_head / 4)].chunks_exact(H).enumerate() {
-                // vpermps reads the low 4 bits of each lane: the nibble after the shift.
-                let nib = _mm512_srlv_epi32(codes[k / 8], _mm512_set1_epi32(4 * (k % 8) as i32));
+            let mut nib = codes[0];
+            let tabs = tab[..H * (codes_per_head / 4)].chunks_exact(H);
+            for (k, tabs) in tabs.enumerate() {
+                // vpermps reads the low 4 bits of each lane: each nibble is one shift from
+                // the last (an immediate shift; a shift by a count costs a move to the
+                // permutes' port).
+                if k % 8 == 0 {
+                    nib = codes[k / 8];
+                } else {
+                    nib = _mm512_srli_epi32::<4>(nib);
+                }
                 for (a, t) in acc.iter_mut().zip(tabs) {
                     // SAFETY: the tables of every nibble and head were written above.
                     let t = unsafe { t.assume_init() };

@@ -38,6 +38,28 @@ pub fn min_max(x: &[f32], isa: Isa) -> (f32, f32) {
         })
 }
 
+/// CalibQuant's calibration of (part of) a span whose logits range over `[lo, hi]`: maps
+/// them onto `[lo, hi − δ]`, keeping their order; a span whose range is at most `δ` is left as
+/// it is. The same arithmetic on every path.
+pub fn calibrate(x: &mut [f32], lo: f32, hi: f32, delta: f32, isa: Isa) {
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 {
+        // SAFETY: `isa` is only ever a path `Isa::supported` confirmed on this CPU.
+        return unsafe { x86::calibrate_avx2(x, lo, hi, delta) };
+    }
+    let _ = isa;
+    calibrate_scalar(x, lo, hi, delta)
+}
+
+#[inline(always)]
+fn calibrate_scalar(x: &mut [f32], lo: f32, hi: f32, delta: f32) {
+    let range = hi - lo;
+    if range > delta {
+        let s = (range - delta) / range;
+        x.iter_mut().for_each(|v| *v = lo + (*v - lo) * s);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -125,6 +147,12 @@ mod x86 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
         _mm_cvtss_f32(s)
+    }
+
+    /// [`calibrate`](super::calibrate), vectorised by the compiler.
+    #[target_feature(enable = "avx2")]
+    pub(super) fn calibrate_avx2(x: &mut [f32], lo: f32, hi: f32, delta: f32) {
+        super::calibrate_scalar(x, lo, hi, delta)
     }
 
     #[target_feature(enable = "avx2")]
