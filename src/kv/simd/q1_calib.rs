@@ -520,7 +520,26 @@ mod x86 {
         }
     }
 
-    /// [`sums512`], 16 channels (two bytes, each expanded to eight lane masks) at a time.
+    /// The bits of every byte as eight floats, 0.0 or 1.0: a load expands a byte of codes,
+    /// where a broadcast, an `and`, a compare and a mask cost four ALU operations.
+    #[repr(align(32))]
+    struct ByteBits([[f32; 8]; 256]);
+
+    static BYTE_BITS: ByteBits = {
+        let mut t = [[0f32; 8]; 256];
+        let mut b = 0;
+        while b < 256 {
+            let mut i = 0;
+            while i < 8 {
+                t[b][i] = ((b >> i) & 1) as f32;
+                i += 1;
+            }
+            b += 1;
+        }
+        ByteBits(t)
+    };
+
+    /// [`sums512`], 16 channels (two bytes, each expanded to eight 0/1 floats) at a time.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn sums256(
         bits: &[u8],
@@ -546,7 +565,6 @@ mod x86 {
         out: &mut [f32],
     ) {
         let row = d / 8;
-        let lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
         for c0 in (0..d).step_by(16) {
             let mut a = [[_mm256_setzero_ps(); 2]; H];
             for t in 0..n {
@@ -554,9 +572,8 @@ mod x86 {
                 // Each bit as 0.0 or 1.0: one FMA per head adds the weight where it is set
                 // (exactly: p·1 + a = p + a, p·0 + a = a).
                 let expand = |b: u8| {
-                    let v = _mm256_set1_epi32(b as i32);
-                    let m = _mm256_cmpeq_epi32(_mm256_and_si256(v, lane_bit), lane_bit);
-                    _mm256_and_ps(_mm256_castsi256_ps(m), _mm256_set1_ps(1.0))
+                    // SAFETY: an entry is eight floats, 32-byte aligned.
+                    unsafe { _mm256_load_ps(BYTE_BITS.0[b as usize].as_ptr()) }
                 };
                 let (m0, m1) = (expand(b0), expand(b1));
                 for (h, ah) in a.iter_mut().enumerate() {
