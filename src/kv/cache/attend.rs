@@ -521,7 +521,7 @@ impl KvCache {
                 return work
                     .map(|(it, sc)| {
                         self.item_scores(it, &segs[it.g], qg(it.g), sc, isa);
-                        self.item_sums(it, &segs[it.g], sc, group, &[], isa)
+                        self.item_sums(it, &segs[it.g], sc, group, &[], &[], isa)
                     })
                     .collect();
             }
@@ -540,9 +540,10 @@ impl KvCache {
             items
                 .par_iter()
                 .zip(logits.par_iter_mut())
-                .map(|(it, sc)| {
+                .zip(&pieces)
+                .map(|((it, sc), ps)| {
                     let r = &range[it.g * group * n_spans..(it.g + 1) * group * n_spans];
-                    self.item_sums(it, &segs[it.g], sc, group, r, isa)
+                    self.item_sums(it, &segs[it.g], sc, group, r, ps, isa)
                 })
                 .collect()
         });
@@ -602,7 +603,9 @@ impl KvCache {
     }
 
     /// Softmax weights and the weighted values of an item whose logits are in `sc`;
-    /// `range[hh * n_spans + span]` is the logit range of each calibrated span.
+    /// `range[hh * n_spans + span]` is the logit range of each calibrated span, `pieces` the
+    /// item's own ranges ([`KvCache::item_scores`]).
+    #[allow(clippy::too_many_arguments)]
     fn item_sums(
         &self,
         it: &Item,
@@ -610,25 +613,48 @@ impl KvCache {
         sc: &mut [f32],
         group: usize,
         range: &[(f32, f32)],
+        pieces: &[Piece],
         isa: Isa,
     ) -> Part {
         let d = self.cfg.head_dim;
         let delta = self.cfg.calib_delta;
-        let mut off = 0;
-        for s in &segs[it.segs.clone()] {
-            if let Some(span) = s.calib {
-                let n_spans = range.len() / group;
-                for hh in 0..group {
-                    let (lo, hi) = range[hh * n_spans + span];
-                    let x = &mut sc[hh * it.len + off..][..s.n];
-                    softmax::calibrate(x, lo, hi, delta, isa);
-                }
-            }
-            off += s.n;
-        }
+        let n_spans = range.len() / group.max(1);
         let (mut max, mut sum) = (vec![0f32; group], vec![0f32; group]);
-        for hh in 0..group {
-            (max[hh], sum[hh]) = exp_shifted(&mut sc[hh * it.len..(hh + 1) * it.len], isa);
+        let item = &segs[it.segs.clone()];
+        // An item inside one span (any item of a long visual span): its calibration is one
+        // affine map with a positive slope `a`, which the exponent takes, `exp(a·(x − max x))`,
+        // from the raw maximum its pieces already hold, instead of a pass that rewrites the
+        // logits and another for their maximum.
+        let one_span = item[0]
+            .calib
+            .filter(|&span| item.iter().all(|s| s.calib == Some(span)));
+        if let Some(span) = one_span {
+            for hh in 0..group {
+                let (lo, hi) = range[hh * n_spans + span];
+                let a = softmax::calibration_slope(lo, hi, delta);
+                let m = pieces
+                    .iter()
+                    .filter(|p| p.0 == hh)
+                    .fold(f32::NEG_INFINITY, |m, p| m.max(p.3));
+                let x = &mut sc[hh * it.len..(hh + 1) * it.len];
+                sum[hh] = softmax::exp_scaled(x, a, m, isa);
+                max[hh] = lo + (m - lo) * a;
+            }
+        } else {
+            let mut off = 0;
+            for s in item {
+                if let Some(span) = s.calib {
+                    for hh in 0..group {
+                        let (lo, hi) = range[hh * n_spans + span];
+                        let x = &mut sc[hh * it.len + off..][..s.n];
+                        softmax::calibrate(x, lo, hi, delta, isa);
+                    }
+                }
+                off += s.n;
+            }
+            for hh in 0..group {
+                (max[hh], sum[hh]) = exp_shifted(&mut sc[hh * it.len..(hh + 1) * it.len], isa);
+            }
         }
         let mut acc = vec![0f32; group * d];
         let mut off = 0;

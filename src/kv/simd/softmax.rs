@@ -7,21 +7,39 @@ use super::Isa;
 /// In place `x[i] ← exp(x[i] − m)` with `m = max x`; returns `(m, Σ x[i])` after the update.
 /// `x` must be non-empty and finite.
 pub fn exp_shifted(x: &mut [f32], isa: Isa) -> (f32, f32) {
+    let m = min_max(x, isa).1;
+    (m, exp_scaled(x, 1.0, m, isa))
+}
+
+/// In place `x[i] ← exp(a·(x[i] − m))`; returns `Σ x[i]` after the update. With `m = max x`
+/// and `a` CalibQuant's slope this is the softmax numerator of calibrated logits (an affine
+/// map `y = lo + a·(x − lo)`, whose maximum is the map of `max x`), without writing them.
+pub fn exp_scaled(x: &mut [f32], a: f32, m: f32, isa: Isa) -> f32 {
     #[cfg(target_arch = "x86_64")]
     match isa {
         // SAFETY: `isa` is only ever a path `Isa::supported` confirmed on this CPU.
-        Isa::Avx512 => return unsafe { x86::exp_shifted_avx512(x) },
-        Isa::Avx2 => return unsafe { x86::exp_shifted_avx2(x) },
+        Isa::Avx512 => return unsafe { x86::exp_scaled_avx512(x, a, m) },
+        Isa::Avx2 => return unsafe { x86::exp_scaled_avx2(x, a, m) },
         Isa::Scalar => {}
     }
     let _ = isa;
-    let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     let mut sum = 0.0;
     for w in x.iter_mut() {
-        *w = (*w - m).exp();
+        *w = (a * (*w - m)).exp();
         sum += *w;
     }
-    (m, sum)
+    sum
+}
+
+/// CalibQuant's slope: the factor by which calibration shrinks a span's logit range
+/// `[lo, hi]` onto `[lo, hi − δ]` (1 for a span no wider than `δ`).
+pub fn calibration_slope(lo: f32, hi: f32, delta: f32) -> f32 {
+    let range = hi - lo;
+    if range > delta {
+        (range - delta) / range
+    } else {
+        1.0
+    }
 }
 
 /// `(min x, max x)` of finite values: the range CalibQuant's calibration maps.
@@ -53,9 +71,8 @@ pub fn calibrate(x: &mut [f32], lo: f32, hi: f32, delta: f32, isa: Isa) {
 
 #[inline(always)]
 fn calibrate_scalar(x: &mut [f32], lo: f32, hi: f32, delta: f32) {
-    let range = hi - lo;
-    if range > delta {
-        let s = (range - delta) / range;
+    if hi - lo > delta {
+        let s = calibration_slope(lo, hi, delta);
         x.iter_mut().for_each(|v| *v = lo + (*v - lo) * s);
     }
 }
@@ -174,55 +191,49 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn exp_shifted_avx2(x: &mut [f32]) -> (f32, f32) {
+    pub(super) fn exp_scaled_avx2(x: &mut [f32], a: f32, m: f32) -> f32 {
         let (body, tail) = x.split_at_mut(x.len() / 8 * 8);
-        let mut vm = _mm256_set1_ps(f32::NEG_INFINITY);
-        for c in body.chunks_exact(8) {
-            // SAFETY: `c` holds 8 floats; unaligned load.
-            vm = _mm256_max_ps(vm, unsafe { _mm256_loadu_ps(c.as_ptr()) });
-        }
-        let m = tail.iter().fold(hmax256(vm), |a, &b| a.max(b));
-        let (vmax, mut vs) = (_mm256_set1_ps(m), _mm256_setzero_ps());
+        let (vm, va, mut vs) = (_mm256_set1_ps(m), _mm256_set1_ps(a), _mm256_setzero_ps());
         for c in body.chunks_exact_mut(8) {
             // SAFETY: `c` holds 8 floats; unaligned load and store.
             unsafe {
-                let e = exp256(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), vmax));
+                let e = exp256(_mm256_mul_ps(
+                    va,
+                    _mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), vm),
+                ));
                 _mm256_storeu_ps(c.as_mut_ptr(), e);
                 vs = _mm256_add_ps(vs, e);
             }
         }
         let mut sum = hsum256(vs);
         for w in tail {
-            *w = (*w - m).exp();
+            *w = (a * (*w - m)).exp();
             sum += *w;
         }
-        (m, sum)
+        sum
     }
 
     #[target_feature(enable = "avx512f")]
-    pub(super) fn exp_shifted_avx512(x: &mut [f32]) -> (f32, f32) {
+    pub(super) fn exp_scaled_avx512(x: &mut [f32], a: f32, m: f32) -> f32 {
         let (body, tail) = x.split_at_mut(x.len() / 16 * 16);
-        let mut vm = _mm512_set1_ps(f32::NEG_INFINITY);
-        for c in body.chunks_exact(16) {
-            // SAFETY: `c` holds 16 floats; unaligned load.
-            vm = _mm512_max_ps(vm, unsafe { _mm512_loadu_ps(c.as_ptr()) });
-        }
-        let m = tail.iter().fold(_mm512_reduce_max_ps(vm), |a, &b| a.max(b));
-        let (vmax, mut vs) = (_mm512_set1_ps(m), _mm512_setzero_ps());
+        let (vm, va, mut vs) = (_mm512_set1_ps(m), _mm512_set1_ps(a), _mm512_setzero_ps());
         for c in body.chunks_exact_mut(16) {
             // SAFETY: `c` holds 16 floats; unaligned load and store.
             unsafe {
-                let e = exp512(_mm512_sub_ps(_mm512_loadu_ps(c.as_ptr()), vmax));
+                let e = exp512(_mm512_mul_ps(
+                    va,
+                    _mm512_sub_ps(_mm512_loadu_ps(c.as_ptr()), vm),
+                ));
                 _mm512_storeu_ps(c.as_mut_ptr(), e);
                 vs = _mm512_add_ps(vs, e);
             }
         }
         let mut sum = _mm512_reduce_add_ps(vs);
         for w in tail {
-            *w = (*w - m).exp();
+            *w = (a * (*w - m)).exp();
             sum += *w;
         }
-        (m, sum)
+        sum
     }
 }
 
