@@ -222,7 +222,7 @@ mod x86 {
     /// adds compile to shuffles and blends, twice the work).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn table512(w: &[f32]) -> __m512 {
+    fn table512(w: &[f32; 4]) -> __m512 {
         let column = |b: u16| {
             let set = [0xAAAA, 0xCCCC, 0xF0F0, 0xFF00][b as usize];
             _mm512_maskz_mov_ps(set, _mm512_set1_ps(1.0))
@@ -263,9 +263,13 @@ mod x86 {
         let (codes_per_head, words) = (8 * rows.len, rows.len.div_ceil(4));
         // Tables: [nibble][head] of 16 floats.
         let mut tab = [MaybeUninit::<__m512>::uninit(); HEADS * MAX_D / 4];
-        for h in 0..H {
-            for k in 0..codes_per_head / 4 {
-                tab[k * H + h].write(table512(&w[h * codes_per_head + 4 * k..]));
+        let nibbles = codes_per_head / 4;
+        for (h, wh) in w[..H * codes_per_head]
+            .chunks_exact(codes_per_head)
+            .enumerate()
+        {
+            for (slot, w4) in tab[..H * nibbles].chunks_exact_mut(H).zip(wh.as_chunks().0) {
+                slot[h].write(table512(w4));
             }
         }
         let lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -417,7 +421,7 @@ mod x86 {
     /// entry is the choice of half.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn table256(w: &[f32]) -> (__m256, __m256) {
+    fn table256(w: &[f32; 4]) -> (__m256, __m256) {
         let column = |b: i32| {
             let one = |i: i32| ((i >> b) & 1) as f32;
             _mm256_setr_ps(
@@ -465,9 +469,15 @@ mod x86 {
         let (codes_per_head, words) = (8 * rows.len, rows.len.div_ceil(4));
         let nibbles = codes_per_head / 4;
         let mut tab = [MaybeUninit::<(__m256, __m256)>::uninit(); HEADS * MAX_D / 4];
-        for h in 0..H {
-            for k in 0..nibbles {
-                tab[h * nibbles + k].write(table256(&w[h * codes_per_head + 4 * k..]));
+        for (h, wh) in w[..H * codes_per_head]
+            .chunks_exact(codes_per_head)
+            .enumerate()
+        {
+            for (t, w4) in tab[h * nibbles..(h + 1) * nibbles]
+                .iter_mut()
+                .zip(wh.as_chunks().0)
+            {
+                t.write(table256(w4));
             }
         }
         let offsets = _mm256_mullo_epi32(
