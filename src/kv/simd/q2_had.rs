@@ -22,10 +22,21 @@ use super::{Kernel, dot};
 use crate::kv::Shape;
 use crate::kv::formats::q2_had::{HEADER, Token, codes_at, groups, record_len, rotate, tokens};
 
+/// The weights this thread derived last from a pass's queries, and what they came from:
+/// every block of a decode step brings the same queries, and one rotation serves them all.
+#[derive(Default)]
+struct Prepared {
+    q: Vec<f32>,
+    heads: usize,
+    bits: usize,
+    /// The rotated queries with the code positions folded in, interleaved by head.
+    w: Vec<f32>,
+    /// The rotated queries' sums per head and group.
+    q_sums: Vec<[f32; 4]>,
+}
+
 thread_local! {
-    /// The queries this thread rotated last, and their rotation: every block of a decode
-    /// step brings the same queries, and one rotation serves them all.
-    static ROTATED: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    static PREPARED: RefCell<Prepared> = RefCell::new(Prepared::default());
 }
 
 /// The kernels on lanes `V` at `BITS` bits per code (2: `q2_had`, 4: `q4_had`).
@@ -59,29 +70,20 @@ impl<const BITS: usize> Scores for Had<BITS> {
         let rec = record_len(d, BITS);
         let records = &block[..HEADER + s.n_q * rec];
         // Weights: the rotated queries with the code positions folded in, interleaved by head;
-        // and the rotated queries' sums per group.
+        // and the rotated queries' sums per group. Derived once per step and thread; a block
+        // copies them (the closure runs without the vector features: it does no more).
         let mut w = [0f32; 7 * 256];
         let mut q_sums = [[0f32; 4]; H];
-        let cw = const { code_weights::<BITS>() };
-        ROTATED.with_borrow_mut(|(last, rotated)| {
-            let same = last.len() == q.len()
-                && last.iter().zip(q).all(|(a, b)| a.to_bits() == b.to_bits());
+        PREPARED.with_borrow_mut(|p| {
+            let same = p.heads == H
+                && p.bits == BITS
+                && p.q.len() == q.len()
+                && p.q.iter().zip(q).all(|(a, b)| a.to_bits() == b.to_bits());
             if !same {
-                last.clear();
-                last.extend_from_slice(q);
-                rotated.clear();
-                rotated.extend_from_slice(q);
-                rotated.chunks_exact_mut(d).for_each(rotate);
+                prepare::<BITS>(p, q, H);
             }
-            for (h, qs) in q_sums.iter_mut().enumerate() {
-                let qr = &rotated[h * d..(h + 1) * d];
-                for (g, r) in groups(d).enumerate() {
-                    qs[g] = super::sum(&qr[r]);
-                }
-                for (j, &x) in qr.iter().enumerate() {
-                    w[j * H + h] = x * cw[j % (32 / BITS)];
-                }
-            }
+            w[..H * d].copy_from_slice(&p.w);
+            q_sums.copy_from_slice(&p.q_sums);
         });
         for k0 in (0..s.n_q).step_by(V::L) {
             let mt = V::L.min(s.n_q - k0);
@@ -189,6 +191,29 @@ impl<const BITS: usize> Sums for Had<BITS> {
         for (ah, oh) in rotated.chunks_exact_mut(d).zip(out.chunks_exact_mut(d)) {
             rotate(ah);
             oh.iter_mut().zip(ah.iter()).for_each(|(o, &a)| *o += a);
+        }
+    }
+}
+
+/// Rotates `heads` queries `q` and derives [`Prepared`]'s weights from them.
+fn prepare<const BITS: usize>(p: &mut Prepared, q: &[f32], heads: usize) {
+    let d = q.len() / heads;
+    let cw = const { code_weights::<BITS>() };
+    p.q.clear();
+    p.q.extend_from_slice(q);
+    (p.heads, p.bits) = (heads, BITS);
+    let mut rotated = q.to_vec();
+    rotated.chunks_exact_mut(d).for_each(rotate);
+    p.w.resize(heads * d, 0.0);
+    p.q_sums.clear();
+    for (h, qr) in rotated.chunks_exact(d).enumerate() {
+        let mut qs = [0f32; 4];
+        for (g, r) in groups(d).enumerate() {
+            qs[g] = super::sum(&qr[r]);
+        }
+        p.q_sums.push(qs);
+        for (j, &x) in qr.iter().enumerate() {
+            p.w[j * heads + h] = x * cw[j % (32 / BITS)];
         }
     }
 }
