@@ -10,7 +10,9 @@
 use std::marker::PhantomData;
 
 use super::f16::f16s_to_f32;
-use super::lanes::{self, Lanes, Scores, code_weights, row_index, store_lanes, token_dots};
+use super::lanes::{
+    self, Lanes, Scores, code_weights, row_index, splat_each, store_lanes, token_dots,
+};
 use super::q1_calib::{BitRows, bit_scores};
 use super::{Kernel, PerHead};
 use crate::kv::formats::k1_5_mix::{Layout, Spectrum};
@@ -79,7 +81,7 @@ impl Scores for Keys {
             // `dh / 4 ≥ 4` bytes.
             unsafe {
                 let idx = row_index::<V>(0, l.stride, t0, mt);
-                let mut acc = base.map(|b| V::splat(b));
+                let mut acc = splat_each::<V, H>(&base);
                 token_dots::<V, H, 2>(rows.as_ptr(), idx, 0, dh, &w, &[], &mut acc);
                 for (h, a) in acc.into_iter().enumerate() {
                     store_lanes::<V>(&mut out[h * stride + t0..][..mt], a);

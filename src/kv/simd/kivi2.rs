@@ -14,7 +14,7 @@ use std::marker::PhantomData;
 
 use super::lanes::{
     self, Lanes, Packed, Scaled, Scores, Sums, channel_sums, code_weights, group_steps, row_index,
-    row_weights, store_lanes, token_dots,
+    row_weights, splat_each, store_lanes, token_dots,
 };
 use super::{Kernel, PerHead, dot};
 use crate::kv::formats::kivi2::{GROUP, VALUE_GROUP_BYTES, key_group_bytes, value_row_bytes};
@@ -85,7 +85,7 @@ impl Scores for Keys {
                 // SAFETY: lanes read rows `t0..t0 + mt` of the group; `w` holds `H` rows of `d`.
                 unsafe {
                     let idx = row_index::<V>(0, d / 4, t0, mt);
-                    let mut acc = base.map(|b| V::splat(b));
+                    let mut acc = splat_each::<V, H>(&base);
                     token_dots::<V, H, 2>(rows.as_ptr(), idx, 0, d, &w, step, &mut acc);
                     for (h, a) in acc.into_iter().enumerate() {
                         store_lanes::<V>(&mut out[h * stride + t_group + t0..][..mt], a);

@@ -42,8 +42,12 @@ pub(crate) trait Lanes {
     unsafe fn gather(base: *const u8, idx: Self::I) -> Self::I;
     /// The f16 in the low 16 bits of each lane, as f32.
     unsafe fn f16_low(a: Self::I) -> Self::F;
-    /// Lane `i`: the `BITS`-bit code `i` of the `L·BITS` bits of `bits` (little end first).
-    unsafe fn spread<const BITS: usize>(bits: u64) -> Self::I;
+    /// Lane `i`: the `BITS`-bit code `i` of the `L·BITS` bits at `p` (little end first), as a
+    /// float divided by lane `i` of [`Lanes::code_unit`].
+    unsafe fn codes<const BITS: usize>(p: *const u8) -> Self::F;
+    /// What sums of [`Lanes::codes`] are multiplied by: 1, or `2^−(BITS·i)` in lane `i` where
+    /// the codes are read in place.
+    unsafe fn code_unit<const BITS: usize>() -> Self::F;
     /// Lane `i`: byte `i` of `p`, zero-extended.
     unsafe fn bytes(p: *const u8) -> Self::I;
 }
@@ -55,9 +59,11 @@ pub(crate) trait Job {
     unsafe fn run<V: Lanes>(self);
 }
 
-/// Decodes `L` channels `c..c + L` of row `i` of a block as floats, for [`channel_sums`].
+/// Decodes `L` channels `c..c + L` of row `i` of a block as floats, for [`channel_sums`],
+/// lane `i` divided by lane `i` of `unit` ([`Lanes::code_unit`]).
 pub(crate) trait Codes {
     unsafe fn at<V: Lanes>(&self, i: usize, c: usize) -> V::F;
+    unsafe fn unit<V: Lanes>(&self) -> V::F;
 }
 
 /// Rows of `BITS`-bit codes: row `i`'s code of channel `c` at bit `c·BITS` from
@@ -72,10 +78,13 @@ impl<const BITS: usize> Codes for Packed<BITS> {
     #[inline(always)]
     unsafe fn at<V: Lanes>(&self, i: usize, c: usize) -> V::F {
         // SAFETY: the caller's rows hold the codes of every channel asked.
-        unsafe {
-            let p = self.base.add(self.first + i * self.stride + c * BITS / 8);
-            V::cvt(V::spread::<BITS>(read_bits::<V, BITS>(p)))
-        }
+        unsafe { V::codes::<BITS>(self.base.add(self.first + i * self.stride + c * BITS / 8)) }
+    }
+
+    #[inline(always)]
+    unsafe fn unit<V: Lanes>(&self) -> V::F {
+        // SAFETY: the caller's features.
+        unsafe { V::code_unit::<BITS>() }
     }
 }
 
@@ -163,13 +172,18 @@ impl Lanes for Avx2 {
         }
     }
     #[inline(always)]
-    unsafe fn spread<const BITS: usize>(bits: u64) -> __m256i {
+    unsafe fn codes<const BITS: usize>(p: *const u8) -> __m256 {
         let b = BITS as i32;
         unsafe {
+            let bits = read_bits::<Self, BITS>(p);
             let shifts = _mm256_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b);
             let v = _mm256_srlv_epi32(_mm256_set1_epi32(bits as u32 as i32), shifts);
-            _mm256_and_si256(v, _mm256_set1_epi32((1 << BITS) - 1))
+            _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32((1 << BITS) - 1)))
         }
+    }
+    #[inline(always)]
+    unsafe fn code_unit<const BITS: usize>() -> __m256 {
+        unsafe { _mm256_set1_ps(1.0) }
     }
     #[inline(always)]
     unsafe fn bytes(p: *const u8) -> __m256i {
@@ -247,9 +261,37 @@ impl Lanes for Avx512 {
         unsafe { _mm512_cvtph_ps(_mm512_cvtepi32_epi16(a)) }
     }
     #[inline(always)]
-    unsafe fn spread<const BITS: usize>(bits: u64) -> __m512i {
+    unsafe fn codes<const BITS: usize>(p: *const u8) -> __m512 {
         let b = BITS as i32;
         unsafe {
+            if BITS == 2 {
+                // 16 codes of 2 bits fill one word: each lane keeps its code where it lies,
+                // `code·4^i` (exact; unsigned, as lane 15's top bit is the sign), and sums are
+                // scaled back once ([`Lanes::code_unit`]): a broadcast load and an `and`
+                // instead of a broadcast from a register, a shift and an `and`.
+                let word = _mm512_set1_epi32(p.cast::<i32>().read_unaligned());
+                let place = |i: u32| (3u32 << (2 * i)) as i32;
+                let mask = _mm512_setr_epi32(
+                    place(0),
+                    place(1),
+                    place(2),
+                    place(3),
+                    place(4),
+                    place(5),
+                    place(6),
+                    place(7),
+                    place(8),
+                    place(9),
+                    place(10),
+                    place(11),
+                    place(12),
+                    place(13),
+                    place(14),
+                    place(15),
+                );
+                return _mm512_cvtepu32_ps(_mm512_and_si512(word, mask));
+            }
+            let bits = read_bits::<Self, BITS>(p);
             // 16 codes of 4 bits span two words: lanes 8..16 read the high one.
             let words = if BITS == 4 {
                 let lo = _mm256_set1_epi32(bits as u32 as i32);
@@ -278,7 +320,34 @@ impl Lanes for Avx512 {
                 s(15),
             );
             let v = _mm512_srlv_epi32(words, shifts);
-            _mm512_and_si512(v, _mm512_set1_epi32((1 << BITS) - 1))
+            _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32((1 << BITS) - 1)))
+        }
+    }
+    #[inline(always)]
+    unsafe fn code_unit<const BITS: usize>() -> __m512 {
+        unsafe {
+            if BITS != 2 {
+                return _mm512_set1_ps(1.0);
+            }
+            let u = |i: u32| f32::from_bits((127 - 2 * i) << 23);
+            _mm512_setr_ps(
+                u(0),
+                u(1),
+                u(2),
+                u(3),
+                u(4),
+                u(5),
+                u(6),
+                u(7),
+                u(8),
+                u(9),
+                u(10),
+                u(11),
+                u(12),
+                u(13),
+                u(14),
+                u(15),
+            )
         }
     }
     #[inline(always)]
@@ -364,6 +433,20 @@ pub(crate) unsafe fn token_dots<V: Lanes, const H: usize, const BITS: usize>(
     }
 }
 
+/// Every value of `x` as a vector: a loop, as `array::map` may stay out of line without the
+/// vector features.
+#[inline(always)]
+pub(crate) unsafe fn splat_each<V: Lanes, const H: usize>(x: &[f32; H]) -> [V::F; H] {
+    // SAFETY: the caller's features.
+    unsafe {
+        let mut v = [V::zero(); H];
+        for (v, &x) in v.iter_mut().zip(x) {
+            *v = V::splat(x);
+        }
+        v
+    }
+}
+
 /// `acc[h] += w[h]·x` for every head.
 #[inline(always)]
 pub(crate) unsafe fn heads_fma<V: Lanes, const H: usize>(
@@ -404,8 +487,10 @@ pub(crate) unsafe fn store_lanes<V: Lanes>(out: &mut [f32], v: V::F) {
 }
 
 /// `out[h·d + c] += Σ_i w[i·H + h]·code_i(c)` for the channels `c` of `channels` (start
-/// and length multiples of `L`), over the `m` rows of `codes`: `L` channels at a time, every
-/// row, with the heads' accumulators in registers. Weights are interleaved by head.
+/// and length multiples of `L`), over the `m` rows of `codes`: `2L` channels at a time (then
+/// `L`), every row, with the heads' accumulators in registers. Weights are interleaved by
+/// head; each is broadcast once for both vectors of channels (an FMA whose weight is loaded
+/// by broadcast runs at about half the rate of one from a register).
 ///
 /// # Safety
 /// The CPU has `V`'s features.
@@ -420,16 +505,51 @@ pub(crate) unsafe fn channel_sums<V: Lanes, const H: usize>(
 ) {
     assert!(w.len() >= m * H);
     assert!(channels.end <= d && out.len() >= H * d);
-    for c0 in channels.step_by(V::L) {
-        // SAFETY: the caller's contract; `w` and `out` are long enough (asserted above).
-        unsafe {
-            let mut acc = [V::zero(); H];
-            for i in 0..m {
-                heads_fma::<V, H>(codes.at::<V>(i, c0), w.as_ptr().add(i * H), &mut acc);
+    let mut c0 = channels.start;
+    // SAFETY: the caller's contract; `w` and `out` are long enough (asserted above).
+    unsafe {
+        while c0 + 2 * V::L <= channels.end {
+            channel_slab::<V, H, 2>(c0, m, codes, w, out, d);
+            c0 += 2 * V::L;
+        }
+        if c0 < channels.end {
+            channel_slab::<V, H, 1>(c0, m, codes, w, out, d);
+        }
+    }
+}
+
+/// Channels `c0..c0 + N·L` of [`channel_sums`]: `N·H` accumulators.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // `acc[k][h]`: one broadcast of `w` serves every `k`.
+unsafe fn channel_slab<V: Lanes, const H: usize, const N: usize>(
+    c0: usize,
+    m: usize,
+    codes: &impl Codes,
+    w: &[f32],
+    out: &mut [f32],
+    d: usize,
+) {
+    // SAFETY: the caller's contract. Plain loops over `k`, not `array::map`: a generic
+    // call the compiler may keep out of line, without the vector features.
+    unsafe {
+        let mut acc = [[V::zero(); H]; N];
+        for i in 0..m {
+            let mut x = [V::zero(); N];
+            for (k, x) in x.iter_mut().enumerate() {
+                *x = codes.at::<V>(i, c0 + k * V::L);
             }
+            for h in 0..H {
+                let wh = V::splat(*w.get_unchecked(i * H + h));
+                for k in 0..N {
+                    acc[k][h] = V::fma(wh, x[k], acc[k][h]);
+                }
+            }
+        }
+        let unit = codes.unit::<V>();
+        for (k, acc) in acc.iter().enumerate() {
             for (h, a) in acc.iter().enumerate() {
-                let o = out.as_mut_ptr().add(h * d + c0);
-                V::store(o, V::add(V::load(o), *a));
+                let o = out.as_mut_ptr().add(h * d + c0 + k * V::L);
+                V::store(o, V::fma(*a, unit, V::load(o)));
             }
         }
     }
@@ -470,6 +590,12 @@ impl<C: Codes> Codes for Scaled<'_, C> {
     unsafe fn at<V: Lanes>(&self, i: usize, c: usize) -> V::F {
         // SAFETY: the caller's contract; `scale` holds a factor per row.
         unsafe { V::mul(self.codes.at::<V>(i, c), V::splat(self.scale[i])) }
+    }
+
+    #[inline(always)]
+    unsafe fn unit<V: Lanes>(&self) -> V::F {
+        // SAFETY: the caller's features.
+        unsafe { self.codes.unit::<V>() }
     }
 }
 
@@ -534,11 +660,15 @@ pub(crate) unsafe fn group_steps<V: Lanes, const H: usize>(
                 *ls = V::fma(pv, lo, *ls);
             }
         }
-        lo_sum.map(|v| {
+        // A loop, not `array::map`: the compiler kept that generic call out of line, where
+        // the vector features are off, and paid a call per element.
+        let mut sums = [0f32; H];
+        for (sum, v) in sums.iter_mut().zip(lo_sum) {
             let mut s = [0f32; 16];
             V::store(s.as_mut_ptr(), v);
-            s[..V::L].iter().sum()
-        })
+            *sum = s[..V::L].iter().sum();
+        }
+        sums
     }
 }
 
