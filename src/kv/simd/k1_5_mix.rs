@@ -81,9 +81,9 @@ impl Scores for Keys {
             // `dh / 4 ≥ 4` bytes.
             unsafe {
                 let idx = row_index::<V>(0, l.stride, t0, mt);
-                let mut acc = splat_each::<V, H>(&base);
-                token_dots::<V, H, 2>(rows.as_ptr(), idx, 0, dh, &w, &[], &mut acc);
-                for (h, a) in acc.into_iter().enumerate() {
+                let mut acc = [splat_each::<V, H>(&base)];
+                token_dots::<V, H, 2, 1>(rows.as_ptr(), [idx], 0, dh, &w, &[], &mut acc);
+                for (h, a) in acc[0].into_iter().enumerate() {
                     store_lanes::<V>(&mut out[h * stride + t0..][..mt], a);
                 }
             }

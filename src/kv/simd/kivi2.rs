@@ -80,17 +80,53 @@ impl Scores for Keys {
                 *b = dot(&q[h * d..(h + 1) * d], lo);
             }
             let rows = &group[4 * d..];
-            for t0 in (0..m).step_by(V::L) {
-                let mt = V::L.min(m - t0);
-                // SAFETY: lanes read rows `t0..t0 + mt` of the group; `w` holds `H` rows of `d`.
-                unsafe {
-                    let idx = row_index::<V>(0, d / 4, t0, mt);
-                    let mut acc = splat_each::<V, H>(&base);
-                    token_dots::<V, H, 2>(rows.as_ptr(), idx, 0, d, &w, step, &mut acc);
-                    for (h, a) in acc.into_iter().enumerate() {
-                        store_lanes::<V>(&mut out[h * stride + t_group + t0..][..mt], a);
-                    }
-                }
+            let out = &mut out[t_group..];
+            let mut t0 = 0;
+            // Two vectors of tokens at a time: each weight broadcast serves both.
+            while t0 + V::L < m {
+                // SAFETY: as below, for rows `t0..min(t0 + 2L, m)`.
+                unsafe { key_dots::<V, H, 2>(rows, d, t0, m, &w, step, &base, out, stride) };
+                t0 += 2 * V::L;
+            }
+            if t0 < m {
+                // SAFETY: lanes read rows `t0..m` of the group; `w` holds `H` rows of `d`.
+                unsafe { key_dots::<V, H, 1>(rows, d, t0, m, &w, step, &base, out, stride) };
+            }
+        }
+    }
+}
+
+/// Scores of the group's rows `t0..min(t0 + N·L, m)` into `out[h·stride + t]`.
+///
+/// # Safety
+/// The CPU has `V`'s features; `rows` holds the group's `m` rows; `w` holds `H` rows of `d`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn key_dots<V: Lanes, const H: usize, const N: usize>(
+    rows: &[u8],
+    d: usize,
+    t0: usize,
+    m: usize,
+    w: &[f32],
+    step: &[f32],
+    base: &[f32; H],
+    out: &mut [f32],
+    stride: usize,
+) {
+    let at = |k: usize| t0 + k * V::L;
+    let mt = |k: usize| V::L.min(m - at(k));
+    // SAFETY: the caller's contract. Loops, not `array::map` (see `splat_each`).
+    unsafe {
+        let mut idx = [V::splat_i(0); N];
+        let mut acc = [[V::zero(); H]; N];
+        for k in 0..N {
+            idx[k] = row_index::<V>(0, d / 4, at(k), mt(k));
+            acc[k] = splat_each::<V, H>(base);
+        }
+        token_dots::<V, H, 2, N>(rows.as_ptr(), idx, 0, d, w, step, &mut acc);
+        for (k, acc) in acc.into_iter().enumerate() {
+            for (h, a) in acc.into_iter().enumerate() {
+                store_lanes::<V>(&mut out[h * stride + at(k)..][..mt(k)], a);
             }
         }
     }

@@ -371,25 +371,26 @@ pub(crate) const fn code_weights<const BITS: usize>() -> [f32; 32] {
     w
 }
 
-/// `acc[h] += Σ_j w[j·H + h]·s_j·code_j` for `L` tokens at once: lane `i`'s codes are the
-/// `codes` codes of `BITS` bits (`codes·BITS` a multiple of 8) that start at byte `at` of
-/// the row at `base + idx[i]`. Weights are interleaved by head; the per-code factor `s_j`
-/// is `scale[j]`, or 1 when `scale` is empty. One of them carries [`code_weights`]. A run
-/// that ends inside a word reads the run's last four bytes instead and shifts them down, so
-/// that no read passes the run's end; the row must hold four bytes before that end.
+/// `acc[k][h] += Σ_j w[j·H + h]·s_j·code_j` for `N·L` tokens at once: lane `i` of vector `k`
+/// has the `codes` codes of `BITS` bits (`codes·BITS` a multiple of 8) that start at byte
+/// `at` of the row at `base + idx[k][i]`. Weights are interleaved by head, each broadcast
+/// once for the `N` vectors; the per-code factor `s_j` is `scale[j]`, or 1 when `scale` is
+/// empty. One of them carries [`code_weights`]. A run that ends inside a word reads the
+/// run's last four bytes instead and shifts them down, so that no read passes the run's end;
+/// the row must hold four bytes before that end.
 ///
 /// # Safety
 /// The CPU has `V`'s features; every lane's row holds the run; `w` holds `codes·H` weights.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn token_dots<V: Lanes, const H: usize, const BITS: usize>(
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+pub(crate) unsafe fn token_dots<V: Lanes, const H: usize, const BITS: usize, const N: usize>(
     base: *const u8,
-    idx: V::I,
+    idx: [V::I; N],
     at: usize,
     codes: usize,
     w: &[f32],
     scale: &[f32],
-    acc: &mut [V::F; H],
+    acc: &mut [[V::F; H]; N],
 ) {
     let per = 32 / BITS;
     let bytes = codes * BITS / 8;
@@ -403,31 +404,40 @@ pub(crate) unsafe fn token_dots<V: Lanes, const H: usize, const BITS: usize>(
         for (i, m) in masks[..per - 1].iter_mut().enumerate() {
             *m = V::splat_i(((1 << BITS) - 1) << (BITS * i));
         }
-        let code = |x: V::F, j: usize| {
-            if scaled {
-                V::mul(x, V::splat(*scale.get_unchecked(j)))
-            } else {
-                x
-            }
-        };
         for wd in 0..codes.div_ceil(per) {
             let byte = 4 * wd;
-            let word = if byte + 4 <= bytes {
-                V::gather(base.add(at + byte), idx)
-            } else {
-                let back = byte + 4 - bytes;
-                V::srl(V::gather(base.add(at + bytes - 4), idx), 8 * back as u32)
-            };
+            let mut word = [V::splat_i(0); N];
+            for k in 0..N {
+                word[k] = if byte + 4 <= bytes {
+                    V::gather(base.add(at + byte), idx[k])
+                } else {
+                    let back = byte + 4 - bytes;
+                    V::srl(V::gather(base.add(at + bytes - 4), idx[k]), 8 * back as u32)
+                };
+            }
             let m = per.min(codes - wd * per);
             let j0 = wd * per;
             let w = w.as_ptr().add(j0 * H);
-            for (i, mask) in masks[..m.min(per - 1)].iter().enumerate() {
-                let x = code(V::cvt(V::and(word, *mask)), j0 + i);
-                heads_fma::<V, H>(x, w.add(i * H), acc);
-            }
-            if m == per {
-                let top = code(V::cvt(V::srl(word, (32 - BITS) as u32)), j0 + per - 1);
-                heads_fma::<V, H>(top, w.add((per - 1) * H), acc);
+            for i in 0..m {
+                let mut x = [V::zero(); N];
+                for k in 0..N {
+                    // The top code of a word is shifted down: an `and` would leave it the
+                    // sign bit.
+                    x[k] = V::cvt(if i + 1 < per {
+                        V::and(word[k], masks[i])
+                    } else {
+                        V::srl(word[k], (32 - BITS) as u32)
+                    });
+                    if scaled {
+                        x[k] = V::mul(x[k], V::splat(*scale.get_unchecked(j0 + i)));
+                    }
+                }
+                for h in 0..H {
+                    let wh = V::splat(*w.add(i * H + h));
+                    for k in 0..N {
+                        acc[k][h] = V::fma(wh, x[k], acc[k][h]);
+                    }
+                }
             }
         }
     }

@@ -92,17 +92,18 @@ impl<const BITS: usize> Scores for Had<BITS> {
                 let idx = row_index::<V>(HEADER, rec, k0, mt);
                 let mut total = [V::zero(); H];
                 for (g, r) in groups(d).enumerate() {
-                    let mut acc = [V::zero(); H];
+                    let mut acc = [[V::zero(); H]];
                     let at = codes_at(d) + r.start * BITS / 8;
-                    token_dots::<V, H, BITS>(
+                    token_dots::<V, H, BITS, 1>(
                         records.as_ptr(),
-                        idx,
+                        [idx],
                         at,
                         r.len(),
                         &w[r.start * H..],
                         &[],
                         &mut acc,
                     );
+                    let [acc] = acc;
                     let (lo, step) = pairs::<V>(records.as_ptr().add(4 * g), idx);
                     for h in 0..H {
                         let t = V::fma(lo, V::splat(q_sums[h][g]), total[h]);
