@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use kvbits::kv::simd::{self, Isa};
-use kvbits::kv::{Applies, FormatId, QuantParams, Role, Shape};
+use kvbits::kv::{FormatId, QuantParams, Role, Shape};
 use kvbits::rng::Rng;
 
 const TOKENS: usize = 128;
@@ -18,15 +18,7 @@ const GROUP: usize = 7;
 fn kernels(c: &mut Criterion) {
     let mut rng = Rng::new(5);
     for f in FormatId::ALL {
-        for role in [Role::Key, Role::Value] {
-            let applies = match f.info().applies {
-                Applies::Keys => role == Role::Key,
-                Applies::Values => role == Role::Value,
-                Applies::Both => true,
-            };
-            if !applies {
-                continue;
-            }
+        for &role in f.info().applies.roles() {
             let shape = Shape {
                 n: TOKENS,
                 d: HEAD_DIM,

@@ -18,20 +18,12 @@ fn paths() -> Vec<Isa> {
     Isa::ALL.into_iter().filter(|i| i.supported()).collect()
 }
 
-fn roles(f: FormatId) -> Vec<Role> {
-    match f.info().applies {
-        Applies::Keys => vec![Role::Key],
-        Applies::Values => vec![Role::Value],
-        Applies::Both => vec![Role::Key, Role::Value],
-    }
-}
-
 #[test]
 fn kernels_match_the_reference_per_head() {
     let mut rng = Rng::new(common::seed("kernels_match_the_reference_per_head"));
     for f in FormatId::ALL {
         let imp = f.imp();
-        for role in roles(f) {
+        for &role in f.info().applies.roles() {
             for (j, d) in HEAD_DIMS.into_iter().enumerate() {
                 for (i, n) in [1, 5, 17, 128, 131].into_iter().enumerate() {
                     // k1_5_mix's split at every head dim: at 0.75 the sign bits of d = 64 and
@@ -241,7 +233,7 @@ fn quantize_writes_the_reference_bytes() {
     let mut rng = Rng::new(common::seed("quantize_writes_the_reference_bytes"));
     let params = QuantParams::default();
     for f in FormatId::ALL {
-        for role in roles(f) {
+        for &role in f.info().applies.roles() {
             for d in HEAD_DIMS {
                 for n in [1, 3, 32, 33, 128, 257] {
                     let shape = Shape { n, d, role };

@@ -29,14 +29,6 @@ fn kv_like(rng: &mut Rng, n: usize, d: usize) -> Vec<f32> {
         .collect()
 }
 
-fn roles(f: FormatId) -> Vec<Role> {
-    match f.info().applies {
-        Applies::Keys => vec![Role::Key],
-        Applies::Values => vec![Role::Value],
-        Applies::Both => vec![Role::Key, Role::Value],
-    }
-}
-
 /// Formats the kernels implement; `KVBITS_GPU_FORMATS=f16,q8_0` narrows them (to isolate a
 /// format whose kernel faults, as a CUDA fault ends every later launch of the process).
 fn device_formats() -> Vec<FormatId> {
@@ -83,7 +75,7 @@ fn quantize_and_dequantize_match_the_cpu() {
     let mut failures = Vec::new();
     for f in device_formats() {
         for d in HEAD_DIMS {
-            for role in roles(f) {
+            for &role in f.info().applies.roles() {
                 let ns = [1usize, 7, 128, 300];
                 let xs: Vec<Vec<f32>> = ns.iter().map(|&n| kv_like(&mut rng, n, d)).collect();
                 let mut cpu = Vec::new();
@@ -248,7 +240,7 @@ fn quantize_of_many_blocks_matches_the_cpu() {
     let mut failures = Vec::new();
     for f in device_formats() {
         for d in [128, 256] {
-            for role in roles(f) {
+            for &role in f.info().applies.roles() {
                 for n_jobs in [200, 600] {
                     let n = 33;
                     let x = kv_like(&mut rng, n * n_jobs, d);
@@ -878,7 +870,7 @@ fn protected_tokens_match_the_cpu() {
     let mut failures = Vec::new();
     for f in device_formats().into_iter().filter(|f| f.imp().protects()) {
         for d in HEAD_DIMS {
-            for role in roles(f) {
+            for &role in f.info().applies.roles() {
                 for n in [1usize, 9, 130, 300] {
                     let masks: Vec<Vec<bool>> = vec![
                         vec![false; n],

@@ -23,6 +23,17 @@ pub enum Applies {
     Both,
 }
 
+impl Applies {
+    /// The roles, keys first.
+    pub fn roles(self) -> &'static [Role] {
+        match self {
+            Applies::Keys => &[Role::Key],
+            Applies::Values => &[Role::Value],
+            Applies::Both => &[Role::Key, Role::Value],
+        }
+    }
+}
+
 /// The shape of one block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Shape {

@@ -62,15 +62,8 @@ pub fn quantize_inputs(seed: u64) -> Vec<(FormatId, Role, Vec<f32>)> {
     let mut rng = Rng::new(seed);
     let mut out = Vec::new();
     for f in FormatId::ALL {
-        for role in [Role::Key, Role::Value] {
-            let fits = match f.info().applies {
-                crate::kv::Applies::Keys => role == Role::Key,
-                crate::kv::Applies::Values => role == Role::Value,
-                crate::kv::Applies::Both => true,
-            };
-            if fits {
-                out.push((f, role, rng.normals(QUANT_BLOCKS * QUANT_BLOCK * d)));
-            }
+        for &role in f.info().applies.roles() {
+            out.push((f, role, rng.normals(QUANT_BLOCKS * QUANT_BLOCK * d)));
         }
     }
     out
