@@ -205,15 +205,16 @@ mod x86 {
     use super::{BitRows, HEADS, MAX_D, Sums};
 
     /// Where word `wd` of a token's run of codes is read (bytes from its row's start), the
-    /// bits its codes are shifted down by, and how many nibbles it holds: a run that ends
-    /// inside a word reads the run's last four bytes, so that no read passes the run.
+    /// bits its codes are shifted down by, and how many codes it holds (bit `j` is code
+    /// `32·wd + j` either way): a run that ends inside a word reads the run's last four
+    /// bytes, so that no read passes the run.
     #[inline]
     fn word(rows: &BitRows, wd: usize) -> (usize, u32, usize) {
         if 4 * wd + 4 <= rows.len {
-            (rows.first + 4 * wd, 0, 8)
+            (rows.first + 4 * wd, 0, 32)
         } else {
             let over = 4 * wd + 4 - rows.len;
-            (rows.first + rows.len - 4, 8 * over as u32, 8 - 2 * over)
+            (rows.first + rows.len - 4, 8 * over as u32, 32 - 8 * over)
         }
     }
 
@@ -417,11 +418,12 @@ mod x86 {
         }
     }
 
-    /// Entries 0..8 and 8..16 of the subset sums of `w[0..4]`, as [`table512`]: bit 3 of an
-    /// entry is the choice of half.
+    /// The 8 subset sums of `w[0..3]`, entry `i` summing the `w[b]` whose bit `b` is set in
+    /// `i`. On AVX2 a permute indexes eight entries: tables of three codes take one permute
+    /// per lookup, where nibble tables took two and a blend (and the permute port bounds both).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn table256(w: &[f32; 4]) -> (__m256, __m256) {
+    fn table256(w: [f32; 3]) -> __m256 {
         let column = |b: i32| {
             let one = |i: i32| ((i >> b) & 1) as f32;
             _mm256_setr_ps(
@@ -435,13 +437,12 @@ mod x86 {
                 one(7),
             )
         };
-        let lo = _mm256_mul_ps(column(0), _mm256_set1_ps(w[0]));
-        let lo = _mm256_fmadd_ps(column(1), _mm256_set1_ps(w[1]), lo);
-        let lo = _mm256_fmadd_ps(column(2), _mm256_set1_ps(w[2]), lo);
-        (lo, _mm256_add_ps(lo, _mm256_set1_ps(w[3])))
+        let t = _mm256_mul_ps(column(0), _mm256_set1_ps(w[0]));
+        let t = _mm256_fmadd_ps(column(1), _mm256_set1_ps(w[1]), t);
+        _mm256_fmadd_ps(column(2), _mm256_set1_ps(w[2]), t)
     }
 
-    /// [`scores512`] on AVX2, 8 tokens per vector.
+    /// [`scores512`] on AVX2, 8 tokens per vector, three codes per table.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn scores256(
         rows: &BitRows,
@@ -467,17 +468,18 @@ mod x86 {
         stride: usize,
     ) {
         let (codes_per_head, words) = (8 * rows.len, rows.len.div_ceil(4));
-        let nibbles = codes_per_head / 4;
-        let mut tab = [MaybeUninit::<(__m256, __m256)>::uninit(); HEADS * MAX_D / 4];
-        for (h, wh) in w[..H * codes_per_head]
-            .chunks_exact(codes_per_head)
-            .enumerate()
-        {
-            for (t, w4) in tab[h * nibbles..(h + 1) * nibbles]
-                .iter_mut()
-                .zip(wh.as_chunks().0)
-            {
-                t.write(table256(w4));
+        // Tables: [group][head], a word's codes in groups of three from its bit 0.
+        let mut tab = [MaybeUninit::<__m256>::uninit(); HEADS * (MAX_D / 32) * 11];
+        let mut k = 0;
+        for wd in 0..words {
+            let (_, _, codes) = word(rows, wd);
+            for g in (0..codes).step_by(3) {
+                for (h, slot) in tab[k * H..(k + 1) * H].iter_mut().enumerate() {
+                    let wh = &w[h * codes_per_head + 32 * wd..][..codes];
+                    let w3 = [0, 1, 2].map(|b| wh.get(g + b).copied().unwrap_or(0.0));
+                    slot.write(table256(w3));
+                }
+                k += 1;
             }
         }
         let offsets = _mm256_mullo_epi32(
@@ -491,30 +493,32 @@ mod x86 {
                 _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
             );
             let at = rows.bytes[t0 * rows.stride..].as_ptr();
-            let mut acc = [_mm256_setzero_ps(); H];
-            for wd in 0..words {
-                let (at_word, shift, in_word) = word(rows, wd);
+            // Every word of the 8 tokens first: the gathers' latencies overlap.
+            let mut codes = [_mm256_setzero_si256(); MAX_D / 32];
+            for (wd, code) in codes[..words].iter_mut().enumerate() {
+                let (at_word, shift, _) = word(rows, wd);
                 let idx = _mm256_add_epi32(offsets, _mm256_set1_epi32(at_word as i32));
                 // SAFETY: lanes in `mask` read 4 bytes of token `t0 + lane`'s run, inside `bytes`.
-                let code = unsafe {
+                let c = unsafe {
                     _mm256_mask_i32gather_epi32::<1>(_mm256_setzero_si256(), at.cast(), idx, mask)
                 };
-                let code = _mm256_srl_epi32(code, _mm_cvtsi32_si128(shift as i32));
-                for j in 0..in_word {
-                    let nib = _mm256_srlv_epi32(code, _mm256_set1_epi32(4 * j as i32));
-                    let high = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(nib));
-                    let k = wd * 8 + j;
-                    for (h, a) in acc.iter_mut().enumerate() {
-                        // SAFETY: tables 0..nibbles of heads 0..H were written above.
-                        let (tl, th) = unsafe { tab[h * nibbles + k].assume_init() };
-                        let v = _mm256_blendv_ps(
-                            _mm256_permutevar8x32_ps(tl, nib),
-                            _mm256_permutevar8x32_ps(th, nib),
-                            high,
-                        );
-                        *a = _mm256_add_ps(*a, v);
+                *code = _mm256_srl_epi32(c, _mm_cvtsi32_si128(shift as i32));
+            }
+            let mut acc = [_mm256_setzero_ps(); H];
+            let mut k = 0;
+            for (wd, &code) in codes[..words].iter().enumerate() {
+                let groups = word(rows, wd).2.div_ceil(3);
+                let tabs = &tab[k * H..(k + groups) * H];
+                // SAFETY: the tables of every group and head were written above; AVX2 and
+                // FMA are this function's. A whole word's eleven groups are unrolled.
+                unsafe {
+                    if groups == 11 {
+                        lookups::<H>(code, 11, tabs, &mut acc);
+                    } else {
+                        lookups::<H>(code, groups, tabs, &mut acc);
                     }
                 }
+                k += groups;
             }
             for (h, a) in acc.iter().enumerate() {
                 let o = &mut out[h * stride + t0..h * stride + t0 + m];
@@ -525,6 +529,35 @@ mod x86 {
                 };
                 for (o, &x) in o.iter_mut().zip(&s) {
                     *o = if add { *o + x } else { x };
+                }
+            }
+        }
+    }
+
+    /// `acc[h] += table(group g, head h)[code >> 3g]` for the word's `groups` groups, `tabs`
+    /// holding their tables [group][head]. vpermps reads the low three bits of each lane: a
+    /// group is one immediate shift from the last.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; every table of `tabs` was written.
+    #[inline(always)]
+    unsafe fn lookups<const H: usize>(
+        mut code: __m256i,
+        groups: usize,
+        tabs: &[MaybeUninit<__m256>],
+        acc: &mut [__m256; H],
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            // The sums are FMAs `x·1 + a` (the same sum, exactly): adds may issue to the
+            // permutes' port, FMAs never. Opaque, or the compiler turns them back into adds.
+            let one = _mm256_set1_ps(std::hint::black_box(1.0));
+            for (g, tabs) in tabs.chunks_exact(H).take(groups).enumerate() {
+                if g > 0 {
+                    code = _mm256_srli_epi32::<3>(code);
+                }
+                for (a, t) in acc.iter_mut().zip(tabs) {
+                    *a = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(t.assume_init(), code), one, *a);
                 }
             }
         }
